@@ -1,0 +1,241 @@
+"""Attach methods to a loaded model and take them off again.
+
+``apply(model, recipe)`` routes the model's attention through attnkit's function, installs each
+method's hooks in recipe order and returns a :class:`Handle`. ``handle.remove()`` (or leaving the
+``with`` block) restores the attention implementation and removes every hook, leaving no state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal
+
+import torch
+
+from attnkit import attention
+from attnkit.attention import AttentionCall, LayerPlan, ModelPlan, ScoreEdit
+from attnkit.heads import HeadSet, HeadSetSpec, ModelShape, resolve_heads, text_config
+from attnkit.methods.base import Method, MethodConfig
+
+Phase = Literal["prefill", "decode", "extend"]
+
+
+@dataclass
+class CallState:
+    """State of one forward call. Made fresh for every call; nothing carries over to the next input."""
+
+    phase: Phase
+    past_length: int
+    query_length: int
+    attention_mask: torch.Tensor | None
+    """The caller's 2-D padding mask [batch, past + query] (1 = token, 0 = padding), if given."""
+    scratch: dict[str, Any] = field(default_factory=dict)
+    """Per-call space for methods, keyed by method label."""
+
+
+def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """The language model's self-attention modules by layer index."""
+    config = text_config(model.config)
+    found: dict[int, torch.nn.Module] = {}
+    for module in model.modules():
+        if getattr(module, "config", None) is config and hasattr(module, "o_proj") and hasattr(module, "layer_idx"):
+            found[module.layer_idx] = module
+    if len(found) != config.num_hidden_layers:
+        raise TypeError(
+            f"{type(model).__name__}: found {len(found)} attention modules with o_proj and layer_idx, "
+            f"expected {config.num_hidden_layers}; this architecture is not supported by attnkit yet"
+        )
+    return found
+
+
+class Attachment:
+    """What a method sees while attaching: the model's shape and the stage registration points."""
+
+    def __init__(self, model: torch.nn.Module, plan: ModelPlan, shape: ModelShape, allow_foreign_heads: bool):
+        self.model = model
+        self.plan = plan
+        self.shape = shape
+        self.modules = attention_modules(model)
+        self.allow_foreign_heads = allow_foreign_heads
+        self.hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self.post_prefill_fns: list[Callable[[Any, CallState], None]] = []
+        self.begin_call_fns: list[Callable[[CallState], None]] = []
+
+    def heads(self, spec: HeadSetSpec, level: Literal["query", "kv"] = "query") -> HeadSet:
+        """Resolve and validate a head set against this model."""
+        return resolve_heads(spec, self.shape, level=level, allow_foreign=self.allow_foreign_heads)
+
+    def _layer(self, layer: int) -> LayerPlan:
+        return self.plan.layers.setdefault(layer, LayerPlan())
+
+    def head_output(self, layer: int, fn: Callable[[torch.Tensor, CallState], torch.Tensor]) -> None:
+        """Edit the per-head outputs [batch, seq, heads * head_dim] before the output projection."""
+        plan = self.plan
+
+        def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            return (fn(args[0], plan.state), *args[1:])
+
+        self.hooks.append(self.modules[layer].o_proj.register_forward_pre_hook(pre_hook))
+
+    def score_edit(self, layer: int, fn: ScoreEdit) -> None:
+        """Edit the masked attention logits [batch, heads, queries, keys] before the softmax."""
+        self._layer(layer).score_edits.append(fn)
+
+    def prob_edit(self, layer: int, fn: ScoreEdit) -> None:
+        """Edit the attention probabilities after the softmax (keep rows summing to 1)."""
+        self._layer(layer).prob_edits.append(fn)
+
+    def decode_step(self, layer: int, fn: Callable[[AttentionCall], AttentionCall]) -> None:
+        """Change what a decode step reads (keys, values, mask) before the kernel runs."""
+        self._layer(layer).decode_steps.append(fn)
+
+    def post_prefill(self, fn: Callable[[Any, CallState], None]) -> None:
+        """Called after a prefill call with the model's cache (per layer keys/values, KV heads)."""
+        self.post_prefill_fns.append(fn)
+
+    def begin_call(self, fn: Callable[[CallState], None]) -> None:
+        """Called at the start of every forward call with its fresh state."""
+        self.begin_call_fns.append(fn)
+
+
+def as_methods(spec: Any) -> list[Method]:
+    """Methods from a Recipe, a list of configs or Method objects, a single Method, or None."""
+    from attnkit.recipe import Recipe
+    from attnkit.registry import get_method
+
+    if spec is None:
+        return []
+    if isinstance(spec, Recipe):
+        spec = spec.methods
+    if isinstance(spec, (Method, MethodConfig)):
+        spec = [spec]
+    methods = []
+    for item in spec:
+        if isinstance(item, Method):
+            methods.append(item)
+        elif isinstance(item, MethodConfig):
+            methods.append(get_method(item.method)(item))
+        else:
+            raise TypeError(f"cannot apply {item!r}: pass a Recipe, Method objects or method configs")
+    return methods
+
+
+class Handle:
+    """The methods applied to one model. A context manager; ``remove()`` undoes everything."""
+
+    def __init__(self, model: torch.nn.Module, methods: list[Method], attachment: Attachment, original: str):
+        self.model = model
+        self.methods = methods
+        self._attachment = attachment
+        self._original = original
+        self._labels = unique_labels(methods)
+        self.active = True
+
+    def stats(self, total: bool = False) -> dict[str, dict[str, Any]]:
+        """What each method did on the last forward call (``total=True``: summed since apply)."""
+        return {label: m.stats.snapshot(total) for label, m in zip(self._labels, self.methods)}
+
+    def remove(self) -> None:
+        """Restore the model exactly: attention implementation, hooks, plan. Safe to call twice."""
+        if not self.active:
+            return
+        for hook in self._attachment.hooks:
+            hook.remove()
+        config = text_config(self.model.config)
+        attention.PLANS.pop(id(config), None)
+        set_text_attention(self.model, self._original)
+        self.active = False
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        body = ", ".join(repr(m) for m in self.methods) or "no methods"
+        return f"<attnkit.Handle {state} on {type(self.model).__name__}: {body}>"
+
+
+def unique_labels(methods: Iterable[Method]) -> list[str]:
+    """``head_mask``, ``head_mask#2``... so two instances of one method keep separate stats."""
+    seen: dict[str, int] = {}
+    labels = []
+    for method in methods:
+        seen[method.label] = seen.get(method.label, 0) + 1
+        labels.append(method.label if seen[method.label] == 1 else f"{method.label}#{seen[method.label]}")
+    return labels
+
+
+def set_text_attention(model: torch.nn.Module, name: str) -> None:
+    """Set the language model's attention implementation (the vision tower keeps its own)."""
+    if text_config(model.config) is model.config:
+        model.set_attn_implementation(name)
+    else:
+        key = next(k for k in model.config.sub_configs if getattr(model.config, k) is text_config(model.config))
+        model.set_attn_implementation({key: name})
+
+
+def apply(model: torch.nn.Module, recipe: Any = None, *, allow_foreign_heads: bool = False) -> Handle:
+    """Apply a recipe (or methods) to ``model``; returns a handle that removes them again.
+
+    Nothing is half-applied: if any method fails to attach, everything attached so far is removed
+    and the error is raised.
+    """
+    methods = as_methods(recipe)
+    config = text_config(model.config)
+    if id(config) in attention.PLANS:
+        raise RuntimeError(
+            "attnkit is already applied to this model; remove that handle first, "
+            "or put all methods in one recipe"
+        )
+    original = config._attn_implementation or "eager"
+    if original.startswith(attention.NAME):
+        raise RuntimeError(f"model attention is {original!r}, left by an attnkit handle that was never removed")
+    plan = ModelPlan(original, attention.backend_function(original), attention.mask_function(original))
+    at = Attachment(model, plan, ModelShape.from_config(model.config), allow_foreign_heads)
+    attention.PLANS[id(config)] = plan
+    handle = Handle(model, methods, at, original)
+    try:
+        for method in methods:
+            method.attach(at)
+        at.hooks.extend(call_hooks(model, plan, methods, at))
+        set_text_attention(model, attention.register(original))
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def call_hooks(
+    model: torch.nn.Module, plan: ModelPlan, methods: list[Method], at: Attachment
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Model-level hooks: make each call's state from its cache, and run post-prefill callbacks."""
+
+    def before(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        query_length = (ids if ids is not None else embeds).shape[1]
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        phase: Phase = "prefill" if past == 0 else ("decode" if query_length == 1 else "extend")
+        plan.state = CallState(phase, past, query_length, kwargs.get("attention_mask"))
+        plan.calls += 1
+        for method in methods:
+            method.stats.begin_call()
+        for fn in at.begin_call_fns:
+            fn(plan.state)
+
+    def after(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        state = plan.state
+        cache = getattr(output, "past_key_values", None)
+        if state is not None and state.phase == "prefill" and cache is not None:
+            for fn in at.post_prefill_fns:
+                fn(cache, state)
+        plan.state = None
+
+    return [
+        model.register_forward_pre_hook(before, with_kwargs=True),
+        model.register_forward_hook(after, with_kwargs=True),
+    ]

@@ -1,0 +1,192 @@
+"""The one attention function attnkit registers with transformers, and its mask function.
+
+Both dispatch through a plan looked up by the attention module's config: layers no method
+touches call the model's own backend (sdpa, eager, flash) with exactly the arguments they were
+given, so they stay bit-identical and fast. Touched layers run the stages of DESIGN.md in a fixed
+order: decode-step edits of what is read -> scores -> score edits -> softmax -> probability edits
+-> values.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+NAME = "attnkit"
+
+ScoreEdit = Callable[[torch.Tensor, "AttentionCall"], torch.Tensor]
+"""(scores or probabilities [batch, heads, queries, keys], call) -> edited tensor of the same shape."""
+
+
+@dataclass
+class AttentionCall:
+    """What a stage hook sees of one attention call: the layer, its inputs, and the forward call."""
+
+    module: torch.nn.Module
+    layer: int
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+    """Additive float mask [batch, 1, queries, keys] (0 = attend, -inf = masked) or None."""
+    state: Any
+    """The forward call's :class:`attnkit.apply.CallState` (phase, padding, scratch space)."""
+
+
+@dataclass
+class LayerPlan:
+    """The stage hooks of one layer, in recipe order."""
+
+    score_edits: list[ScoreEdit] = field(default_factory=list)
+    prob_edits: list[ScoreEdit] = field(default_factory=list)
+    decode_steps: list[Callable[[AttentionCall], AttentionCall]] = field(default_factory=list)
+
+    @property
+    def needs_eager(self) -> bool:
+        return bool(self.score_edits or self.prob_edits)
+
+
+@dataclass
+class ModelPlan:
+    """Everything the attention and mask functions need to know about one patched model."""
+
+    backend_name: str
+    backend: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None
+    mask_fn: Callable[..., Any]
+    layers: dict[int, LayerPlan] = field(default_factory=dict)
+    state: Any = None
+    calls: int = 0
+
+
+PLANS: dict[int, ModelPlan] = {}
+"""id(text config) -> plan of the model whose attention is routed through attnkit."""
+
+
+def registered_name(backend: str) -> str:
+    """The name under which attnkit stands in for ``backend``.
+
+    transformers switches code paths on the implementation's name (varlen batching for names that
+    contain "flash"), so attnkit keeps the backend's name visible in its own.
+    """
+    return NAME if "flash" not in backend else f"{NAME}_{backend}"
+
+
+def register(backend: str) -> str:
+    """Register the attnkit attention and mask functions for a model whose backend is ``backend``."""
+    name = registered_name(backend)
+    AttentionInterface.register(name, attnkit_attention)
+    AttentionMaskInterface.register(name, attnkit_mask)
+    return name
+
+
+def model_eager_forward(module: torch.nn.Module) -> Callable[..., Any]:
+    """The modeling file's own eager attention (some models add softcapping or sinks to it)."""
+    return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+
+
+def backend_function(name: str) -> Callable[..., Any] | None:
+    """The backend's attention function; None for eager, which is resolved per module."""
+    return None if name == "eager" else ALL_ATTENTION_FUNCTIONS[name]
+
+
+def plan_for(config: Any) -> ModelPlan:
+    plan = PLANS.get(id(config))
+    if plan is None:
+        raise RuntimeError(
+            "this model's attention is set to attnkit but no attnkit handle is active on it; "
+            "use attnkit.apply(model, recipe), or set the model's attn_implementation back to sdpa"
+        )
+    return plan
+
+
+def attnkit_mask(*args: Any, config: Any = None, **kwargs: Any) -> Any:
+    """Build the mask the model's own backend expects, so untouched layers get exactly their input."""
+    return plan_for(config).mask_fn(*args, config=config, **kwargs)
+
+
+def attnkit_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers' attention signature: query [b, h, q, d], key/value [b, kvh, k, d] -> [b, q, h, d]."""
+    plan = plan_for(module.config)
+    layer = plan.layers.get(module.layer_idx)
+    state = plan.state
+    decoding = layer is not None and bool(layer.decode_steps) and state is not None and state.phase == "decode"
+    backend = plan.backend or model_eager_forward(module)
+    if layer is None or not (layer.needs_eager or decoding):
+        return backend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    call = AttentionCall(module, module.layer_idx, query, key, value, additive_mask(attention_mask, query, key), state)
+    if decoding:
+        for step in layer.decode_steps:
+            call = step(call)
+        if not layer.needs_eager:
+            return backend(module, call.query, call.key, call.value, call.mask, scaling=scaling, **kwargs)
+    return edited_attention(call, layer, scaling, kwargs.get("softcap"))
+
+
+def additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+    """Any backend's mask (None = causal, boolean keep-mask, additive float) as an additive float mask."""
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    if mask is None:
+        if q_len == 1:
+            return None
+        rows = torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
+        keep = torch.arange(k_len, device=query.device)[None, :] <= rows
+        mask = keep[None, None]
+    if mask.dtype == torch.bool:
+        zero = torch.zeros((), dtype=torch.float32, device=mask.device)
+        return torch.where(mask, zero, torch.finfo(torch.float32).min)
+    if mask.dim() != 4:
+        raise RuntimeError(
+            f"attnkit got a {mask.dim()}-D attention mask (from a varlen backend); score and probability "
+            "edits need attn_implementation sdpa or eager"
+        )
+    return mask[..., :k_len].float()
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[b, kvh, k, d] -> [b, kvh * groups, k, d], each KV head repeated for its query heads."""
+    if groups == 1:
+        return x
+    b, kvh, k, d = x.shape
+    return x[:, :, None].expand(b, kvh, groups, k, d).reshape(b, kvh * groups, k, d)
+
+
+def edited_attention(
+    call: AttentionCall, layer: LayerPlan, scaling: float | None, softcap: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention with the layer's score and probability edits; softmax in float32."""
+    query, key, value = call.query, call.key, call.value
+    groups = query.shape[1] // key.shape[1]
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, repeat_kv(key, groups).transpose(-1, -2)).float() * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if call.mask is not None:
+        scores = scores + call.mask
+    for edit in layer.score_edits:
+        scores = edit(scores, call)
+    probs = torch.softmax(scores, dim=-1)
+    for edit in layer.prob_edits:
+        probs = edit(probs, call)
+    output = torch.matmul(probs.to(value.dtype), repeat_kv(value, groups))
+    return output.transpose(1, 2).contiguous(), probs.to(value.dtype)
+
+
+def mask_function(backend: str) -> Callable[..., Any]:
+    """The mask builder transformers would use for ``backend``."""
+    return ALL_MASK_ATTENTION_FUNCTIONS[backend]

@@ -1,0 +1,185 @@
+"""YAML recipes: parsed with a safe loader into typed configs, every error naming its recipe path."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
+
+from attnkit.heads import HeadSetError, ModelShape, resolve_heads
+from attnkit.methods.base import MethodConfig
+from attnkit.models import DEFAULT_MODEL
+from attnkit.tasks.config import TaskConfig, parse_task
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; ``errors`` holds one ``path: problem`` line per mistake."""
+
+    def __init__(self, errors: list[str], source: str = "recipe"):
+        self.errors = errors
+        super().__init__(f"{source} is invalid:\n" + "\n".join(f"  {e}" for e in errors))
+
+
+class ModelSpec(BaseModel):
+    """Which model to load and how."""
+
+    model_config = ConfigDict(extra="forbid")
+    name_or_path: str = Field(DEFAULT_MODEL, description="HF id, local folder, .gguf file, or embedded alias")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
+    device: str | None = None
+    device_map: str | dict[str, Any] | None = None
+    trust_remote_code: bool = False
+
+
+class Recipe(BaseModel):
+    """A model, an ordered list of methods, and a task to run."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = "recipe"
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    methods: list[SerializeAsAny[MethodConfig]] = Field(default_factory=list)
+    task: TaskConfig | None = None
+    baseline: bool = Field(False, description="also run the task on the untouched model, side by side")
+    allow_foreign_heads: bool = False
+    seed: int = 0
+    output: str = "runs/{recipe_name}"
+
+    def resolved(self) -> dict[str, Any]:
+        """The recipe with every default filled in, as saved beside each report."""
+        return self.model_dump(mode="json")
+
+    def output_dir(self) -> Path:
+        return Path(self.output.format(recipe_name=self.name))
+
+
+def parse_methods(value: Any) -> list[MethodConfig]:
+    """Each entry validated by its own method's config class; errors carry ``methods[i]``."""
+    from attnkit.registry import get_method
+
+    if not isinstance(value, list):
+        raise RecipeError([f"methods: expected a list of methods, got {type(value).__name__}"])
+    configs, errors = [], []
+    for i, entry in enumerate(value):
+        if isinstance(entry, MethodConfig):
+            configs.append(entry)
+            continue
+        if not isinstance(entry, dict) or "method" not in entry:
+            errors.append(f"methods[{i}]: each method needs a `method:` name, e.g. `- method: head_mask`")
+            continue
+        try:
+            cls = get_method(entry["method"])
+            configs.append(cls.config_class.model_validate(entry))
+        except KeyError as err:
+            errors.append(f"methods[{i}].method: {err.args[0]}")
+        except ValidationError as err:
+            errors.extend(pydantic_errors(err, f"methods[{i}]"))
+    if errors:
+        raise RecipeError(errors)
+    return configs
+
+
+def pydantic_errors(err: ValidationError, prefix: str = "") -> list[str]:
+    """pydantic's errors as ``path: message`` lines, with list indices written ``[i]``."""
+    lines = []
+    for item in err.errors():
+        path = prefix
+        for part in item["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"
+            elif not str(part).startswith(("function-", "tagged-union")):
+                path += f".{part}" if path else str(part)
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key; remove it or check its spelling (`attnkit list` shows the parameters)"
+        lines.append(f"{path}: {message}")
+    return lines
+
+
+def set_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply ``methods.0.scale=0.5`` to the raw recipe dict; the value is read as YAML."""
+    if "=" not in assignment:
+        raise RecipeError([f"--set {assignment!r}: write it as path=value, e.g. methods.0.scale=0.5"])
+    path, raw = assignment.split("=", 1)
+    parts = path.strip().split(".")
+    node: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError([f"--set {path}: {where} is not an index of a list of {len(node)}"])
+            key: Any = int(part)
+        elif isinstance(node, dict):
+            key = part
+            if not last and key not in node:
+                node[key] = {}
+        else:
+            raise RecipeError([f"--set {path}: {'.'.join(parts[:depth])} is a value, not a section"])
+        if last:
+            node[key] = yaml.safe_load(raw)
+        else:
+            node = node[key]
+
+
+def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe from a YAML path, YAML text or a dict, apply ``--set`` overrides, validate."""
+    name = "recipe"
+    if isinstance(source, dict):
+        data = copy.deepcopy(source)
+    else:
+        path = Path(source)
+        if isinstance(source, Path) or (len(str(source)) < 4096 and "\n" not in str(source) and path.suffix in {".yaml", ".yml"}):
+            if not path.is_file():
+                raise RecipeError([f"recipe file {str(path)!r} not found"])
+            name = path.stem
+            text = path.read_text()
+        else:
+            text = str(source)
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise RecipeError([f"not valid YAML: {err}"], name) from err
+    if not isinstance(data, dict):
+        raise RecipeError([f"the recipe must be a mapping of sections, got {type(data).__name__}"], name)
+    data.setdefault("name", name)
+    for assignment in overrides or []:
+        set_override(data, assignment)
+    errors: list[str] = []
+    try:
+        data["methods"] = parse_methods(data.get("methods") or [])
+    except RecipeError as err:
+        errors.extend(err.errors)
+        data.pop("methods")
+    if data.get("task") is not None:
+        try:
+            data["task"] = parse_task(data["task"])
+        except RecipeError as err:
+            errors.extend(err.errors)
+            data.pop("task")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        errors.extend(pydantic_errors(err))
+    if errors:
+        raise RecipeError(errors, name)
+    return recipe
+
+
+def check_against_model(recipe: Recipe, shape: ModelShape) -> None:
+    """Validate every head set in the recipe against the model's layers and heads."""
+    errors = []
+    for i, config in enumerate(recipe.methods):
+        for field_name, value in config:
+            if field_name == "heads" and value is not None:
+                try:
+                    resolve_heads(value, shape, allow_foreign=recipe.allow_foreign_heads)
+                except HeadSetError as err:
+                    errors.append(f"methods[{i}].heads: {err}")
+    if errors:
+        raise RecipeError(errors, recipe.name)

@@ -1,0 +1,38 @@
+"""Counters of what a method did: on the last forward call and in total since it was applied."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Stats:
+    """Per-method counters. The engine calls :meth:`begin_call` before every forward pass."""
+
+    def __init__(self) -> None:
+        self.info: dict[str, Any] = {}
+        self.last: dict[str, Any] = {}
+        self.total: dict[str, Any] = {}
+        self.calls = 0
+
+    def begin_call(self) -> None:
+        self.last = {}
+        self.calls += 1
+
+    def add(self, key: str, amount: int | float = 1) -> None:
+        """Add to a counter (tokens, heads touched, bytes saved...)."""
+        self.last[key] = self.last.get(key, 0) + amount
+        self.total[key] = self.total.get(key, 0) + amount
+
+    def set(self, key: str, value: Any) -> None:
+        """Record a value that describes the call rather than counts (a sink list, a budget)."""
+        self.last[key] = value
+        self.total[key] = value
+
+    def describe(self, key: str, value: Any) -> None:
+        """Record a fixed fact about the method as applied (heads targeted), shown with every snapshot."""
+        self.info[key] = value
+
+    def snapshot(self, total: bool = False) -> dict[str, Any]:
+        if total:
+            return {**self.info, "calls": self.calls, **self.total}
+        return {**self.info, **self.last}
