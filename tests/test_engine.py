@@ -1,0 +1,217 @@
+"""The engine on every tiny architecture: identity, head_mask, removal, batching, caching, stages."""
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import attention
+from attnkit.methods import HeadMask
+from attnkit.methods.base import Method, MethodConfig
+from tests.factory import ARCHS, SUPPORTED_ATTN, arch_attn_pairs, left_padded_batch, tiny_inputs, tiny_model
+
+
+
+def model_of(arch):
+    """The arch with its first supported backend (sdpa, or eager where sdpa is refused)."""
+    return tiny_model(arch, attn_implementation=SUPPORTED_ATTN[arch][0])
+MASK = {"method": "head_mask", "heads": {1: [0, 2], 2: [3]}, "scale": 0.0}
+
+
+def logits(model, **inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def zero_columns(model, heads: dict[int, list[int]]):
+    """The same model with the o_proj input columns of ``heads`` zeroed, by hand."""
+    dim = model.config.head_dim if getattr(model.config, "head_dim", None) else model.config.hidden_size // model.config.num_attention_heads
+    for layer, indices in heads.items():
+        weight = model.model.layers[layer].self_attn.o_proj.weight
+        for head in indices:
+            weight.data[:, head * dim : (head + 1) * dim] = 0
+    return model
+
+
+@pytest.mark.parametrize("arch,backend", arch_attn_pairs())
+def test_empty_recipe_is_bit_identical_and_removal_restores(arch, backend):
+    model = tiny_model(arch, attn_implementation=backend)
+    inputs = tiny_inputs(model, batch=2, length=14)
+    before = logits(model, **inputs)
+    with attnkit.apply(model, {"methods": []}) as handle:
+        assert model.config._attn_implementation == "attnkit"
+        assert torch.equal(logits(model, **inputs), before)
+        assert handle.stats() == {}
+    assert model.config._attn_implementation == backend
+    assert not attention.PLANS
+    assert torch.equal(logits(model, **inputs), before)
+
+
+@pytest.mark.parametrize("arch,backend", arch_attn_pairs())
+def test_head_mask_equals_zeroed_output_columns(arch, backend):
+    model = tiny_model(arch, attn_implementation=backend)
+    inputs = tiny_inputs(model, batch=2, length=14)
+    before = logits(model, **inputs)
+    with attnkit.apply(model, {"methods": [MASK]}) as handle:
+        masked = logits(model, **inputs)
+        stats = handle.stats()["head_mask"]
+    assert stats["heads"] == 3 and stats["head_outputs_scaled"] == 3
+    assert not torch.allclose(masked, before, atol=1e-4), "masking three heads must change the logits"
+    expected = logits(zero_columns(tiny_model(arch, attn_implementation=backend), {1: [0, 2], 2: [3]}), **inputs)
+    torch.testing.assert_close(masked, expected, rtol=0, atol=1e-6)
+    assert torch.equal(logits(model, **inputs), before)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_head_mask_scale_one_is_identity(arch):
+    model = model_of(arch)
+    inputs = tiny_inputs(model, length=12)
+    before = logits(model, **inputs)
+    with attnkit.apply(model, [HeadMask(heads="all", scale=1.0)]) as handle:
+        assert torch.equal(logits(model, **inputs), before)
+        assert handle.stats()["head_mask"]["head_outputs_scaled"] == 4 * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padded_batch_equals_single_rows(arch):
+    model = model_of(arch)
+    seqs = [[5, 9, 17, 33, 4, 8, 21, 60, 7, 11], [12, 40, 3, 77, 15, 6]]
+    batch = left_padded_batch(seqs, pad_id=model.config.pad_token_id)
+    with attnkit.apply(model, {"methods": [MASK]}):
+        together = logits(model, **batch)[:, -1]
+        alone = [logits(model, input_ids=torch.tensor([s]))[0, -1] for s in seqs]
+    for row, single in enumerate(alone):
+        torch.testing.assert_close(together[row], single, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_with_cache_matches_without(arch):
+    model = model_of(arch)
+    inputs = tiny_inputs(model, batch=1, length=8)
+    with attnkit.apply(model, {"methods": [MASK]}) as handle:
+        cached = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=True)
+        uncached = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=False)
+        assert handle.stats(total=True)["head_mask"]["calls"] == 12
+    assert torch.equal(cached, uncached)
+
+
+class Recorder(Method):
+    """A test method that uses every stage and records what it saw."""
+
+    name = "recorder"
+    config_class = MethodConfig
+
+    def __init__(self, layer=1, edit=None):
+        super().__init__(MethodConfig(method="recorder"))
+        self.layer, self.edit, self.seen = layer, edit, []
+
+    def attach(self, at):
+        at.score_edit(self.layer, self.on_scores)
+        at.prob_edit(self.layer, self.on_probs)
+        at.decode_step(self.layer, self.on_decode)
+        at.post_prefill(lambda cache, state: self.seen.append(("prefill", tuple(cache.layers[self.layer].keys.shape))))
+
+    def on_scores(self, scores, call):
+        self.seen.append(("scores", call.state.phase, tuple(scores.shape)))
+        return self.edit(scores) if self.edit else scores
+
+    def on_probs(self, probs, call):
+        self.seen.append(("probs", call.state.phase))
+        torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
+        return probs
+
+    def on_decode(self, call):
+        self.seen.append(("decode", call.state.past_length))
+        return call
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "gemma2-gqa", "gemma3-gqa", "mistral-gqa"])
+def test_stages_fire_in_order_and_identity_edits_match_backend(arch):
+    model = model_of(arch)
+    inputs = tiny_inputs(model, batch=1, length=10)
+    before = logits(model, **inputs)
+    recorder = Recorder(layer=1)
+    with attnkit.apply(model, [recorder]):
+        torch.testing.assert_close(logits(model, **inputs), before, rtol=1e-5, atol=1e-5)
+        recorder.seen.clear()
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    kinds = [entry[0] for entry in recorder.seen]
+    assert kinds[:3] == ["scores", "probs", "prefill"]
+    kv_heads = model.config.num_key_value_heads
+    assert recorder.seen[2][1][1] == kv_heads, "the cache holds KV heads, not repeated copies"
+    assert ("decode", 10) in recorder.seen
+
+
+def test_score_edit_masking_a_key_equals_padding_it_out():
+    model = tiny_model("llama-gqa")
+    ids = torch.tensor([[5, 9, 17, 33, 4, 8, 21, 60]])
+
+    def drop_key_2(scores):
+        scores = scores.clone()
+        scores[..., 2] = torch.finfo(scores.dtype).min
+        return scores
+
+    layers = range(model.config.num_hidden_layers)
+
+    class DropKey(Method):
+        name, config_class = "drop_key", MethodConfig
+
+        def __init__(self):
+            super().__init__(MethodConfig(method="drop_key"))
+
+        def attach(self, at):
+            for layer in layers:
+                at.score_edit(layer, lambda s, call: drop_key_2(s))
+
+    with attnkit.apply(model, [DropKey()]):
+        edited = logits(model, input_ids=ids)[0, -1]
+    mask = torch.ones_like(ids)
+    mask[0, 2] = 0
+    position_ids = torch.arange(ids.shape[1])[None]
+    expected = logits(model, input_ids=ids, attention_mask=mask, position_ids=position_ids)[0, -1]
+    torch.testing.assert_close(edited, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_failed_attach_leaves_model_untouched():
+    model = tiny_model("llama-gqa")
+    inputs = tiny_inputs(model)
+    before = logits(model, **inputs)
+    with pytest.raises(Exception, match="layer 7 does not exist, model has 3 layers"):
+        attnkit.apply(model, [HeadMask(heads={0: [1]}), HeadMask(heads={7: [0]})])
+    assert model.config._attn_implementation == "sdpa"
+    assert not attention.PLANS
+    assert all(not m.self_attn.o_proj._forward_pre_hooks for m in model.model.layers)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert torch.equal(logits(model, **inputs), before)
+
+
+def test_second_apply_is_refused_and_remove_is_idempotent():
+    model = tiny_model("llama-gqa")
+    handle = attnkit.apply(model, [HeadMask(heads={0: [1]})])
+    with pytest.raises(RuntimeError, match="already applied"):
+        attnkit.apply(model, [HeadMask(heads={1: [1]})])
+    handle.remove()
+    handle.remove()
+    assert "removed" in repr(handle)
+    with attnkit.apply(model, []) as again:
+        assert again.active
+
+
+def test_attnkit_attention_without_handle_names_the_fix():
+    model = tiny_model("llama-gqa")
+    with attnkit.apply(model, []):
+        pass
+    model.set_attn_implementation("attnkit")
+    with pytest.raises(RuntimeError, match="no attnkit handle is active"):
+        model(**tiny_inputs(model))
+    model.set_attn_implementation("sdpa")
+
+
+def test_two_models_keep_separate_plans():
+    a, b = tiny_model("llama-gqa"), tiny_model("qwen2-gqa")
+    inputs = tiny_inputs(a)
+    before_b = logits(b, **inputs)
+    with attnkit.apply(a, [HeadMask(heads={0: [0]})]) as ha, attnkit.apply(b, []) as hb:
+        assert torch.equal(logits(b, **inputs), before_b)
+        logits(a, **inputs)
+        assert ha.stats()["head_mask"]["head_outputs_scaled"] == 1
+        assert hb.stats() == {}
