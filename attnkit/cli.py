@@ -14,7 +14,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 SET_HELP = "Override a recipe field, e.g. --set methods.0.scale=0.5 (repeatable; the value is read as YAML)."
 
@@ -44,12 +44,13 @@ def run(
     from attnkit.heads import HeadSetError
     from attnkit.models import ModelLoadError
     from attnkit.recipe import RecipeError
+    from attnkit.tasks import TaskDataError
     from attnkit.tasks.runner import run_recipe, summarize
 
     loaded = _load(recipe, set_)
     try:
         report = run_recipe(loaded, out_dir=output, progress=progress)
-    except (RecipeError, ModelLoadError, HeadSetError, FileNotFoundError) as err:
+    except (RecipeError, ModelLoadError, HeadSetError, TaskDataError) as err:
         fail(str(err))
     typer.echo(summarize(report))
 

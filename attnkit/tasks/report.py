@@ -1,0 +1,120 @@
+"""Report files of a recipe run (JSON, JSONL rows, the resolved recipe, Markdown) and a text summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EXAMPLES = 3
+"""How many prompt/completion pairs report.md shows for a generate task."""
+
+
+def rows_file(run: str) -> str:
+    """The JSONL file holding a run's rows: ``outputs.jsonl`` for attnkit, ``baseline_outputs.jsonl``."""
+    return "outputs.jsonl" if run == "attnkit" else f"{run}_outputs.jsonl"
+
+
+def write_report(out_dir: Path, report: dict[str, Any], rows: dict[str, list[dict[str, Any]]]) -> None:
+    """Write report.json, one rows file per run, recipe.yaml and report.md into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
+    for run, run_rows in rows.items():
+        lines = "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in run_rows)
+        (out_dir / rows_file(run)).write_text(lines)
+    (out_dir / "recipe.yaml").write_text(yaml.safe_dump(report["recipe"], sort_keys=False, allow_unicode=True))
+    (out_dir / "report.md").write_text(render_markdown(report, rows))
+
+
+def fmt(value: Any) -> str:
+    """A metric value for a table: floats to 4 significant digits, lists (intervals) bracketed."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(fmt(v) for v in value) + "]"
+    return str(value)
+
+
+def memory_label(memory: dict[str, Any]) -> str:
+    return "peak CUDA memory (MiB)" if memory["measure"] == "cuda_max_memory_allocated" else "peak process RSS (MiB)"
+
+
+def metric_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Run names and one row per metric (then seconds and peak memory), runs side by side."""
+    runs = report["runs"]
+    names = list(runs)
+    keys = list(dict.fromkeys(k for run in runs.values() for k in run["metrics"]))
+    table = [[key] + [fmt(runs[n]["metrics"].get(key, "")) for n in names] for key in keys]
+    table.append(["seconds"] + [fmt(runs[n]["seconds"]) for n in names])
+    memory = runs[names[0]]["memory"]
+    table.append([memory_label(memory)] + [fmt(runs[n]["memory"]["peak_bytes"] / 2**20) for n in names])
+    return names, table
+
+
+def describe_methods(report: dict[str, Any]) -> list[str]:
+    """``head_mask(heads={"14": [0, 3]}, scale=0.0)`` for each method of the resolved recipe."""
+    out = []
+    for config in report["recipe"]["methods"]:
+        params = ", ".join(f"{k}={json.dumps(v)}" for k, v in config.items() if k != "method")
+        out.append(f"{config['method']}({params})")
+    return out
+
+
+def describe_stats(stats: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={fmt(v)}" for k, v in stats.items())
+
+
+def render_markdown(report: dict[str, Any], rows: dict[str, list[dict[str, Any]]]) -> str:
+    """A short readable report: what ran, metrics side by side, method counters, a few examples."""
+    names, table = metric_table(report)
+    lines = [
+        f"# attnkit report: {report['name']}",
+        "",
+        f"- model: `{report['model']}`",
+        f"- task: {report['task']}",
+        f"- methods: {', '.join(f'`{m}`' for m in describe_methods(report)) or 'none'}",
+        f"- written {report['timestamp']} with attnkit {report['versions']['attnkit']}, "
+        f"torch {report['versions']['torch']}, transformers {report['versions']['transformers']}",
+        "",
+        "## Metrics",
+        "",
+        "| metric | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+        *("| " + " | ".join(row) + " |" for row in table),
+        "",
+        "## Method stats (totals over the attnkit run)",
+        "",
+        *(f"- `{label}`: {describe_stats(s)}" for label, s in report["runs"]["attnkit"]["method_stats"].items()),
+    ]
+    if report["task"] == "generate":
+        lines += ["", f"## First {EXAMPLES} completions", ""]
+        for i, row in enumerate(rows["attnkit"][:EXAMPLES]):
+            lines += [f"**Prompt:** {row['prompt']}", ""]
+            lines += [f"- {name}: {rows[name][i]['completion'].strip()!r}" for name in names]
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def summarize(report: dict[str, Any]) -> str:
+    """A few plain-text lines for the terminal: model, methods, the metric table, where files went."""
+    names, table = metric_table(report)
+    width = max(len(row[0]) for row in table)
+    columns = [max(len(name), *(len(row[i + 1]) for row in table)) for i, name in enumerate(names)]
+    header = "  ".join([" " * width, *(name.rjust(w) for name, w in zip(names, columns))])
+    body = ["  ".join([row[0].ljust(width), *(cell.rjust(w) for cell, w in zip(row[1:], columns))]) for row in table]
+    stats = report["runs"]["attnkit"]["method_stats"]
+    files = ", ".join(["report.json", *(rows_file(n) for n in names), "recipe.yaml"])
+    return "\n".join(
+        [
+            f"recipe {report['name']!r}: {report['task']} on {report['model']}",
+            f"methods: {', '.join(describe_methods(report)) or 'none'}",
+            header,
+            *body,
+            *(f"{label}: {describe_stats(s)}" for label, s in stats.items()),
+            f"report: {report['output_dir']}/report.md (and {files})",
+        ]
+    )

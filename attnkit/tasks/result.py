@@ -1,0 +1,89 @@
+"""What every task shares: its result type, its JSONL input, its data errors, its progress bar."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+@dataclass
+class TaskResult:
+    """One task run: aggregate ``metrics``, one row per input, and the wall time it took."""
+
+    metrics: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class TaskDataError(ValueError):
+    """Task input that cannot be used; the message names the file, the line and the fix."""
+
+
+def read_jsonl(path: str | Path, what: str) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line of a JSONL file.
+
+    ``what`` names the recipe field the path came from, so a missing file points back to it.
+    Relative paths are read from the current directory.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TaskDataError(
+            f"{what}: {str(path)!r} not found (relative paths are read from the current directory "
+            f"{str(Path.cwd())!r}); fix the path in the recipe"
+        )
+    items = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                problem = f"not valid JSON ({err.msg}); write one JSON object per line"
+                raise TaskDataError(f"{path}:{number}: {problem}") from None
+            if not isinstance(item, dict):
+                raise TaskDataError(f"{path}:{number}: expected a JSON object, got {type(item).__name__}")
+            items.append((number, item))
+    return items
+
+
+@contextmanager
+def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr, shown only when ``enabled`` and stderr is a terminal.
+
+    Yields ``advance(n)``; the bar disappears when the block ends so reports print cleanly.
+    """
+    console = Console(stderr=True)
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not (enabled and sys.stderr.isatty()),
+    )
+    with bar:
+        task_id = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task_id, n)
+
+
+def uses_chat_template(tokenizer: Any, setting: bool | str) -> bool:
+    """Resolve a task's ``chat_template`` setting (True, False or "auto") against the tokenizer."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if setting is True and not has_template:
+        raise TaskDataError("task.chat_template: true, but the tokenizer has no chat template; set it to false or auto")
+    return has_template if setting == "auto" else bool(setting)
+
+
+def chat_prompt(tokenizer: Any, prompt: str, system: str | None = None) -> str:
+    """``prompt`` as a user turn in the tokenizer's chat template, ready for the assistant's reply."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

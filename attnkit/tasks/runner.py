@@ -1,0 +1,119 @@
+"""Run a recipe end to end: load the model, run its task untouched and under attnkit, write a report."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import transformers
+
+import attnkit
+from attnkit.apply import apply
+from attnkit.heads import ModelShape
+from attnkit.models import load_model
+from attnkit.tasks.choice import run_choice
+from attnkit.tasks.generate import run_generate
+from attnkit.tasks.report import summarize, write_report
+from attnkit.tasks.result import TaskResult
+
+if TYPE_CHECKING:
+    from attnkit.recipe import Recipe
+
+__all__ = ["run_recipe", "summarize"]
+
+TASKS: dict[str, Callable[..., TaskResult]] = {"generate": run_generate, "choice": run_choice}
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """Peak memory, labelled: CUDA's max allocated since the last reset, else the process's peak RSS.
+
+    The RSS peak covers the whole process (model loading included) and cannot be reset, so on CPU
+    it is an upper bound for each run rather than a per-run figure.
+    """
+    if device.type == "cuda":
+        return {"peak_bytes": torch.cuda.max_memory_allocated(device), "measure": "cuda_max_memory_allocated"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_bytes": rss if sys.platform == "darwin" else rss * 1024, "measure": "process_peak_rss"}
+
+
+def run_task(model: Any, tokenizer: Any, recipe: Recipe, progress: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One seeded run of the recipe's task on ``model`` as it is now: its report entry and its rows."""
+    torch.manual_seed(recipe.seed)
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(model.device)
+    result = TASKS[recipe.task.kind](model, tokenizer, recipe.task, progress=progress)
+    entry = {"metrics": result.metrics, "seconds": result.seconds, "memory": peak_memory(model.device)}
+    return entry, result.rows
+
+
+def load(recipe: Recipe) -> tuple[Any, Any]:
+    """The recipe's model and tokenizer, loaded as its ``model`` section says."""
+    spec = recipe.model
+    return load_model(
+        spec.name_or_path,
+        dtype=spec.dtype,
+        attn_implementation=spec.attn_implementation,
+        device=spec.device,
+        device_map=spec.device_map,
+        trust_remote_code=spec.trust_remote_code,
+    )
+
+
+def versions() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "attnkit": attnkit.__version__,
+    }
+
+
+def run_recipe(
+    recipe: Recipe, *, out_dir: Path | None = None, progress: bool = True, model: Any = None, tokenizer: Any = None
+) -> dict[str, Any]:
+    """Run ``recipe``'s task (untouched first when ``recipe.baseline``, then under attnkit) and report it.
+
+    Pass ``model`` and ``tokenizer`` to use an already loaded model instead of ``recipe.model``.
+    Writes report.json, report.md, the rows of each run as JSONL and the resolved recipe.yaml into
+    ``out_dir`` (default: the recipe's ``output``) and returns the report dict. The attnkit handle
+    is removed afterwards, also when the task fails, so the model is left as it was.
+    """
+    # attnkit.recipe imports attnkit.tasks, so it is imported here rather than at module load.
+    from attnkit.recipe import RecipeError, check_against_model
+
+    if recipe.task is None:
+        problem = "task: this recipe has no task to run; add a `task:` section (kind: generate or choice)"
+        raise RecipeError([problem], recipe.name)
+    if (model is None) != (tokenizer is None):
+        raise ValueError("pass both model and tokenizer, or neither to load the recipe's model")
+    if model is None:
+        model, tokenizer = load(recipe)
+        model_id = recipe.model.name_or_path
+    else:
+        model_id = model.config.name_or_path or type(model).__name__
+    check_against_model(recipe, ModelShape.from_config(model.config, model_id))
+    runs: dict[str, dict[str, Any]] = {}
+    rows: dict[str, list[dict[str, Any]]] = {}
+    if recipe.baseline:
+        runs["baseline"], rows["baseline"] = run_task(model, tokenizer, recipe, progress)
+    with apply(model, recipe, allow_foreign_heads=recipe.allow_foreign_heads) as handle:
+        runs["attnkit"], rows["attnkit"] = run_task(model, tokenizer, recipe, progress)
+        runs["attnkit"]["method_stats"] = handle.stats(total=True)
+    out_dir = Path(out_dir) if out_dir is not None else recipe.output_dir()
+    report = {
+        "name": recipe.name,
+        "model": model_id,
+        "task": recipe.task.kind,
+        "runs": runs,
+        "recipe": recipe.resolved(),
+        "versions": versions(),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "output_dir": str(out_dir),
+    }
+    write_report(out_dir, report, rows)
+    return report
