@@ -14,16 +14,12 @@ from attnkit.methods.base import MethodConfig
 from attnkit.models import DEFAULT_MODEL
 from attnkit.tasks.config import TaskConfig, parse_task
 
-DTYPES = ("float32", "bfloat16", "float16", "auto")
-
-
 class RecipeError(ValueError):
     """A recipe that cannot be used; ``errors`` holds one ``path: problem`` line per mistake."""
 
     def __init__(self, errors: list[str], source: str = "recipe"):
         self.errors = errors
         super().__init__(f"{source} is invalid:\n" + "\n".join(f"  {e}" for e in errors))
-
 
 class ModelSpec(BaseModel):
     """Which model to load and how."""
@@ -35,7 +31,6 @@ class ModelSpec(BaseModel):
     device: str | None = None
     device_map: str | dict[str, Any] | None = None
     trust_remote_code: bool = False
-
 
 class Recipe(BaseModel):
     """A model, an ordered list of methods, and a task to run."""
@@ -56,7 +51,6 @@ class Recipe(BaseModel):
 
     def output_dir(self) -> Path:
         return Path(self.output.format(recipe_name=self.name))
-
 
 def parse_methods(value: Any) -> list[MethodConfig]:
     """Each entry validated by its own method's config class; errors carry ``methods[i]``."""
@@ -83,7 +77,6 @@ def parse_methods(value: Any) -> list[MethodConfig]:
         raise RecipeError(errors)
     return configs
 
-
 def pydantic_errors(err: ValidationError, prefix: str = "") -> list[str]:
     """pydantic's errors as ``path: message`` lines, with list indices written ``[i]``."""
     lines = []
@@ -99,7 +92,6 @@ def pydantic_errors(err: ValidationError, prefix: str = "") -> list[str]:
             message = "unknown key; remove it or check its spelling (`attnkit list` shows the parameters)"
         lines.append(f"{path}: {message}")
     return lines
-
 
 def set_override(data: dict[str, Any], assignment: str) -> None:
     """Apply ``methods.0.scale=0.5`` to the raw recipe dict; the value is read as YAML."""
@@ -125,7 +117,6 @@ def set_override(data: dict[str, Any], assignment: str) -> None:
             node[key] = yaml.safe_load(raw)
         else:
             node = node[key]
-
 
 def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> Recipe:
     """Read a recipe from a YAML path, YAML text or a dict, apply ``--set`` overrides, validate."""
@@ -169,7 +160,6 @@ def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | None
     if errors:
         raise RecipeError(errors, name)
     return recipe
-
 
 def check_against_model(recipe: Recipe, shape: ModelShape) -> None:
     """Validate every head set in the recipe against the model's layers and heads."""
