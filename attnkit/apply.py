@@ -7,13 +7,14 @@ method's hooks in recipe order and returns a :class:`Handle`. ``handle.remove()`
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal
 
 import torch
 
 from attnkit import attention
-from attnkit.attention import AttentionCall, LayerPlan, ModelPlan, ScoreEdit
+from attnkit.attention import AttentionCall, LayerPlan, ModelPlan, OutputEdit, ScoreEdit
 from attnkit.heads import HeadSet, HeadSetSpec, ModelShape, resolve_heads, text_config
 from attnkit.methods.base import Method, MethodConfig
 
@@ -31,6 +32,13 @@ class CallState:
     """The caller's 2-D padding mask [batch, past + query] (1 = token, 0 = padding), if given."""
     scratch: dict[str, Any] = field(default_factory=dict)
     """Per-call space for methods, keyed by method label."""
+    sequence: dict[str, Any] = field(default_factory=dict)
+    """Space that lives as long as the call's cache: what prefill found (sinks, say) for decode
+    steps to reuse. Fresh at every prefill; a call without a cache gets a fresh one too."""
+
+    @property
+    def total_length(self) -> int:
+        return self.past_length + self.query_length
 
 
 def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
@@ -84,6 +92,11 @@ class Attachment:
     def prob_edit(self, layer: int, fn: ScoreEdit) -> None:
         """Edit the attention probabilities after the softmax (keep rows summing to 1)."""
         self._layer(layer).prob_edits.append(fn)
+
+    def output_edit(self, layer: int, fn: OutputEdit) -> None:
+        """Correct the backend kernel's output [batch, queries, heads, head_dim] exactly, without
+        materialising the attention matrix (e.g. a probability edit on a few key columns)."""
+        self._layer(layer).output_edits.append(fn)
 
     def decode_step(self, layer: int, fn: Callable[[AttentionCall], AttentionCall]) -> None:
         """Change what a decode step reads (keys, values, mask) before the kernel runs."""
@@ -212,6 +225,7 @@ def call_hooks(
     model: torch.nn.Module, plan: ModelPlan, methods: list[Method], at: Attachment
 ) -> list[torch.utils.hooks.RemovableHandle]:
     """Model-level hooks: make each call's state from its cache, and run post-prefill callbacks."""
+    sequences: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
     def before(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -221,6 +235,10 @@ def call_hooks(
         past = cache.get_seq_length() if cache is not None else 0
         phase: Phase = "prefill" if past == 0 else ("decode" if query_length == 1 else "extend")
         plan.state = CallState(phase, past, query_length, kwargs.get("attention_mask"))
+        if cache is not None:
+            if phase == "prefill" or cache not in sequences:
+                sequences[cache] = {}
+            plan.state.sequence = sequences[cache]
         plan.calls += 1
         for method in methods:
             method.stats.begin_call()

@@ -23,6 +23,9 @@ NAME = "attnkit"
 ScoreEdit = Callable[[torch.Tensor, "AttentionCall"], torch.Tensor]
 """(scores or probabilities [batch, heads, queries, keys], call) -> edited tensor of the same shape."""
 
+OutputEdit = Callable[["AttentionCall", torch.Tensor], torch.Tensor]
+"""(call, attention output [batch, queries, heads, head_dim]) -> corrected output of the same shape."""
+
 
 @dataclass
 class AttentionCall:
@@ -34,9 +37,21 @@ class AttentionCall:
     key: torch.Tensor
     value: torch.Tensor
     mask: torch.Tensor | None
-    """Additive float mask [batch, 1, queries, keys] (0 = attend, -inf = masked) or None."""
+    """Additive float mask [batch, 1, queries, keys] (0 = attend, -inf = masked) or None.
+    Only built on layers that run eager edits or decode steps; see ``raw_mask`` otherwise."""
     state: Any
     """The forward call's :class:`attnkit.apply.CallState` (phase, padding, scratch space)."""
+    raw_mask: torch.Tensor | None = None
+    """The mask exactly as the backend received it (None, boolean keep-mask, or additive)."""
+    scaling: float = 1.0
+    softcap: float | None = None
+
+    def logits(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """Attention logits (at least float32) as this layer computes them (scale, softcap), unmasked."""
+        scores = torch.matmul(query, key.transpose(-1, -2)).to(compute_dtype(query)) * self.scaling
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        return scores
 
 
 @dataclass
@@ -46,6 +61,7 @@ class LayerPlan:
     score_edits: list[ScoreEdit] = field(default_factory=list)
     prob_edits: list[ScoreEdit] = field(default_factory=list)
     decode_steps: list[Callable[[AttentionCall], AttentionCall]] = field(default_factory=list)
+    output_edits: list[OutputEdit] = field(default_factory=list)
 
     @property
     def needs_eager(self) -> bool:
@@ -126,16 +142,31 @@ def attnkit_attention(
     state = plan.state
     decoding = layer is not None and bool(layer.decode_steps) and state is not None and state.phase == "decode"
     backend = plan.backend or model_eager_forward(module)
-    if layer is None or not (layer.needs_eager or decoding):
+    if layer is None or not (layer.needs_eager or decoding or layer.output_edits):
         return backend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
-    call = AttentionCall(module, module.layer_idx, query, key, value, additive_mask(attention_mask, query, key), state)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    call = AttentionCall(
+        module, module.layer_idx, query, key, value, None, state, attention_mask, scaling, kwargs.get("softcap")
+    )
+    if decoding or layer.needs_eager:
+        call.mask = additive_mask(attention_mask, query, key)
     if decoding:
         for step in layer.decode_steps:
             call = step(call)
-        if not layer.needs_eager:
-            return backend(module, call.query, call.key, call.value, call.mask, scaling=scaling, **kwargs)
-    return edited_attention(call, layer, scaling, kwargs.get("softcap"))
+    if layer.needs_eager:
+        output, weights = edited_attention(call, layer)
+    else:
+        mask = call.mask if decoding else attention_mask
+        output, weights = backend(module, call.query, call.key, call.value, mask, scaling=scaling, **kwargs)
+    for edit in layer.output_edits:
+        output = edit(call, output)
+    return output, weights
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision inputs, the input's own type for float32 and float64."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
@@ -166,16 +197,10 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, kvh, groups, k, d).reshape(b, kvh * groups, k, d)
 
 
-def edited_attention(
-    call: AttentionCall, layer: LayerPlan, scaling: float | None, softcap: float | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def edited_attention(call: AttentionCall, layer: LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention with the layer's score and probability edits; softmax in float32."""
-    query, key, value = call.query, call.key, call.value
-    groups = query.shape[1] // key.shape[1]
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = torch.matmul(query, repeat_kv(key, groups).transpose(-1, -2)).float() * scaling
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
+    groups = call.query.shape[1] // call.key.shape[1]
+    scores = call.logits(call.query, repeat_kv(call.key, groups))
     if call.mask is not None:
         scores = scores + call.mask
     for edit in layer.score_edits:
@@ -183,8 +208,8 @@ def edited_attention(
     probs = torch.softmax(scores, dim=-1)
     for edit in layer.prob_edits:
         probs = edit(probs, call)
-    output = torch.matmul(probs.to(value.dtype), repeat_kv(value, groups))
-    return output.transpose(1, 2).contiguous(), probs.to(value.dtype)
+    output = torch.matmul(probs.to(call.value.dtype), repeat_kv(call.value, groups))
+    return output.transpose(1, 2).contiguous(), probs.to(call.value.dtype)
 
 
 def mask_function(backend: str) -> Callable[..., Any]:

@@ -105,3 +105,42 @@ def first_line(doc: Optional[str]) -> str:
 
 if __name__ == "__main__":
     app()
+
+
+# ----------------------------------------------------------------------------- inspect
+
+inspect_app = typer.Typer(help="Look inside a model: attention sinks as tables and plots.", no_args_is_help=True)
+app.add_typer(inspect_app, name="inspect")
+
+
+@inspect_app.command("sinks")
+def inspect_sinks(
+    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Embedded alias, local folder, .gguf file or HF id."),
+    text: Optional[str] = typer.Option(None, "--text", "-t", help="The text to inspect."),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="Read the text from this file instead (trailing newlines dropped)."),
+    threshold: float = typer.Option(0.1, min=0.0, max=1.0, help="A token is a sink in a head when its causal column mean exceeds this."),
+    output: Path = typer.Option(Path("runs/inspect-sinks"), "--output", "-o", help="Folder for sinks.png and sinks.json."),
+) -> None:
+    """Find the attention sinks of a text: which tokens every later query attends to, per layer and head."""
+    from attnkit.inspect import sink_stats
+    from attnkit.models import ModelLoadError, load_model
+    from attnkit.plots import sink_heatmap
+
+    if (text is None) == (file is None):
+        fail(f"pass {'either' if text is None else 'only one of'} --text \"...\" or --file PATH, e.g. --text \"The cat sat on the mat.\"")
+    if file is not None:
+        if not file.is_file():
+            fail(f"--file {file}: not found; pass an existing text file, or the text itself with --text")
+        text = file.read_text().rstrip("\n")  # the file's final newline is not part of the text
+    if not text or not text.strip():
+        fail("the text is empty; pass some text with --text or a non-empty --file")
+    try:
+        loaded, tokenizer = load_model(model, attn_implementation="eager")
+    except ModelLoadError as err:
+        fail(str(err))
+    report = sink_stats(loaded, tokenizer, text, threshold=threshold, name=model)
+    output.mkdir(parents=True, exist_ok=True)
+    report.to_json(output / "sinks.json")
+    sink_heatmap(report, output / "sinks.png")
+    typer.echo(report.table())
+    typer.echo(f"plot: {output / 'sinks.png'}\njson: {output / 'sinks.json'}")

@@ -1,6 +1,7 @@
 """Built-in methods. Importing this package registers them."""
 
+from attnkit.methods.act import ACT, ACTConfig
 from attnkit.methods.base import Method, MethodConfig
 from attnkit.methods.head_mask import HeadMask, HeadMaskConfig
 
-__all__ = ["Method", "MethodConfig", "HeadMask", "HeadMaskConfig"]
+__all__ = ["ACT", "ACTConfig", "Method", "MethodConfig", "HeadMask", "HeadMaskConfig"]

@@ -1,0 +1,263 @@
+"""``act``: attention calibration of hidden attention sinks (Yu et al., ICML 2024).
+
+Per selected head: the column mean ``s_j = sum_i A_ij / (n - j)`` finds sink tokens (``s_j >
+threshold``, the initial sink left alone); their columns are scaled by ``beta`` and the freed mass
+goes to the other tokens of the row in proportion to their weights, so rows still sum to 1.
+Sinks are found at prefill, per batch row, with padding excluded; decode steps calibrate the new
+query against the prefill's sinks.
+
+Two paths compute the same thing. ``eager`` materialises the attention matrix of the selected
+layers (the reference's approach). ``fast`` keeps the model's kernel and corrects its output:
+with ``S`` the sinks and ``s_i = sum_{j in S} A_ij``, the calibrated output is
+``beta * sum_S A_ij v_j + c_i * (o_i - sum_S A_ij v_j)``, ``c_i = (1 - beta s_i) / (1 - s_i)``;
+the column statistic is accumulated over query chunks, so no N x N matrix is held.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from attnkit.attention import AttentionCall, compute_dtype
+from attnkit.heads import HeadSetSpec
+from attnkit.methods.base import Method, MethodConfig
+from attnkit.registry import register
+from attnkit.sinks import calibrate, column_mean, select_sinks
+
+NEG = torch.finfo(torch.float32).min
+
+
+class ACTConfig(MethodConfig):
+    """ACT's parameters; defaults from the reference code (beta 0.4, threshold 0.1, layers 2 to L-2)."""
+
+    method: str = "act"
+    beta: float = Field(0.4, ge=0.0, le=1.0, description="factor kept on sink columns; 1 = identity")
+    threshold: float = Field(0.1, gt=0.0, lt=1.0, description="sink if column mean > threshold")
+    alpha: float | None = Field(None, gt=0.0, description="paper form: sink if column mean > alpha / N")
+    heads: HeadSetSpec | None = Field(None, description="heads to calibrate; default all heads of layers 2 to L-2")
+    path: Literal["fast", "eager"] = Field("fast", description="fast: kernel output + exact correction")
+    chunk_mb: int = Field(256, ge=1, description="memory for the chunked column statistic (fast path)")
+
+
+@register
+class ACT(Method):
+    """Calibrates hidden attention sinks in selected heads."""
+
+    name = "act"
+    config_class = ACTConfig
+
+    def attach(self, at) -> None:
+        spec = self.config.heads
+        if spec is None:
+            last = at.shape.num_layers - 2
+            spec = {"layers": f"2-{last}", "heads": "all"} if last >= 2 else "all"
+        heads = at.heads(spec)
+        self.stats.describe("heads", len(heads))
+        if self.config.beta == 1.0:
+            return  # the identity: nothing to attach, so the model keeps its exact logits and speed
+        for layer, indices in heads.by_layer().items():
+            if self.config.path == "eager":
+                at.prob_edit(layer, self._eager_edit(layer, indices))
+            else:
+                at.output_edit(layer, self._fast_edit(layer, indices))
+
+    # -- shared: which keys are sinks for this call -------------------------------------------
+
+    def _threshold(self, key_valid: torch.Tensor | None, batch: int, keys: int, device) -> torch.Tensor:
+        """Per batch row threshold [batch, 1, 1]: fixed, or alpha / (number of real tokens)."""
+        if self.config.alpha is None:
+            return torch.full((batch, 1, 1), self.config.threshold, device=device)
+        n = key_valid.sum(-1) if key_valid is not None else torch.full((batch,), keys, device=device)
+        return (self.config.alpha / n.float()).view(batch, 1, 1)
+
+    def _store(self, call: AttentionCall) -> dict:
+        return call.state.sequence.setdefault(self.name, {}) if call.state is not None else {}
+
+    def _remember(self, call: AttentionCall, sinks: torch.Tensor) -> None:
+        """Keep the prefill's sinks by absolute position, for the decode steps of this sequence."""
+        self._store(call)[call.layer] = sinks
+        self.stats.add("sinks_found", int(sinks.sum()))
+        self.stats.add("heads_calibrated", int(sinks.any(-1).sum()))
+
+    def _recall(self, call: AttentionCall, keys: int) -> torch.Tensor | None:
+        """The prefill's sinks mapped onto this call's keys (a sliding layer holds only the last ones)."""
+        stored = self._store(call).get(call.layer)
+        if stored is None:
+            return None
+        first = total_length(call) - keys
+        b, h, known = stored.shape
+        sinks = torch.zeros(b, h, keys, dtype=torch.bool, device=stored.device)
+        lo, hi = max(first, 0), min(known, first + keys)
+        if hi > lo:
+            sinks[..., lo - first : hi - first] = stored[..., lo:hi]
+        return sinks
+
+    def _find(self, means: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
+        threshold = self._threshold(key_valid, means.shape[0], means.shape[-1], means.device)
+        return select_sinks(means, threshold.to(means.dtype), key_valid)
+
+    # -- eager path: edit the materialised probabilities -------------------------------------
+
+    def _eager_edit(self, layer: int, heads: list[int]):
+        index = torch.tensor(heads)
+
+        def edit(probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+            chosen = probs[:, index.to(probs.device)]
+            key_valid = valid_keys(call, probs.shape[-1])
+            sinks = self._recall(call, probs.shape[-1]) if call.state.phase != "prefill" else None
+            if sinks is None:
+                allowed = call.mask > NEG / 2 if call.mask is not None else causal(probs, call)
+                means = column_mean(chosen, allowed, query_valid(call, key_valid, probs.shape[-2]))
+                sinks = self._find(means, key_valid)
+                self._remember(call, sinks)
+            probs = probs.clone()
+            probs[:, index.to(probs.device)] = calibrate(chosen, sinks, self.config.beta)
+            self.stats.add("layer_calls")
+            return probs
+
+        return edit
+
+    # -- fast path: correct the kernel's output ------------------------------------------------
+
+    def _fast_edit(self, layer: int, heads: list[int]):
+        index = torch.tensor(heads)
+
+        def edit(call: AttentionCall, output: torch.Tensor) -> torch.Tensor:
+            idx = index.to(output.device)
+            groups = call.query.shape[1] // call.key.shape[1]
+            query = call.query[:, idx]
+            key = call.key[:, idx // groups]
+            value = call.value[:, idx // groups]
+            keys = key.shape[-2]
+            key_valid = valid_keys(call, keys)
+            sinks = self._recall(call, keys) if call.state.phase != "prefill" else None
+            lse, means = chunked_stats(call, query, key, key_valid, self.config.chunk_mb, sinks is None)
+            if sinks is None:
+                sinks = self._find(means, key_valid)
+                self._remember(call, sinks)
+            corrected = correct_output(call, query, key, value, lse, sinks, output[:, :, idx], self.config.beta)
+            output = output.clone()
+            output[:, :, idx] = corrected
+            self.stats.add("layer_calls")
+            return output
+
+        return edit
+
+
+def total_length(call: AttentionCall) -> int:
+    return call.state.total_length if call.state is not None else call.key.shape[-2]
+
+
+def valid_keys(call: AttentionCall, keys: int) -> torch.Tensor | None:
+    """bool [batch, keys]: False on padding, from the caller's 2-D mask (the keys are its last ``keys``)."""
+    mask = call.state.attention_mask if call.state is not None else None
+    return None if mask is None else mask[:, -keys:].bool()
+
+
+def query_valid(call: AttentionCall, key_valid: torch.Tensor | None, queries: int) -> torch.Tensor | None:
+    return None if key_valid is None else key_valid[:, -queries:]
+
+
+def causal(probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+    q, k = probs.shape[-2], probs.shape[-1]
+    rows = torch.arange(q, device=probs.device)[:, None] + (k - q)
+    return (rows >= torch.arange(k, device=probs.device)[None, :])[None, None]
+
+
+def mask_rows(call: AttentionCall, rows: slice, keys: int, device) -> torch.Tensor:
+    """Additive float32 mask for query rows ``rows`` [batch or 1, 1, rows, keys], built per chunk."""
+    raw = call.raw_mask
+    queries = call.query.shape[-2]
+    if raw is None:
+        q_pos = torch.arange(rows.start, rows.stop, device=device)[:, None] + (keys - queries)
+        keep = (q_pos >= torch.arange(keys, device=device)[None, :])[None, None]
+        return torch.where(keep, 0.0, NEG)
+    chunk = raw[:, :, rows, :keys]
+    return torch.where(chunk, 0.0, NEG) if chunk.dtype == torch.bool else chunk.float()
+
+
+def chunked_stats(
+    call: AttentionCall,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    chunk_mb: int,
+    with_means: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Row log-sum-exp [b, h, q] and (optionally) the column mean [b, h, k], over query chunks."""
+    b, h, q, _ = query.shape
+    k = key.shape[-2]
+    dtype = compute_dtype(query)
+    rows_per_chunk = max(1, (chunk_mb << 20) // (b * h * k * dtype.itemsize * 3))
+    lse = torch.empty(b, h, q, device=query.device, dtype=dtype)
+    sums = torch.zeros(b, h, k, device=query.device, dtype=dtype) if with_means else None
+    counts = torch.zeros(b, 1, k, device=query.device, dtype=dtype) if with_means else None
+    q_valid = query_valid(call, key_valid, q)
+    for start in range(0, q, rows_per_chunk):
+        rows = slice(start, min(q, start + rows_per_chunk))
+        mask = mask_rows(call, rows, k, query.device)
+        scores = call.logits(query[:, :, rows], key) + mask
+        lse[:, :, rows] = torch.logsumexp(scores, dim=-1)
+        if with_means:
+            probs = torch.exp(scores - lse[:, :, rows, None])
+            voters = (mask > NEG / 2).to(dtype)
+            if q_valid is not None:
+                voters = voters * q_valid[:, None, rows, None]
+            if key_valid is not None:
+                voters = voters * key_valid[:, None, None, :]
+            sums += (probs * voters).sum(2)
+            counts += voters.sum(2)
+    means = torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums)) if with_means else None
+    return lse, means
+
+
+def correct_output(
+    call: AttentionCall,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lse: torch.Tensor,
+    sinks: torch.Tensor,
+    output: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """The calibrated output of the chosen heads from the kernel's output and the sink columns only.
+
+    output: [b, q, h, d] kernel output of the chosen heads; returns the same shape and dtype.
+    """
+    b, h, q, d = query.shape
+    width = int(sinks.sum(-1).max()) if sinks.any() else 0
+    if width == 0:
+        return output
+    order = torch.sort(sinks.int(), dim=-1, descending=True, stable=True)
+    cols, present = order.indices[..., :width], order.values[..., :width].bool()  # [b, h, m]
+    gather = cols[..., None].expand(b, h, width, d)
+    key_s, value_s = key.gather(2, gather), value.gather(2, gather)
+    scores = call.logits(query, key_s)  # [b, h, q, m]
+    mask = sink_mask(call, cols, q, key.shape[-2])
+    scores = scores + mask + torch.where(present, 0.0, NEG)[:, :, None, :]
+    attn = torch.exp(scores - lse[..., None])
+    mass = attn.sum(-1, keepdim=True)
+    part = torch.matmul(attn, value_s.to(attn.dtype))
+    rest = 1.0 - mass
+    ok = rest > 1e-6
+    c = torch.where(ok, (1.0 - beta * mass) / rest.clamp(min=1e-6), torch.ones_like(rest))
+    b_eff = torch.where(ok, torch.full_like(rest, beta), torch.ones_like(rest))
+    o = output.transpose(1, 2).to(attn.dtype)
+    fixed = b_eff * part + c * (o - part)
+    return fixed.transpose(1, 2).to(output.dtype)
+
+
+def sink_mask(call: AttentionCall, cols: torch.Tensor, queries: int, keys: int) -> torch.Tensor:
+    """The layer's additive mask at the sink columns only: [b, h, q, m]."""
+    raw = call.raw_mask
+    b, h, m = cols.shape
+    if raw is None:
+        q_pos = torch.arange(queries, device=cols.device)[:, None] + (keys - queries)
+        keep = q_pos[None, None] >= cols[:, :, None, :]
+        return torch.where(keep, 0.0, NEG)
+    full = raw[..., :keys].expand(b, h, queries, keys)
+    picked = full.gather(-1, cols[:, :, None, :].expand(b, h, queries, m))
+    return torch.where(picked, 0.0, NEG) if picked.dtype == torch.bool else picked.float()

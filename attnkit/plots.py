@@ -1,0 +1,187 @@
+"""Plots for inspection: layers x heads score maps and the sink overview.
+
+Figures are built on matplotlib's object API with the Agg canvas, so nothing here touches pyplot's
+global backend (a notebook keeps its own). Every function returns the ``Figure``; a notebook
+shows it, and ``path`` (when given) gets a PNG.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Normalize, PowerNorm
+from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+    from attnkit.inspect import SinkReport
+
+__all__ = ["draw_head_map", "draw_token_map", "head_map", "sink_heatmap"]
+
+#: Cells up to which a head map writes its ``annotate`` values into the cells.
+MAX_ANNOTATED_CELLS = 600
+#: Tokens up to which a token map labels every token on the x axis.
+MAX_LABELLED_TOKENS = 64
+
+
+def _ticks(n: int, most: int = 40) -> np.ndarray:
+    """Tick positions 0..n-1, thinned to at most about ``most``."""
+    return np.arange(0, n, max(1, int(np.ceil(n / most))))
+
+
+def draw_head_map(
+    ax: Axes,
+    scores: Any,
+    title: str,
+    *,
+    cbar_label: str = "score",
+    annotate: Any = None,
+    norm: Normalize | None = None,
+    cmap: str = "viridis",
+    mark: float | None = None,
+) -> Any:
+    """Draw a layers x heads map of ``scores`` on ``ax`` with a colorbar; return the image.
+
+    ``annotate``: an int array of the same shape written into the cells (zeros left blank), when
+    the map has at most :data:`MAX_ANNOTATED_CELLS` cells. ``mark``: a value drawn as a line on
+    the colorbar (a threshold).
+    """
+    scores = np.asarray(scores, dtype=float)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be [layers, heads], got shape {scores.shape}")
+    layers, heads = scores.shape
+    image = ax.imshow(scores, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(_ticks(heads, 32))
+    ax.set_yticks(_ticks(layers))
+    ax.tick_params(labelsize=7)
+    cbar = ax.figure.colorbar(image, ax=ax, pad=0.03, aspect=40)
+    cbar.set_label(cbar_label, fontsize=8)
+    cbar.ax.tick_params(labelsize=7)
+    if mark is not None:
+        cbar.ax.axhline(mark, color="red", linewidth=1.2)
+    if annotate is not None and scores.size <= MAX_ANNOTATED_CELLS:
+        annotate = np.asarray(annotate)
+        low, high = image.norm.vmin, image.norm.vmax
+        for (layer, head), value in np.ndenumerate(annotate):
+            if value:
+                bright = image.norm(scores[layer, head]) > 0.6 if high > low else False
+                ax.text(head, layer, str(value), ha="center", va="center", fontsize=6,
+                        color="black" if bright else "white")
+    return image
+
+
+def draw_token_map(
+    ax: Axes,
+    values: Any,
+    tokens: list[str],
+    title: str,
+    *,
+    cbar_label: str = "score",
+    norm: Normalize | None = None,
+    cmap: str = "magma",
+) -> Any:
+    """Draw a layers x tokens map on ``ax``; tokens label the x axis when there are at most
+    :data:`MAX_LABELLED_TOKENS`, positions otherwise."""
+    values = np.asarray(values, dtype=float)
+    layers, count = values.shape
+    image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm)
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel("layer")
+    ax.set_yticks(_ticks(layers))
+    if count <= MAX_LABELLED_TOKENS:
+        ax.set_xticks(np.arange(count))
+        ax.set_xticklabels([f"{j} {tok!r}" for j, tok in enumerate(tokens)], rotation=90, fontsize=7)
+        ax.set_xlabel("token (position, text)")
+    else:
+        ax.set_xticks(_ticks(count))
+        ax.set_xlabel("token position")
+    ax.tick_params(labelsize=7)
+    cbar = ax.figure.colorbar(image, ax=ax, pad=0.02, aspect=40)
+    cbar.set_label(cbar_label, fontsize=8)
+    cbar.ax.tick_params(labelsize=7)
+    return image
+
+
+def _save(fig: Figure, path: str | Path | None) -> Figure:
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=130)
+    return fig
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def head_map(
+    scores: Any,
+    path: str | Path | None = None,
+    title: str = "",
+    *,
+    cbar_label: str = "score",
+    annotate: Any = None,
+    norm: Normalize | None = None,
+    cmap: str = "viridis",
+) -> Figure:
+    """A layers x heads score map (one head score per cell) as a figure; a PNG at ``path``."""
+    layers, heads = np.shape(scores)
+    fig = _new_figure(max(4.0, 0.32 * heads + 2.2), max(3.5, 0.22 * layers + 1.4))
+    draw_head_map(fig.add_subplot(), scores, title, cbar_label=cbar_label, annotate=annotate, norm=norm, cmap=cmap)
+    return _save(fig, path)
+
+
+def sink_heatmap(report: SinkReport, path: str | Path | None = None) -> Figure:
+    """The sink overview of a :class:`~attnkit.inspect.SinkReport`, three panels side by side:
+
+    (a) the initial token's column mean per head; (b) the largest column mean of any later token
+    per head, with the number of later sinks written in the cells; (c) layers x tokens, the column
+    mean averaged over heads. Color scales run 0-1; (c) uses a square-root scale so that small
+    column means stay visible next to the initial token's.
+    """
+    layers, heads, count = report.column_mean.shape
+    head_width = max(2.4, 0.28 * heads + 1.6)
+    token_width = min(12.0, max(4.0, 0.3 * min(count, MAX_LABELLED_TOKENS) + 2.0))
+    fig = _new_figure(2 * head_width + token_width, max(4.5, 0.2 * layers + 2.6))
+    grid = fig.add_gridspec(1, 3, width_ratios=[head_width, head_width, token_width])
+    unit = Normalize(0.0, 1.0)
+    initial = report.tokens[0] if report.tokens else ""
+    draw_head_map(
+        fig.add_subplot(grid[0]),
+        report.column_mean[..., 0],
+        f"(a) initial token {initial!r}:\ncolumn mean per head",
+        cbar_label="column mean",
+        norm=unit,
+        mark=report.threshold,
+    )
+    draw_head_map(
+        fig.add_subplot(grid[1]),
+        report.later_max,
+        "(b) later tokens: max column mean\nper head (cells: # later sinks)",
+        cbar_label="max column mean, tokens 1..T-1",
+        annotate=report.later_sink_counts,
+        norm=unit,
+        mark=report.threshold,
+    )
+    draw_token_map(
+        fig.add_subplot(grid[2]),
+        report.column_mean.mean(1),
+        report.tokens,
+        "(c) column mean per token, averaged over heads",
+        cbar_label="column mean (sqrt scale)",
+        norm=PowerNorm(0.5, 0.0, 1.0),
+    )
+    name = f"{report.model}: " if report.model else ""
+    fig.suptitle(
+        f"{name}attention sinks (causal column mean > {report.threshold:g}, red line on the colorbars)",
+        fontsize=11,
+    )
+    return _save(fig, path)
