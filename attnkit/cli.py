@@ -103,9 +103,6 @@ def first_line(doc: Optional[str]) -> str:
     return (doc or "").strip().splitlines()[0] if doc else ""
 
 
-if __name__ == "__main__":
-    app()
-
 
 # ----------------------------------------------------------------------------- inspect
 
@@ -144,3 +141,7 @@ def inspect_sinks(
     sink_heatmap(report, output / "sinks.png")
     typer.echo(report.table())
     typer.echo(f"plot: {output / 'sinks.png'}\njson: {output / 'sinks.json'}")
+
+
+if __name__ == "__main__":
+    app()

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnkit import attention
 from attnkit.apply import set_text_attention
 from attnkit.heads import text_config
 from attnkit.sinks import causal_column_mean, select_sinks
@@ -216,16 +217,18 @@ def sink_stats(
 ) -> SinkReport:
     """Run ``model`` once on ``text`` (no padding) with eager attention maps; return its sinks.
 
-    ``name`` labels the report (default: the config's ``_name_or_path``).
     The model's attention implementation is switched to eager for that call if needed and always
-    restored. Memory: all attention maps are held at once (layers x heads x tokens^2 floats), so
-    keep texts to a few thousand tokens.
+    restored. ``name`` labels the report (default: the config's ``_name_or_path``).
+
+    Memory: all attention maps are held at once (layers x heads x tokens^2 floats), so keep texts
+    to a few thousand tokens. Sliding-window layers: the statistic divides by every later query,
+    also those outside the window, so their scores come out low for keys far from the end.
     """
     if not text:
         raise ValueError("text is empty; pass at least one token of text")
     config = text_config(model.config)
     original = config._attn_implementation or "eager"
-    if original.startswith("attnkit"):
+    if original.startswith(attention.NAME):
         raise RuntimeError(
             f"model attention is {original!r}: an attnkit handle is applied; remove it (handle.remove()) "
             f"before inspecting sinks"

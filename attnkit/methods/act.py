@@ -167,15 +167,24 @@ def causal(probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
 
 
 def mask_rows(call: AttentionCall, rows: slice, keys: int, device) -> torch.Tensor:
-    """Additive float32 mask for query rows ``rows`` [batch or 1, 1, rows, keys], built per chunk."""
+    """Additive mask for query rows ``rows`` and the first ``keys`` keys [batch or 1, 1, rows, keys]."""
     raw = call.raw_mask
-    queries = call.query.shape[-2]
+    offset = call.key.shape[-2] - call.query.shape[-2]
     if raw is None:
-        q_pos = torch.arange(rows.start, rows.stop, device=device)[:, None] + (keys - queries)
+        q_pos = torch.arange(rows.start, rows.stop, device=device)[:, None] + offset
         keep = (q_pos >= torch.arange(keys, device=device)[None, :])[None, None]
         return torch.where(keep, 0.0, NEG)
     chunk = raw[:, :, rows, :keys]
     return torch.where(chunk, 0.0, NEG) if chunk.dtype == torch.bool else chunk.float()
+
+
+def chunk_logits(call: AttentionCall, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Logits in (at least) float32; half-precision inputs keep the fast matmul with a float32 result."""
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and call.softcap is None:
+        b, h, q, d = query.shape
+        flat = torch.bmm(query.reshape(b * h, q, d), key.reshape(b * h, -1, d).transpose(1, 2), out_dtype=torch.float32)
+        return flat.view(b, h, q, -1).mul_(call.scaling)
+    return call.logits(query, key)
 
 
 def chunked_stats(
@@ -186,29 +195,38 @@ def chunked_stats(
     chunk_mb: int,
     with_means: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Row log-sum-exp [b, h, q] and (optionally) the column mean [b, h, k], over query chunks."""
+    """Row log-sum-exp [b, h, q] and (optionally) the column mean [b, h, k], over query chunks.
+
+    Never holds more than about ``chunk_mb`` of scores; a chunk reads only the keys its rows can
+    see (the causal prefix), so the work is half of a full score matrix.
+    """
     b, h, q, _ = query.shape
     k = key.shape[-2]
+    offset = k - q
     dtype = compute_dtype(query)
-    rows_per_chunk = max(1, (chunk_mb << 20) // (b * h * k * dtype.itemsize * 3))
+    rows_per_chunk = max(1, (chunk_mb << 20) // (b * h * k * dtype.itemsize * 2))
     lse = torch.empty(b, h, q, device=query.device, dtype=dtype)
     sums = torch.zeros(b, h, k, device=query.device, dtype=dtype) if with_means else None
     counts = torch.zeros(b, 1, k, device=query.device, dtype=dtype) if with_means else None
     q_valid = query_valid(call, key_valid, q)
     for start in range(0, q, rows_per_chunk):
         rows = slice(start, min(q, start + rows_per_chunk))
-        mask = mask_rows(call, rows, k, query.device)
-        scores = call.logits(query[:, :, rows], key) + mask
-        lse[:, :, rows] = torch.logsumexp(scores, dim=-1)
-        if with_means:
-            probs = torch.exp(scores - lse[:, :, rows, None])
-            voters = (mask > NEG / 2).to(dtype)
-            if q_valid is not None:
-                voters = voters * q_valid[:, None, rows, None]
-            if key_valid is not None:
-                voters = voters * key_valid[:, None, None, :]
-            sums += (probs * voters).sum(2)
-            counts += voters.sum(2)
+        seen = min(k, rows.stop + offset)
+        mask = mask_rows(call, rows, seen, query.device)
+        scores = chunk_logits(call, query[:, :, rows], key[:, :, :seen]).add_(mask)
+        chunk_lse = torch.logsumexp(scores, dim=-1)
+        lse[:, :, rows] = chunk_lse
+        if not with_means:
+            continue
+        probs = scores.sub_(chunk_lse[..., None]).exp_()
+        voters = mask > NEG / 2
+        if q_valid is not None:
+            voters = voters & q_valid[:, None, rows, None]
+            probs.mul_(q_valid[:, None, rows, None])
+        sums[..., :seen] += probs.sum(2)
+        counts[..., :seen] += voters.sum(2, dtype=dtype)
+    if key_valid is not None and with_means:
+        counts = counts * key_valid[:, None, :]
     means = torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums)) if with_means else None
     return lse, means
 
