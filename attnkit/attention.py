@@ -164,6 +164,21 @@ def attnkit_attention(
     return output, weights
 
 
+def layer_window(config: Any, layer: int) -> int | None:
+    """The sliding window of ``layer`` (query i sees keys j with i - j < window), None if full.
+
+    Read from the config as transformers builds its masks: ``layer_types`` where the config has
+    them, else one ``sliding_window`` for every layer unless ``use_sliding_window`` is off.
+    """
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[layer] == "sliding_attention" else None
+    return window if getattr(config, "use_sliding_window", True) else None
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """float32 for half-precision inputs, the input's own type for float32 and float64."""
     return torch.promote_types(x.dtype, torch.float32)

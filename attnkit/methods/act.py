@@ -20,7 +20,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from attnkit.attention import AttentionCall, compute_dtype
+from attnkit import kernels
+from attnkit.attention import AttentionCall, compute_dtype, layer_window
 from attnkit.heads import HeadSetSpec
 from attnkit.methods.base import Method, MethodConfig
 from attnkit.registry import register
@@ -200,6 +201,11 @@ def chunked_stats(
     Never holds more than about ``chunk_mb`` of scores; a chunk reads only the keys its rows can
     see (the causal prefix), so the work is half of a full score matrix.
     """
+    if kernels.available(query) and call.softcap is None and (call.raw_mask is None or call.raw_mask.dtype == torch.bool):
+        lse, sums = kernels.sink_stats(
+            query, key, call.scaling, key_valid, layer_window(call.module.config, call.layer), with_means
+        )
+        return lse, (sums / voter_counts(call, key_valid, query.shape[-2], key.shape[-2]) if with_means else None)
     b, h, q, _ = query.shape
     k = key.shape[-2]
     offset = k - q
@@ -229,6 +235,22 @@ def chunked_stats(
         counts = counts * key_valid[:, None, :]
     means = torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums)) if with_means else None
     return lse, means
+
+
+def voter_counts(call: AttentionCall, key_valid: torch.Tensor | None, queries: int, keys: int) -> torch.Tensor:
+    """How many valid queries see each key [b, 1, k] (causal, window, padding); at least 1."""
+    device = call.query.device
+    offset = keys - queries
+    q_valid = torch.ones(1, queries, device=device) if key_valid is None else key_valid[:, offset:].float()
+    ahead = torch.nn.functional.pad(q_valid.cumsum(-1), (1, 0))  # ahead[t] = valid queries before query t
+    key_pos = torch.arange(keys, device=device)
+    first = (key_pos - offset).clamp(0, queries)
+    window = layer_window(call.module.config, call.layer)
+    last = torch.full_like(key_pos, queries) if window is None else (key_pos + window - offset).clamp(0, queries)
+    counts = (ahead[:, last] - ahead[:, first]).clamp(min=0)
+    if key_valid is not None:
+        counts = counts * key_valid
+    return counts.clamp(min=1)[:, None, :]
 
 
 def correct_output(
