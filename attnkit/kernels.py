@@ -38,7 +38,7 @@ if triton is not None:
     def _row_lse_kernel(
         Q, K, VALID, LSE, scale, M, N, offset, window, heads,
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_VALID: tl.constexpr,
+        HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -57,7 +57,7 @@ if triton is not None:
             offs_n = start + tl.arange(0, BLOCK_N)
             k = tl.load(K + bh * N * D + offs_n[:, None] * D + offs_d[None, :],
                         mask=(offs_n[:, None] < N) & (offs_d[None, :] < D), other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             s = tl.where(_allowed(q_pos, offs_n, N, window, valid_ptr, HAS_VALID), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -70,7 +70,7 @@ if triton is not None:
     def _column_sum_kernel(
         Q, K, VALID, LSE, COL, scale, M, N, offset, window, heads,
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_VALID: tl.constexpr,
+        HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         bh = tl.program_id(1)
@@ -93,7 +93,7 @@ if triton is not None:
             if HAS_VALID:
                 qv = tl.load(valid_ptr + q_pos, mask=offs_m < M, other=0)
                 ok = ok & (qv[:, None] != 0)
-            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             acc += tl.sum(tl.where(ok, tl.exp(s - lse[:, None]), 0.0), 0)
         tl.store(COL + bh * N + offs_n, acc, mask=offs_n < N)
 
@@ -118,7 +118,9 @@ def sink_stats(
     valid = key_valid.to(torch.int8).contiguous() if key_valid is not None else q.new_empty(1, dtype=torch.int8)
     lse = torch.empty(b * h, m, device=q.device, dtype=torch.float32)
     block_d = max(16, triton.next_power_of_2(d))
-    args = dict(D=d, BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=64, HAS_VALID=key_valid is not None)
+    # float32 inputs: full-precision products (Triton would use TF32); half inputs are exact anyway
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    args = dict(D=d, BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=64, HAS_VALID=key_valid is not None, PRECISION=precision)
     common = (scale, m, n, n - m, window or 0, h)
     _row_lse_kernel[(triton.cdiv(m, 64), b * h)](q, k, valid, lse, *common, **args)
     sums = None
