@@ -143,5 +143,9 @@ def inspect_sinks(
     typer.echo(f"plot: {output / 'sinks.png'}\njson: {output / 'sinks.json'}")
 
 
+profile_app = typer.Typer(help="Find the heads (or dimensions) a method needs; writes an artifact.", no_args_is_help=True)
+app.add_typer(profile_app, name="profile")
+
+
 if __name__ == "__main__":
     app()

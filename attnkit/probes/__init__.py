@@ -1,0 +1,1 @@
+"""Profilers: find the heads (or dimensions) a method needs and write a head-list artifact."""
