@@ -156,6 +156,24 @@ def test_choice_scores_match_direct_computation(model, tokenizer, tmp_path):
     assert normalized.rows[0]["scores"] == pytest.approx([first["scores"][0] / 5, first["scores"][1] / 7], abs=1e-5)
 
 
+def test_label_word_scoring_reads_the_last_sub_token_at_the_prompt_end(model, tokenizer, tmp_path):
+    items = [
+        {"prompt": "Review: fine. Sentiment:", "choices": [" good", " bay"], "answer": 0},
+        {"prompt": "Q: x", "choices": [" ab", " cd", " ef"], "answer": 2},
+    ]
+    data = write_jsonl(tmp_path / "l.jsonl", items)
+    result = run_choice(model, tokenizer, ChoiceTask(data=data, scoring="label_word", batch_size=2), progress=False)
+    for item, row in zip(items, result.rows):
+        ids = tokenizer(item["prompt"])["input_ids"]
+        with torch.no_grad():
+            logprobs = model(torch.tensor([ids])).logits[0, -1].double().log_softmax(-1)
+        last = [tokenizer(item["prompt"] + c)["input_ids"][-1] for c in item["choices"]]
+        assert row["scores"] == pytest.approx([logprobs[t].item() for t in last], abs=1e-4)
+    clash = write_jsonl(tmp_path / "clash.jsonl", [{"prompt": "Q:", "choices": [" ab", " cb"], "answer": 0}])
+    with pytest.raises(TaskDataError, match="end in the same token.*scoring: sequence"):
+        run_choice(model, tokenizer, ChoiceTask(data=clash, scoring="label_word"), progress=False)
+
+
 def test_choice_tokens_across_the_boundary(tokenizer):
     """A token spanning prompt and choice is scored with the choice; a trailing space moves to it."""
     merging = char_tokenizer(merges=("bl",))

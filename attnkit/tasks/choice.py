@@ -117,6 +117,42 @@ def score_batch(model: Any, pad_id: int, pairs: list[tuple[list[int], int]]) -> 
     return scores
 
 
+def label_word_items(tokenizer: Any, items: list[Item], chat: bool) -> list[tuple[list[int], list[int]]]:
+    """Per item: the prompt's token ids and each choice's last sub-token id (distinct, or an error)."""
+    encoded = []
+    for item in items:
+        prompt = chat_prompt(tokenizer, item.prompt) if chat else item.prompt
+        pairs = [encode_choice(tokenizer, prompt, choice, not chat, item.where) for choice in item.choices]
+        context = pairs[0][0][: pairs[0][1]]
+        labels = [ids[-1] for ids, _ in pairs]
+        if len(set(labels)) < len(labels):
+            raise TaskDataError(
+                f"{item.where}: choices {item.choices} end in the same token, so label_word scoring cannot tell "
+                "them apart; use scoring: sequence"
+            )
+        encoded.append((context, labels))
+    return encoded
+
+
+def label_word_scores(model: Any, pad_id: int, batch: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+    """Log-probs of each item's label tokens at its prompt's last position, one left-padded pass."""
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (ids, _) in enumerate(batch):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        mask[row, width - len(ids) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    device = model.device
+    with torch.no_grad():
+        logits = model(
+            input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+            logits_to_keep=1,
+        ).logits[:, -1]
+    logprobs = logits.float().log_softmax(-1).cpu()
+    return [logprobs[row, labels].tolist() for row, (_, labels) in enumerate(batch)]
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     """The Wilson score interval for a binomial proportion (95% for the default ``z``).
 
@@ -132,13 +168,10 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def item_rows(items: list[Item], scored: list[tuple[float, int]], normalize: bool) -> list[dict[str, Any]]:
-    """One row per item from the flat list of (summed log-prob, token count) of all its choices."""
-    rows, offset = [], 0
-    for item in items:
-        pairs = scored[offset : offset + len(item.choices)]
-        offset += len(item.choices)
-        scores = [total / n if normalize else total for total, n in pairs]
+def item_rows(items: list[Item], scores_per_item: list[list[float]]) -> list[dict[str, Any]]:
+    """One row per item from its choices' scores."""
+    rows = []
+    for item, scores in zip(items, scores_per_item):
         predicted = max(range(len(scores)), key=scores.__getitem__)
         rows.append(
             {
@@ -153,23 +186,43 @@ def item_rows(items: list[Item], scored: list[tuple[float, int]], normalize: boo
     return rows
 
 
-def run_choice(model: Any, tokenizer: Any, task: ChoiceTask, *, progress: bool = True) -> TaskResult:
-    """Score every choice of every item and report accuracy with a 95% Wilson interval."""
-    items = load_items(task)
-    chat = uses_chat_template(tokenizer, task.chat_template)
+def sequence_scores(model: Any, tokenizer: Any, items: list[Item], chat: bool, task: ChoiceTask, progress: bool) -> list[list[float]]:
+    """Each choice's summed (or per-token mean) log-prob, all (item, choice) pairs in batches."""
     pairs = []
     for item in items:
         prompt = chat_prompt(tokenizer, item.prompt) if chat else item.prompt
         pairs.extend(encode_choice(tokenizer, prompt, choice, not chat, item.where) for choice in item.choices)
-    start = time.perf_counter()
     scored: list[tuple[float, int]] = []
     with progress_bar("choice", len(pairs), progress) as advance:
         for i in range(0, len(pairs), task.batch_size):
             batch = pairs[i : i + task.batch_size]
             scored.extend(score_batch(model, tokenizer.pad_token_id, batch))
             advance(len(batch))
+    out, offset = [], 0
+    for item in items:
+        pairs_of_item = scored[offset : offset + len(item.choices)]
+        offset += len(item.choices)
+        out.append([total / n if task.normalize else total for total, n in pairs_of_item])
+    return out
+
+
+def run_choice(model: Any, tokenizer: Any, task: ChoiceTask, *, progress: bool = True) -> TaskResult:
+    """Score every choice of every item and report accuracy with a 95% Wilson interval."""
+    items = load_items(task)
+    chat = uses_chat_template(tokenizer, task.chat_template)
+    start = time.perf_counter()
+    if task.scoring == "label_word":
+        encoded = label_word_items(tokenizer, items, chat)
+        scores: list[list[float]] = []
+        with progress_bar("choice", len(encoded), progress) as advance:
+            for i in range(0, len(encoded), task.batch_size):
+                batch = encoded[i : i + task.batch_size]
+                scores.extend(label_word_scores(model, tokenizer.pad_token_id, batch))
+                advance(len(batch))
+    else:
+        scores = sequence_scores(model, tokenizer, items, chat, task, progress)
     seconds = time.perf_counter() - start
-    rows = item_rows(items, scored, task.normalize)
+    rows = item_rows(items, scores)
     correct = sum(row["correct"] for row in rows)
     low, high = wilson_interval(correct, len(rows))
     metrics = {"accuracy": correct / len(rows) if rows else 0.0, "n": len(rows), "accuracy_ci95": [low, high]}

@@ -39,6 +39,11 @@ class ChoiceTask(TaskBase):
 
     kind: Literal["choice"] = "choice"
     data: str = Field(description="JSONL file of items")
+    scoring: Literal["sequence", "label_word"] = Field(
+        "sequence",
+        description="sequence: log-prob of each choice's tokens (a forward per choice); label_word: one "
+        "forward per item, each choice scored by its last sub-token at the prompt's end (ACT's evaluation)",
+    )
     normalize: bool = Field(False, description="score choices by mean instead of summed token log-prob")
     chat_template: bool = False
 
