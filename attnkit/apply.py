@@ -8,8 +8,9 @@ method's hooks in recipe order and returns a :class:`Handle`. ``handle.remove()`
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 
@@ -143,10 +144,21 @@ class Handle:
         self._original = original
         self._labels = unique_labels(methods)
         self.active = True
+        self.tracker: CallTracker | None = None
 
     def stats(self, total: bool = False) -> dict[str, dict[str, Any]]:
         """What each method did on the last forward call (``total=True``: summed since apply)."""
         return {label: m.stats.snapshot(total) for label, m in zip(self._labels, self.methods)}
+
+    @contextmanager
+    def call(self, attention_mask: torch.Tensor | None, query_length: int) -> Iterator[CallState]:
+        """Treat what runs inside as one prefill call, for code that drives some layers itself
+        (a profiler running only the layers after the one it changes)."""
+        state = self.tracker.begin(query_length, attention_mask)
+        try:
+            yield state
+        finally:
+            self.tracker.end()
 
     def remove(self) -> None:
         """Restore the model exactly: attention implementation, hooks, plan. Safe to call twice."""
@@ -213,7 +225,8 @@ def apply(model: torch.nn.Module, recipe: Any = None, *, allow_foreign_heads: bo
     try:
         for method in methods:
             method.attach(at)
-        at.hooks.extend(call_hooks(model, plan, methods, at))
+        handle.tracker = CallTracker(plan, methods, at)
+        at.hooks.extend(handle.tracker.hooks(model))
         set_text_attention(model, attention.register(original))
     except BaseException:
         handle.remove()
@@ -221,39 +234,48 @@ def apply(model: torch.nn.Module, recipe: Any = None, *, allow_foreign_heads: bo
     return handle
 
 
-def call_hooks(
-    model: torch.nn.Module, plan: ModelPlan, methods: list[Method], at: Attachment
-) -> list[torch.utils.hooks.RemovableHandle]:
-    """Model-level hooks: make each call's state from its cache, and run post-prefill callbacks."""
-    sequences: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+class CallTracker:
+    """Starts and ends forward calls: a fresh state each, sequence space tied to the cache."""
 
-    def before(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        query_length = (ids if ids is not None else embeds).shape[1]
-        cache = kwargs.get("past_key_values")
+    def __init__(self, plan: ModelPlan, methods: list[Method], at: Attachment):
+        self.plan, self.methods, self.at = plan, methods, at
+        self.sequences: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+    def begin(self, query_length: int, attention_mask: torch.Tensor | None, cache: Any = None) -> CallState:
         past = cache.get_seq_length() if cache is not None else 0
         phase: Phase = "prefill" if past == 0 else ("decode" if query_length == 1 else "extend")
-        plan.state = CallState(phase, past, query_length, kwargs.get("attention_mask"))
+        state = CallState(phase, past, query_length, attention_mask)
         if cache is not None:
-            if phase == "prefill" or cache not in sequences:
-                sequences[cache] = {}
-            plan.state.sequence = sequences[cache]
-        plan.calls += 1
-        for method in methods:
+            if phase == "prefill" or cache not in self.sequences:
+                self.sequences[cache] = {}
+            state.sequence = self.sequences[cache]
+        self.plan.state = state
+        self.plan.calls += 1
+        for method in self.methods:
             method.stats.begin_call()
-        for fn in at.begin_call_fns:
-            fn(plan.state)
+        for fn in self.at.begin_call_fns:
+            fn(state)
+        return state
 
-    def after(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        state = plan.state
-        cache = getattr(output, "past_key_values", None)
+    def end(self, cache: Any = None) -> None:
+        state = self.plan.state
         if state is not None and state.phase == "prefill" and cache is not None:
-            for fn in at.post_prefill_fns:
+            for fn in self.at.post_prefill_fns:
                 fn(cache, state)
-        plan.state = None
+        self.plan.state = None
 
-    return [
-        model.register_forward_pre_hook(before, with_kwargs=True),
-        model.register_forward_hook(after, with_kwargs=True),
-    ]
+    def hooks(self, model: torch.nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+        """Model-level hooks that begin and end a call around every forward pass."""
+
+        def before(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            query_length = (ids if ids is not None else kwargs.get("inputs_embeds")).shape[1]
+            self.begin(query_length, kwargs.get("attention_mask"), kwargs.get("past_key_values"))
+
+        def after(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            self.end(getattr(output, "past_key_values", None))
+
+        return [
+            model.register_forward_pre_hook(before, with_kwargs=True),
+            model.register_forward_hook(after, with_kwargs=True),
+        ]

@@ -147,5 +147,81 @@ profile_app = typer.Typer(help="Find the heads (or dimensions) a method needs; w
 app.add_typer(profile_app, name="profile")
 
 
+@profile_app.command("act-heads")
+def profile_act_heads_cmd(
+    data: Path = typer.Option(..., help="Labelled dev set: choice JSONL (prompt, choices, answer), label-word scored."),
+    model: str = typer.Option("smollm2-135m-instruct", help="Model alias, folder, .gguf or HF id."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Artifact path (default heads/act-<model>.json)."),
+    limit: int = typer.Option(200, help="Use the first N items."),
+    beta: float = typer.Option(0.4),
+    threshold: float = typer.Option(0.1),
+    search: str = typer.Option("coarse-to-fine", help="coarse-to-fine (whole layers, then heads of the best) or full."),
+    fine_layers: int = typer.Option(3, help="Layers whose heads are searched one by one (coarse-to-fine)."),
+    batch_size: int = typer.Option(16),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Find ACT's heads: calibrate one candidate at a time, keep those that beat the uncalibrated model."""
+    from attnkit.models import ModelLoadError, load_model
+    from attnkit.probes.act_heads import profile_act_heads
+    from attnkit.tasks import TaskDataError
+
+    if search not in ("coarse-to-fine", "full"):
+        fail(f"--search {search!r}: use coarse-to-fine or full")
+    output = output or Path("heads") / f"act-{Path(model).stem}.json"
+    try:
+        loaded, tokenizer = load_model(model)
+        artifact = profile_act_heads(
+            loaded, tokenizer, str(data), model_id=model, output=output, limit=limit, beta=beta, threshold=threshold,
+            search=search, fine_layers=fine_layers, batch_size=batch_size, progress=progress,
+        )
+    except (ModelLoadError, TaskDataError) as err:
+        fail(str(err))
+    from attnkit.plots import head_map
+
+    head_map(artifact.scores, output.with_suffix(".png"), title=f"ACT accuracy gain per head ({model})")
+    params = artifact.parameters
+    count = sum(map(len, artifact.selected.values()))
+    typer.echo(
+        f"baseline accuracy {params['baseline_accuracy']:.4f} on {artifact.samples} items; "
+        f"{count} heads selected in {params['seconds']} s\n{artifact.selection.rule}\n"
+        f"artifact: {output}\nplot: {output.with_suffix('.png')}"
+    )
+
+
+@profile_app.command("sink-dims")
+def profile_sink_dims_cmd(
+    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Embedded alias, local folder, .gguf file or HF id."),
+    texts: Optional[Path] = typer.Option(None, "--texts", help="Text file, one text per line (default: the builtin English texts)."),
+    samples: int = typer.Option(30, min=1, help="Use the first N texts."),
+    top: int = typer.Option(4, min=1, help="Keep at most this many sink dims (those consistent across layers)."),
+    tau: float = typer.Option(20.0, min=0.0, help="Validate phi(x) = max over dims |x_d/rms(x)| > tau against attention sinks."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Artifact path (default heads/sink-dims-<model>.json); the plot goes next to it (.png)."),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16 | auto"),
+    plot: bool = typer.Option(True, help="Also write the heatmap / tau plot."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Find VAR's sink dims: hidden dims that are massive on attention-sink tokens, checked by precision/recall."""
+    from attnkit.models import ModelLoadError, load_model
+    from attnkit.probes.sink_dims import SinkDimsError, find_sink_dims, read_texts
+
+    output = output or Path("heads") / f"sink-dims-{Path(model).stem}.json"
+    try:
+        items = read_texts(texts) if texts is not None else None
+        data = f"{texts}: first {min(samples, len(items))} of {len(items)} non-blank lines" if items is not None else None
+        loaded, tokenizer = load_model(model, dtype=dtype, attn_implementation="eager")
+    except (ModelLoadError, ValueError) as err:  # ValueError: a bad --dtype; SinkDimsError: a bad --texts
+        fail(str(err))
+    try:
+        result = find_sink_dims(loaded, tokenizer, items, top=top, tau=tau, samples=samples, name=model, data=data, progress=progress)
+    except SinkDimsError as err:
+        fail(str(err))
+    result.save(output)
+    typer.echo(result.summary())
+    typer.echo(f"artifact: {output}")
+    if plot:
+        result.plot(output.with_suffix(".png"))
+        typer.echo(f"plot: {output.with_suffix('.png')}")
+
+
 if __name__ == "__main__":
     app()

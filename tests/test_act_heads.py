@@ -1,0 +1,82 @@
+"""The act-heads profiler: exact scores from layer tails, the selection rule, resuming."""
+
+import json
+
+import pytest
+import torch
+
+import attnkit
+from attnkit.heads import resolve_heads, ModelShape
+from attnkit.methods import ACT
+from attnkit.probes import act_heads
+from attnkit.probes.act_heads import last_logits, make_batches, profile_act_heads, tail_supported
+from tests.factory import tiny_model
+from tests.test_tasks import char_tokenizer
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model = tiny_model("llama-gqa", num_hidden_layers=5)
+    tokenizer = char_tokenizer()
+    items = [
+        {"prompt": f"Text {i}: {'ab' * (i % 5)} so", "choices": [" x", " y"], "answer": i % 2} for i in range(12)
+    ]
+    data = tmp_path / "dev.jsonl"
+    data.write_text("\n".join(json.dumps(item) for item in items) + "\n")
+    return model, tokenizer, str(data)
+
+
+def test_layer_tail_equals_the_whole_model(setup):
+    model, tokenizer, data = setup
+    assert tail_supported(model)
+    batch = make_batches(tokenizer, data, 12, 5)[1]
+    with torch.no_grad():
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                    output_hidden_states=True)
+        batch.hidden = {layer: out.hidden_states[layer] for layer in range(5)}
+        with attnkit.apply(model, [ACT(heads={2: [1, 3]}, threshold=0.05)]) as handle:
+            whole = last_logits(model, batch, None, None)
+            tail = last_logits(model, batch, 2, handle)
+            assert handle.stats()["act"]["sinks_found"] > 0
+    torch.testing.assert_close(tail, whole, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(whole, out.logits[:, -1], atol=1e-4), "calibration must change the logits"
+
+
+def test_profile_selects_heads_that_beat_the_baseline_and_resumes(setup, tmp_path, monkeypatch):
+    model, tokenizer, data = setup
+    out = tmp_path / "heads.json"
+    artifact = profile_act_heads(model, tokenizer, data, model_id="tiny", output=out, limit=12, threshold=0.05,
+                                 fine_layers=2, batch_size=5, progress=False)
+    params = artifact.parameters
+    baseline = params["baseline_accuracy"]
+    assert sorted(params["layer_accuracy"]) == ["2", "3"]  # layers 2 to L-2 of 5
+    assert artifact.samples == 12 and "beats the uncalibrated" in artifact.selection.rule
+    for layer, heads in artifact.selected.items():
+        for head in heads:
+            assert artifact.scores[layer][head] > 0
+    for layer in map(int, params["evaluated_heads"]):
+        for head in range(4):
+            if head not in artifact.selected.get(layer, []):
+                assert artifact.scores[layer][head] <= 0
+    # a second run reads every score from the progress file and evaluates nothing
+    monkeypatch.setattr(act_heads.attnkit, "apply", lambda *a, **k: pytest.fail("re-evaluated a finished candidate"))
+    again = profile_act_heads(model, tokenizer, data, model_id="tiny", output=out, limit=12, threshold=0.05,
+                              fine_layers=2, batch_size=5, progress=False)
+    assert again.scores == artifact.scores and again.selected == artifact.selected
+    # the artifact is usable as a head set for this model
+    shape = ModelShape.from_config(model.config, "tiny")
+    if artifact.selected:
+        assert len(resolve_heads(str(out), shape)) == sum(map(len, artifact.selected.values()))
+
+
+def test_single_head_scores_equal_a_direct_evaluation(setup, tmp_path):
+    model, tokenizer, data = setup
+    artifact = profile_act_heads(model, tokenizer, data, model_id="tiny", output=tmp_path / "h.json", limit=12,
+                                 threshold=0.05, search="full", batch_size=4, progress=False)
+    from attnkit.tasks import ChoiceTask, run_choice
+
+    baseline = run_choice(model, tokenizer, ChoiceTask(data=data, scoring="label_word"), progress=False)
+    assert artifact.parameters["baseline_accuracy"] == pytest.approx(baseline.metrics["accuracy"])
+    with attnkit.apply(model, [ACT(heads={3: [2]}, threshold=0.05)]):
+        direct = run_choice(model, tokenizer, ChoiceTask(data=data, scoring="label_word"), progress=False)
+    assert artifact.scores[3][2] == pytest.approx(direct.metrics["accuracy"] - baseline.metrics["accuracy"])
