@@ -1,0 +1,669 @@
+"""``attnkit profile sink-dims``: find a model's sink dimensions for VAR's massive-activation detector.
+
+VAR calls a token a sink at layer ``l`` when ``phi(x) = max_{d in dims} |x_d / rms(x)| > tau`` on
+the layer's input hidden state ``x`` (``attnkit.sinks.massive_activation``). The dims are model
+constants; the reference code hard-codes them for LLaMA-2, and the ``Bostoncake/VisAttnSink`` fork
+finds them for a new model: rank dims by activation on high-attention tokens over ~30 samples,
+keep the dims that are consistent across layers, and check precision/recall at ``tau = 20``.
+This module does that, with each choice spelled out:
+
+1. **Attention-defined sinks, per (layer, token).** Each text runs alone (no padding) with eager
+   attention maps. A token is a sink *of layer l* when its causal column mean
+   (:func:`attnkit.sinks.causal_column_mean`, ACT's statistic) exceeds ``threshold`` (0.1) in at
+   least ``head_fraction`` (half) of layer l's heads. Labels are per layer because the detector
+   is: VAR checks ``phi`` on layer l's input to pick the sinks of layer l's attention, and a token
+   can be a sink in some layers only (in SmolLM2 a mid-sentence " the" is a sink in every head of
+   layers 3-10 and in none after). Only layers ``first_layer`` (2) to ``L - 1`` are used, as in
+   VAR. Tokens seen by fewer than ``min_queries`` (5) queries are left out (their column mean is a
+   handful of values, e.g. the last token's is its attention to itself); the first token is
+   always kept.
+2. **Ranking.** For every sink (layer, token), each of the ``per_token_top`` (3) largest
+   ``|x_d / rms(x)|`` dims gets a hit if it is *massive*: it holds at least ``min_share`` (5%) of
+   the token's squared norm, i.e. ``|x_d / rms(x)| >= sqrt(min_share * hidden_size)``. (Without that
+   bar, the runners-up next to one dominant dim are small dims that win by default.) A dim's *score* is the share of sink (layer, token)s it is a hit on; its *layer
+   fraction* is the share of layers in which it is a hit on at least half of that layer's sinks.
+   Dims are ranked by score; the chosen ``dims`` are the best ``top`` (4) with a layer fraction of
+   at least ``min_layer_fraction`` (0.5) -- fewer when fewer dims are consistent.
+3. **Validation** at the (layer, token) level: precision and recall of ``phi(x) > tau`` against the
+   attention-defined sinks, for the chosen dims together and for each ranked dim alone; once
+   more without the first token (the later, "hidden" sinks ACT and VAR care about); and a sweep
+   of ``tau`` giving the value that maximises F1. Note ``|x_d / rms(x)| <= sqrt(hidden_size)``
+   always (24 for SmolLM2-135M, 64 for LLaMA-2-7B), so ``tau = 20`` cannot fire on models
+   narrower than 400.
+
+    from attnkit.probes.sink_dims import find_sink_dims, load_sink_dims
+    result = find_sink_dims(model, tokenizer, texts=None)   # None: the builtin texts
+    print(result.summary())
+    result.save("heads/sink-dims-smollm2.json")              # + result.plot("....png")
+    artifact = load_sink_dims("heads/sink-dims-smollm2.json", model.config)
+    VAR(sink_dims=artifact.dims, tau=artifact.recommended_tau, ...)
+"""
+
+from __future__ import annotations
+
+import inspect as _inspect
+import math
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+import attnkit
+from attnkit import attention
+from attnkit.apply import set_text_attention
+from attnkit.heads import config_fingerprint, text_config
+from attnkit.sinks import causal_column_mean
+from attnkit.tasks.result import progress_bar
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "BUILTIN_TEXTS",
+    "DimScore",
+    "Metrics",
+    "SinkDimsArtifact",
+    "SinkDimsError",
+    "SinkDimsResult",
+    "find_sink_dims",
+    "load_sink_dims",
+    "read_texts",
+]
+
+METHOD = "sink-dims"
+#: Largest |x_d / rms| values kept per (layer, token). ``phi`` computed from them is exact whenever
+#: it exceeds ``sqrt(hidden / KEEP)`` (at most that many squares of size > D / KEEP fit in D).
+KEEP = 64
+#: Ranked dims written to the artifact (scores, single-dim precision/recall, heatmap columns).
+RANKED = 16
+#: Step of the tau sweep.
+TAU_STEP = 0.25
+#: F1 at ``tau`` within this of the best F1 counts as "tau works for this model".
+TAU_SLACK = 0.02
+
+BUILTIN_TEXTS: tuple[str, ...] = (
+    "The cat sat on the windowsill all afternoon, watching the sparrows argue over a crust of bread.",
+    "In 1905, Albert Einstein published four papers that changed physics. The first explained the "
+    "photoelectric effect, and the second gave a theory of Brownian motion.",
+    "To make a simple tomato sauce, warm olive oil in a pan, add a sliced clove of garlic, and cook it "
+    "until it just turns golden. Pour in a tin of crushed tomatoes, season with salt, and let it simmer "
+    "for twenty minutes.",
+    "Q: What is the capital of Australia?\nA: Canberra, not Sydney, although many people guess Sydney.",
+    "The meeting has been moved to Thursday at 3 pm. Please bring the quarterly figures and the draft "
+    "of the new hiring plan.",
+    "Photosynthesis converts light energy into chemical energy. Plants take in carbon dioxide and "
+    "water, and with the help of sunlight they produce glucose and release oxygen.",
+    "She opened the letter slowly. It was from her grandmother, written in the careful, looping hand "
+    "she remembered from birthday cards, and it began with an apology.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # prints 5",
+    "The river rose overnight, and by morning the lower fields were under water. Farmers moved their "
+    "cattle to the hills while volunteers filled sandbags along the main road.",
+    "Dear customer, thank you for your order. Your package will arrive within three to five working "
+    "days. If you have any questions, reply to this email.",
+    "A prime number is a natural number greater than 1 that has no divisors other than 1 and itself. "
+    "The first few primes are 2, 3, 5, 7, 11 and 13.",
+    "It was the last train of the night, and the carriage was empty except for a man in a grey coat "
+    "who was reading a newspaper upside down.",
+    "Mix the flour and the sugar. Add two eggs, one at a time. Stir in the melted butter. Bake at 180 "
+    "degrees for 25 minutes.",
+    "The Roman Empire reached its greatest extent under Trajan in 117 AD, stretching from Britain in "
+    "the north-west to Mesopotamia in the east.",
+    "\"Are you coming?\" he asked.\n\"In a minute,\" she said, without looking up from her book.",
+    "Regular exercise improves sleep, lowers blood pressure and reduces the risk of heart disease. "
+    "Even a brisk twenty-minute walk each day makes a measurable difference.",
+    "The committee reviewed all twelve proposals and selected three for funding. Each of the chosen "
+    "projects will receive a grant for two years.",
+    "Water boils at 100 degrees Celsius at sea level, but at the top of a high mountain it boils at a "
+    "lower temperature because the air pressure is lower.",
+    "Shopping list: milk, eggs, bread, apples, coffee, and a new sponge for the kitchen.",
+    "The old lighthouse keeper climbed the spiral stairs every evening to light the lamp, even after "
+    "the ships had stopped coming.",
+    "Machine learning models learn patterns from data. A model trained on too little data may "
+    "memorise its examples instead of learning rules that generalise.",
+    "Turn left at the bakery, walk two blocks, and the museum is on your right, just past the "
+    "fountain.",
+    "The orchestra tuned their instruments as the lights dimmed. A hush fell over the hall, and the "
+    "conductor raised his baton.",
+    "Volcanoes form where magma from deep inside the Earth reaches the surface. Some erupt "
+    "explosively, while others release slow rivers of lava.",
+    "I am writing to apply for the position of assistant librarian. I have three years of experience "
+    "cataloguing books and running reading groups for children.",
+    "The score was tied at the end of regular time, so the match went to penalties. The young "
+    "goalkeeper saved two of them, and the crowd erupted.",
+    "Honey never spoils. Archaeologists have found pots of honey in ancient Egyptian tombs that were "
+    "still perfectly edible after thousands of years.",
+    "Step 1: unplug the router. Step 2: wait thirty seconds. Step 3: plug it back in and wait for the "
+    "lights to turn green.",
+    "The forest was quiet after the snowfall. Only the soft crunch of boots and the distant call of a "
+    "crow broke the silence.",
+    "Why is the sky blue? Sunlight is scattered by the molecules in the air, and blue light, having a "
+    "shorter wavelength, is scattered much more than red light.",
+)
+
+
+class SinkDimsError(ValueError):
+    """A sink-dims artifact or input that cannot be used; the message says why and what to do."""
+
+
+class DimScore(BaseModel):
+    """One ranked dim: how often it is massive on sinks, and how well it detects them alone."""
+
+    model_config = ConfigDict(extra="forbid")
+    dim: int
+    score: float = Field(description="share of sink (layer, token)s on which the dim is a hit: among the per_token_top largest |x_d/rms| and massive")
+    layer_fraction: float = Field(description="share of layers where it is a hit on at least half of that layer's sinks")
+    consistent: bool
+    sink_mean: float = Field(description="mean |x_d/rms| on sink (layer, token)s")
+    ordinary_mean: float = Field(description="mean |x_d/rms| on the other (layer, token)s")
+    precision: float = Field(description="of phi > tau with this dim alone")
+    recall: float
+    f1: float
+
+
+class Metrics(BaseModel):
+    """Precision/recall of ``massive_activation(h, dims) > tau`` against attention-defined sinks."""
+
+    model_config = ConfigDict(extra="forbid")
+    tau: float
+    precision: float
+    recall: float
+    f1: float
+    true_positives: int
+    false_positives: int
+    false_negatives: int
+
+
+class SinkDimsArtifact(BaseModel):
+    """Sink dims with provenance, written by ``attnkit profile sink-dims`` (not a head list)."""
+
+    model_config = ConfigDict(extra="forbid")
+    attnkit_version: str
+    model_id: str
+    config_fingerprint: str
+    method: Literal["sink-dims"] = METHOD
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    data: str = ""
+    samples: int = 0
+    seed: Optional[int] = None
+    hidden_size: int
+    layers: list[int] = Field(description="layers whose input hidden states were used")
+    dims: list[int] = Field(description="the chosen sink dims")
+    tau: float
+    validation: Metrics = Field(description="chosen dims at tau, every (layer, token)")
+    validation_later: Metrics = Field(description="chosen dims at tau, tokens after the first")
+    best: Metrics = Field(description="chosen dims at the tau that maximises F1")
+    tau_ok: bool = Field(description=f"F1 at tau is within {TAU_SLACK} of the best F1")
+    ranked: list[DimScore]
+    sink_instances: int = Field(description="(layer, token)s that are attention sinks")
+    first_token_instances: int = Field(description="of those, on the first token")
+    ordinary_instances: int
+    sink_tokens: list[tuple[str, int]] = Field(default_factory=list, description="most frequent later sink tokens, (layer, token) counts")
+    tau_sweep: list[tuple[float, float, float, float]] = Field(default_factory=list, description="(tau, precision, recall, f1)")
+    sink_mean: list[list[float]] = Field(default_factory=list, description="layers x ranked dims: mean |x_d/rms| on sinks")
+    ordinary_mean: list[list[float]] = Field(default_factory=list, description="layers x ranked dims, other tokens")
+    seconds: float = 0.0
+    notes: list[str] = Field(default_factory=list)
+
+    @property
+    def precision(self) -> float:
+        return self.validation.precision
+
+    @property
+    def recall(self) -> float:
+        return self.validation.recall
+
+    @property
+    def recommended_tau(self) -> float:
+        """``tau`` when it works for this model, else the F1-maximising one."""
+        return self.tau if self.tau_ok else self.best.tau
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.model_dump_json(indent=1) + "\n")
+        return path
+
+
+def load_sink_dims(path: str | Path, model_config: Any, *, allow_foreign: bool = False) -> SinkDimsArtifact:
+    """Read a sink-dims artifact and check it was made for this model (``model_config``: a config or
+    a model). ``allow_foreign`` turns a mismatch into a warning; dims beyond the hidden size are
+    always refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise SinkDimsError(f"sink-dims artifact {str(path)!r} not found; run `attnkit profile sink-dims` to make one")
+    try:
+        artifact = SinkDimsArtifact.model_validate_json(path.read_text())
+    except ValueError as err:
+        raise SinkDimsError(f"{path} is not a sink-dims artifact: {err}") from err
+    config = text_config(getattr(model_config, "config", model_config))
+    fingerprint = config_fingerprint(config)
+    model_id = str(getattr(config, "_name_or_path", "") or "")
+    hidden = getattr(config, "hidden_size", None)
+    if artifact.config_fingerprint != fingerprint or (hidden is not None and artifact.hidden_size != hidden):
+        message = (
+            f"artifact {path} was made for {artifact.model_id!r} (fingerprint {artifact.config_fingerprint}), "
+            f"not this model {model_id!r} (fingerprint {fingerprint}); profile this model, "
+            "or pass allow_foreign=True to use it anyway"
+        )
+        if not allow_foreign:
+            raise SinkDimsError(message)
+        warnings.warn(message, stacklevel=2)
+    bad = [d for d in artifact.dims if hidden is not None and not 0 <= d < hidden]
+    if bad:
+        raise SinkDimsError(f"artifact {path}: dims {bad} do not exist in this model (hidden size {hidden})")
+    return artifact
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """The non-blank lines of a text file, one text each (a literal ``\\n`` stays as written)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SinkDimsError(f"texts file {str(path)!r} not found; pass a text file with one text per line")
+    texts = [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise SinkDimsError(f"texts file {path} has no non-blank lines; write one text per line")
+    return texts
+
+
+# ----------------------------------------------------------------------------- the result
+
+
+@dataclass(repr=False, eq=False)
+class SinkDimsResult:
+    """What :func:`find_sink_dims` found: the artifact, plus the full per-layer arrays.
+
+    ``hit_rate``, ``sink_mean`` and ``ordinary_mean`` are [len(layers), hidden] (float64):
+    the share of a layer's sinks on which a dim is a hit, and mean |x_d/rms| on sinks / others.
+    """
+
+    artifact: SinkDimsArtifact
+    hit_rate: np.ndarray
+    sink_mean: np.ndarray
+    ordinary_mean: np.ndarray
+
+    @property
+    def dims(self) -> list[int]:
+        return self.artifact.dims
+
+    @property
+    def tau(self) -> float:
+        return self.artifact.tau
+
+    @property
+    def precision(self) -> float:
+        return self.artifact.precision
+
+    @property
+    def recall(self) -> float:
+        return self.artifact.recall
+
+    def save(self, path: str | Path) -> Path:
+        """Write the JSON artifact (read it back with :func:`load_sink_dims`)."""
+        return self.artifact.save(path)
+
+    def plot(self, path: str | Path | None = None) -> "Figure":
+        """Layers x ranked dims heatmaps (sinks, other tokens) and P/R/F1 against tau; a PNG at ``path``."""
+        return plot_sink_dims(self.artifact, path)
+
+    def summary(self) -> str:
+        return summarize(self.artifact)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+
+def _metrics(tau: float, pred: np.ndarray, label: np.ndarray) -> Metrics:
+    tp = int((pred & label).sum())
+    fp = int((pred & ~label).sum())
+    fn = int((~pred & label).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return Metrics(
+        tau=round(float(tau), 4), precision=round(precision, 4), recall=round(recall, 4), f1=round(f1, 4),
+        true_positives=tp, false_positives=fp, false_negatives=fn,
+    )
+
+
+def _phi(values: np.ndarray, indices: np.ndarray, dims: Sequence[int]) -> np.ndarray:
+    """``max_{d in dims} |x_d/rms|`` from the kept top values (0 where no dim is among them)."""
+    if not len(dims):
+        return np.zeros(len(values), dtype=np.float32)
+    return np.where(np.isin(indices, list(dims)), values, 0.0).max(1)
+
+
+def _sweep(phi: np.ndarray, label: np.ndarray, low: float, high: float) -> tuple[list[tuple[float, float, float, float]], float]:
+    """(tau, precision, recall, f1) on a grid from ``low`` to ``high``; and the F1-maximising tau
+    (the middle of the first plateau of best F1)."""
+    start = math.ceil(low / TAU_STEP) * TAU_STEP
+    grid = np.arange(start, high + 1e-9, TAU_STEP)
+    if grid.size == 0:
+        grid = np.array([start])
+    pos = np.sort(phi[label])
+    neg = np.sort(phi[~label])
+    tp = len(pos) - np.searchsorted(pos, grid, side="right")
+    fp = len(neg) - np.searchsorted(neg, grid, side="right")
+    precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)
+    recall = tp / max(len(pos), 1)
+    f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
+    best = int(np.argmax(f1))
+    end = best
+    while end + 1 < len(grid) and f1[end + 1] >= f1[best] - 1e-12:
+        end += 1
+    tau = float(grid[(best + end) // 2])
+    rows = [(round(float(t), 4), round(float(p), 4), round(float(r), 4), round(float(f), 4)) for t, p, r, f in zip(grid, precision, recall, f1)]
+    return rows, tau
+
+
+@torch.no_grad()
+def find_sink_dims(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str] | None = None,
+    *,
+    top: int = 4,
+    tau: float = 20.0,
+    samples: int | None = None,
+    threshold: float = 0.1,
+    head_fraction: float = 0.5,
+    per_token_top: int = 3,
+    min_share: float = 0.05,
+    min_layer_fraction: float = 0.5,
+    min_queries: int = 5,
+    first_layer: int = 2,
+    max_tokens: int = 512,
+    name: str | None = None,
+    data: str | None = None,
+    progress: bool = True,
+) -> SinkDimsResult:
+    """Find the sink dims of ``model`` on ``texts`` (None: :data:`BUILTIN_TEXTS`); see the module doc.
+
+    Each text runs alone, unpadded and cut to ``max_tokens``, with eager attention (switched for the
+    call and restored). ``samples`` keeps the first N texts. ``name`` labels the artifact (default:
+    the config's ``_name_or_path``); ``data`` describes the texts in it.
+    """
+    if top < 1 or per_token_top < 1:
+        raise SinkDimsError("top and per_token_top must be at least 1")
+    if not 0.0 < head_fraction <= 1.0 or not 0.0 <= min_layer_fraction <= 1.0 or not 0.0 <= min_share <= 1.0:
+        raise SinkDimsError("head_fraction must be in (0, 1], min_layer_fraction and min_share in [0, 1]")
+    builtin = texts is None
+    texts = list(BUILTIN_TEXTS if texts is None else texts)
+    if samples is not None:
+        texts = texts[:samples]
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise SinkDimsError("no texts; pass at least one non-empty text (or None for the builtin texts)")
+    config = text_config(model.config)
+    hidden = int(config.hidden_size)
+    num_layers = int(config.num_hidden_layers)
+    first = min(max(first_layer, 0), num_layers - 1)
+    layers = list(range(first, num_layers))
+    keep = min(KEEP, hidden)
+    if per_token_top > keep:
+        raise SinkDimsError(f"per_token_top {per_token_top} is more than the {keep} values kept per token")
+    original = config._attn_implementation or "eager"
+    if original.startswith(attention.NAME):
+        raise RuntimeError(
+            f"model attention is {original!r}: an attnkit handle is applied; remove it (handle.remove()) "
+            "before profiling sink dims"
+        )
+    device = getattr(model, "device", None) or next(model.parameters()).device
+    kwargs: dict[str, Any] = {"output_attentions": True, "output_hidden_states": True, "use_cache": False}
+    if "logits_to_keep" in _inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+
+    nl = len(layers)
+    sink_sum = np.zeros((nl, hidden))
+    ordinary_sum = np.zeros((nl, hidden))
+    sink_count = np.zeros(nl)
+    ordinary_count = np.zeros(nl)
+    values, indices, labels, layer_of, position_of = [], [], [], [], []
+    later_sink_tokens: Counter[str] = Counter()
+    started = time.perf_counter()
+    if original != "eager":
+        set_text_attention(model, "eager")
+    try:
+        with progress_bar("sink-dims", len(texts), progress) as advance:
+            for text in texts:
+                ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens].to(device)
+                if ids.numel() == 0:
+                    advance(1)
+                    continue
+                out = model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+                if not out.attentions or any(a is None for a in out.attentions) or not out.hidden_states:
+                    raise RuntimeError(f"{type(model).__name__} returned no attention maps or hidden states")
+                count = ids.shape[1]
+                # [layers, tokens]: share of each layer's heads in which the token is a sink
+                share = torch.stack([(causal_column_mean(out.attentions[l].float())[0] > threshold).float().mean(0) for l in layers])
+                label = share >= head_fraction - 1e-9
+                positions = torch.arange(count, device=ids.device)
+                eligible = ((count - positions) >= min_queries) | (positions == 0)
+                x = torch.stack([out.hidden_states[l][0] for l in layers]).float()  # [layers, tokens, hidden]
+                z = (x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()).abs()
+                is_sink = (label & eligible).float()
+                is_ordinary = (~label & eligible).float()
+                sink_sum += torch.einsum("lt,ltd->ld", is_sink, z).double().cpu().numpy()
+                ordinary_sum += torch.einsum("lt,ltd->ld", is_ordinary, z).double().cpu().numpy()
+                sink_count += is_sink.sum(1).double().cpu().numpy()
+                ordinary_count += is_ordinary.sum(1).double().cpu().numpy()
+                top_values, top_indices = z[:, eligible].topk(keep, dim=-1)  # [layers, eligible, keep]
+                kept = positions[eligible]
+                values.append(top_values.reshape(-1, keep).cpu().numpy().astype(np.float32))
+                indices.append(top_indices.reshape(-1, keep).cpu().numpy().astype(np.int32))
+                labels.append(label[:, eligible].reshape(-1).cpu().numpy())
+                layer_of.append(np.repeat(np.arange(nl), len(kept)))
+                position_of.append(np.tile(kept.cpu().numpy(), nl))
+                token_ids = ids[0].tolist()
+                for position, layers_as_sink in zip(kept.tolist(), label[:, eligible].sum(0).tolist()):
+                    if position > 0 and layers_as_sink:
+                        later_sink_tokens[tokenizer.decode([token_ids[position]])] += int(layers_as_sink)
+                advance(1)
+    finally:
+        if original != "eager":
+            set_text_attention(model, original)
+
+    if not values:
+        raise SinkDimsError("the tokenizer turned every text into no tokens; pass texts it can encode")
+    values_ = np.concatenate(values)
+    indices_ = np.concatenate(indices)
+    label_ = np.concatenate(labels).astype(bool)
+    layer_ = np.concatenate(layer_of)
+    position_ = np.concatenate(position_of)
+    sink_rows = np.flatnonzero(label_)
+
+    # ranking: hits of each dim among the per_token_top largest, massive values of every sink (layer, token)
+    hits = np.zeros((nl, hidden))
+    if sink_rows.size:
+        massive = values_[sink_rows, :per_token_top] ** 2 >= min_share * hidden
+        rows = np.repeat(layer_[sink_rows], per_token_top).reshape(-1, per_token_top)
+        np.add.at(hits, (rows[massive], indices_[sink_rows, :per_token_top][massive]), 1)
+    hit_rate = np.divide(hits, sink_count[:, None], out=np.zeros_like(hits), where=sink_count[:, None] > 0)
+    layers_with_sinks = int((sink_count > 0).sum())
+    score = hits.sum(0) / max(sink_count.sum(), 1)
+    layer_fraction = (hit_rate >= 0.5).sum(0) / max(layers_with_sinks, 1)
+    sink_mean = np.divide(sink_sum, sink_count[:, None], out=np.zeros_like(sink_sum), where=sink_count[:, None] > 0)
+    ordinary_mean = np.divide(ordinary_sum, ordinary_count[:, None], out=np.zeros_like(ordinary_sum), where=ordinary_count[:, None] > 0)
+    order = np.lexsort((-layer_fraction, -score))  # by score, then layer fraction
+    order = [int(d) for d in order if score[d] > 0] or [int(order[0])]
+    consistent = [d for d in order if layer_fraction[d] >= min_layer_fraction]
+    notes: list[str] = []
+    dims = consistent[:top]
+    if not sink_rows.size:
+        notes.append("no attention sinks found: no (layer, token) passes the column-mean test; dims are not meaningful")
+    if not dims:
+        dims = order[:1]
+        notes.append(
+            f"no dim is a hit on most sinks in at least {min_layer_fraction:.0%} of the layers; "
+            f"kept the best-scored dim {dims[0]} alone"
+        )
+    elif len(consistent) < top:
+        notes.append(f"only {len(consistent)} dim(s) consistent across layers (asked for up to {top})")
+
+    ceiling = math.sqrt(hidden)
+    floor = math.sqrt(hidden / keep) if keep < hidden else 0.0
+    if tau >= ceiling:
+        notes.append(
+            f"tau {tau:g} >= sqrt(hidden_size) = {ceiling:.2f}, the largest value |x_d/rms(x)| can take: "
+            "nothing can pass it; use the best tau"
+        )
+    phi = _phi(values_, indices_, dims)
+    later = position_ > 0
+    validation = _metrics(tau, phi > tau, label_)
+    validation_later = _metrics(tau, phi[later] > tau, label_[later])
+    sweep, best_tau = _sweep(phi, label_, floor, ceiling)
+    best = _metrics(best_tau, phi > best_tau, label_)
+    tau_ok = validation.f1 >= best.f1 - TAU_SLACK
+
+    ranked = []
+    for d in order[: max(RANKED, top)]:
+        alone = _metrics(tau, _phi(values_, indices_, [d]) > tau, label_)
+        ranked.append(
+            DimScore(
+                dim=d, score=round(float(score[d]), 4), layer_fraction=round(float(layer_fraction[d]), 4),
+                consistent=bool(layer_fraction[d] >= min_layer_fraction),
+                sink_mean=round(float(sink_sum[:, d].sum() / max(sink_count.sum(), 1)), 3),
+                ordinary_mean=round(float(ordinary_sum[:, d].sum() / max(ordinary_count.sum(), 1)), 3),
+                precision=alone.precision, recall=alone.recall, f1=alone.f1,
+            )
+        )
+    shown = [r.dim for r in ranked]
+    parameters = {
+        "top": top, "tau": tau, "threshold": threshold, "head_fraction": head_fraction,
+        "per_token_top": per_token_top, "min_share": min_share, "min_layer_fraction": min_layer_fraction, "min_queries": min_queries,
+        "first_layer": first_layer, "max_tokens": max_tokens,
+        "statistic": "phi = max_{d in dims} |x_d / rms(x)| on each layer's input hidden state (VAR)",
+        "sinks": f"(layer, token) with causal column mean > {threshold:g} in >= {head_fraction:g} of the layer's heads",
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    }
+    if data is None:
+        data = (
+            f"builtin: attnkit.probes.sink_dims.BUILTIN_TEXTS (first {len(texts)} of {len(BUILTIN_TEXTS)} English texts)"
+            if builtin else f"{len(texts)} texts passed by the caller"
+        )
+    artifact = SinkDimsArtifact(
+        attnkit_version=attnkit.__version__,
+        model_id=name or str(getattr(config, "_name_or_path", "") or type(model).__name__),
+        config_fingerprint=config_fingerprint(config),
+        parameters=parameters,
+        data=data,
+        samples=len(texts),
+        seed=None,  # deterministic: the first N texts, greedy forward passes
+        hidden_size=hidden,
+        layers=layers,
+        dims=dims,
+        tau=tau,
+        validation=validation,
+        validation_later=validation_later,
+        best=best,
+        tau_ok=tau_ok,
+        ranked=ranked,
+        sink_instances=int(label_.sum()),
+        first_token_instances=int((label_ & ~later).sum()),
+        ordinary_instances=int((~label_).sum()),
+        sink_tokens=later_sink_tokens.most_common(10),
+        tau_sweep=sweep,
+        sink_mean=np.round(sink_mean[:, shown], 3).tolist(),
+        ordinary_mean=np.round(ordinary_mean[:, shown], 3).tolist(),
+        seconds=round(time.perf_counter() - started, 2),
+        notes=notes,
+    )
+    return SinkDimsResult(artifact, hit_rate, sink_mean, ordinary_mean)
+
+
+# ----------------------------------------------------------------------------- display
+
+
+def _fmt(m: Metrics) -> str:
+    if not (m.true_positives or m.false_positives or m.false_negatives):
+        return "no attention sinks and no detections"
+    return (
+        f"precision {m.precision:.3f}, recall {m.recall:.3f}, F1 {m.f1:.3f} "
+        f"(tp {m.true_positives}, fp {m.false_positives}, fn {m.false_negatives})"
+    )
+
+
+def summarize(a: SinkDimsArtifact) -> str:
+    """A readable multi-line summary of an artifact."""
+    first, last = a.layers[0], a.layers[-1]
+    lines = [
+        f"Sink dims of {a.model_id}: {a.samples} texts, layers {first}-{last} (inputs), hidden size {a.hidden_size}, "
+        f"{a.seconds:.1f} s.",
+        f"Attention sinks: {a.sink_instances} (layer, token)s, {a.first_token_instances} on the first token; "
+        f"{a.ordinary_instances} others.",
+    ]
+    if a.sink_tokens:
+        lines.append("Later sinks most often on: " + ", ".join(f"{t!r} {n}" for t, n in a.sink_tokens[:6]))
+    lines.append("")
+    rows = [("dim", "score", "layers", "sink |x/rms|", "other |x/rms|", f"alone@{a.tau:g} P", "R", "")]
+    for r in a.ranked[:8]:
+        rows.append(
+            (str(r.dim), f"{r.score:.3f}", f"{r.layer_fraction:.2f}", f"{r.sink_mean:.2f}", f"{r.ordinary_mean:.2f}",
+             f"{r.precision:.3f}", f"{r.recall:.3f}", "chosen" if r.dim in a.dims else ("" if r.consistent else "-"))
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.append(
+        "(score: share of sinks on which the dim is among the largest and massive; layers: share of layers where it "
+        "is on most sinks; '-': not consistent across layers; |x/rms|: means; P, R: phi > tau with the dim alone)"
+    )
+    lines.append("")
+    lines.append(f"Chosen dims {a.dims}, tau {a.tau:g}: {_fmt(a.validation)}")
+    lines.append(f"  later tokens only: {_fmt(a.validation_later)}")
+    lines.append(f"  best tau {a.best.tau:g}: {_fmt(a.best)}")
+    if a.tau_ok:
+        lines.append(f"  tau {a.tau:g} works for this model (F1 within {TAU_SLACK} of the best).")
+    else:
+        lines.append(f"  tau {a.tau:g} does not work well for this model; use tau {a.best.tau:g}.")
+    lines.append(f"  (|x_d/rms| is at most sqrt({a.hidden_size}) = {math.sqrt(a.hidden_size):.2f})")
+    lines += [f"note: {n}" for n in a.notes]
+    return "\n".join(lines)
+
+
+def plot_sink_dims(a: SinkDimsArtifact, path: str | Path | None = None) -> "Figure":
+    """(a) mean |x_d/rms| on sinks, layers x ranked dims (chosen dims starred); (b) the same on the
+    other tokens, same color scale; (c) precision, recall and F1 of the chosen dims against tau."""
+    from matplotlib.colors import Normalize
+
+    from attnkit.plots import _new_figure, _save, _ticks
+
+    sink = np.asarray(a.sink_mean, dtype=float)
+    other = np.asarray(a.ordinary_mean, dtype=float)
+    dims = [r.dim for r in a.ranked]
+    labels = [f"{d}*" if d in a.dims else str(d) for d in dims]
+    width = max(3.5, 0.3 * len(dims) + 1.8)
+    fig = _new_figure(2 * width + 4.5, max(4.0, 0.16 * len(a.layers) + 2.4))
+    grid = fig.add_gridspec(1, 3, width_ratios=[width, width, 4.5])
+    norm = Normalize(0.0, max(float(sink.max(initial=0)), float(other.max(initial=0)), 1e-6))
+    for k, (values, title) in enumerate(((sink, "(a) sink tokens"), (other, "(b) other tokens"))):
+        ax = fig.add_subplot(grid[k])
+        image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap="magma", norm=norm)
+        ax.set_title(f"{title}: mean |x_d / rms(x)|", fontsize=10)
+        ax.set_xticks(np.arange(len(dims)))
+        ax.set_xticklabels(labels, rotation=90, fontsize=7)
+        ax.set_xlabel("dim (ranked; * chosen)")
+        rows = _ticks(len(a.layers))
+        ax.set_yticks(rows)
+        ax.set_yticklabels([str(a.layers[i]) for i in rows], fontsize=7)
+        ax.set_ylabel("layer (input hidden state)")
+        cbar = fig.colorbar(image, ax=ax, pad=0.03, aspect=40)
+        cbar.ax.tick_params(labelsize=7)
+    ax = fig.add_subplot(grid[2])
+    if a.tau_sweep:
+        sweep = np.asarray(a.tau_sweep, dtype=float)
+        for column, name in ((1, "precision"), (2, "recall"), (3, "F1")):
+            ax.plot(sweep[:, 0], sweep[:, column], label=name)
+    ax.axvline(a.tau, color="red", linewidth=1, linestyle="--", label=f"tau {a.tau:g}")
+    ax.axvline(a.best.tau, color="black", linewidth=1, linestyle=":", label=f"best {a.best.tau:g}")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("tau")
+    ax.set_title(f"(c) dims {a.dims}: phi > tau vs attention sinks", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.tick_params(labelsize=7)
+    fig.suptitle(f"{a.model_id}: sink dims ({a.samples} texts)", fontsize=11)
+    return _save(fig, path)
