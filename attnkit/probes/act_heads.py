@@ -23,7 +23,7 @@ import attnkit
 from attnkit.attention import layer_window
 from attnkit.heads import HeadArtifact, ModelShape, Selection
 from attnkit.methods.act import ACT
-from attnkit.tasks.choice import label_word_items, load_items
+from attnkit.tasks.choice import label_word_items, left_pad, load_items
 from attnkit.tasks.config import ChoiceTask
 from attnkit.tasks.result import progress_bar
 
@@ -47,14 +47,7 @@ def make_batches(tokenizer: Any, data: str, limit: int, batch_size: int) -> list
     batches = []
     for start in range(0, len(order), batch_size):
         chosen = order[start : start + batch_size]
-        width = max(len(encoded[i][0]) for i in chosen)
-        ids = torch.full((len(chosen), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chosen), width), dtype=torch.long)
-        for row, i in enumerate(chosen):
-            context = encoded[i][0]
-            ids[row, width - len(context) :] = torch.tensor(context)
-            mask[row, width - len(context) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        ids, mask, positions = left_pad([encoded[i][0] for i in chosen], tokenizer.pad_token_id)
         batches.append(Batch(ids, mask, positions, [encoded[i][1] for i in chosen], [items[i].answer for i in chosen], {}))
     return batches
 

@@ -88,16 +88,22 @@ def encode_choice(tokenizer: Any, prompt: str, choice: str, add_special: bool, w
     return full, shared
 
 
-def score_batch(model: Any, pad_id: int, pairs: list[tuple[list[int], int]]) -> list[tuple[float, int]]:
-    """Summed log-prob and token count of each pair's continuation, in one left-padded forward pass."""
-    width = max(len(ids) for ids, _ in pairs)
-    kept = max(len(ids) - shared for ids, shared in pairs)
-    input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(pairs), width), dtype=torch.long)
-    for row, (ids, _) in enumerate(pairs):
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask and position ids (counted from each row's first real token)."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
         mask[row, width - len(ids) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    return input_ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def score_batch(model: Any, pad_id: int, pairs: list[tuple[list[int], int]]) -> list[tuple[float, int]]:
+    """Summed log-prob and token count of each pair's continuation, in one left-padded forward pass."""
+    input_ids, mask, positions = left_pad([ids for ids, _ in pairs], pad_id)
+    width = input_ids.shape[1]
+    kept = max(len(ids) - shared for ids, shared in pairs)
     device = model.device
     with torch.no_grad():
         logits = model(
@@ -136,13 +142,7 @@ def label_word_items(tokenizer: Any, items: list[Item], chat: bool) -> list[tupl
 
 def label_word_scores(model: Any, pad_id: int, batch: list[tuple[list[int], list[int]]]) -> list[list[float]]:
     """Log-probs of each item's label tokens at its prompt's last position, one left-padded pass."""
-    width = max(len(ids) for ids, _ in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, (ids, _) in enumerate(batch):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids)
-        mask[row, width - len(ids) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    input_ids, mask, positions = left_pad([ids for ids, _ in batch], pad_id)
     device = model.device
     with torch.no_grad():
         logits = model(
