@@ -31,6 +31,8 @@ class CallState:
     query_length: int
     attention_mask: torch.Tensor | None
     """The caller's 2-D padding mask [batch, past + query] (1 = token, 0 = padding), if given."""
+    input_ids: torch.Tensor | None = None
+    """The call's token ids [batch, query], when it was given ids rather than embeddings."""
     scratch: dict[str, Any] = field(default_factory=dict)
     """Per-call space for methods, keyed by method label."""
     sequence: dict[str, Any] = field(default_factory=dict)
@@ -241,10 +243,13 @@ class CallTracker:
         self.plan, self.methods, self.at = plan, methods, at
         self.sequences: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
-    def begin(self, query_length: int, attention_mask: torch.Tensor | None, cache: Any = None) -> CallState:
+    def begin(
+        self, query_length: int, attention_mask: torch.Tensor | None, cache: Any = None, input_ids: Any = None
+    ) -> CallState:
         past = cache.get_seq_length() if cache is not None else 0
         phase: Phase = "prefill" if past == 0 else ("decode" if query_length == 1 else "extend")
-        state = CallState(phase, past, query_length, attention_mask)
+        ids = input_ids if isinstance(input_ids, torch.Tensor) else None
+        state = CallState(phase, past, query_length, attention_mask, ids)
         if cache is not None:
             if phase == "prefill" or cache not in self.sequences:
                 self.sequences[cache] = {}
@@ -270,7 +275,7 @@ class CallTracker:
         def before(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             ids = kwargs.get("input_ids", args[0] if args else None)
             query_length = (ids if ids is not None else kwargs.get("inputs_embeds")).shape[1]
-            self.begin(query_length, kwargs.get("attention_mask"), kwargs.get("past_key_values"))
+            self.begin(query_length, kwargs.get("attention_mask"), kwargs.get("past_key_values"), ids)
 
         def after(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             self.end(getattr(output, "past_key_values", None))

@@ -3,5 +3,6 @@
 from attnkit.methods.act import ACT, ACTConfig
 from attnkit.methods.base import Method, MethodConfig
 from attnkit.methods.head_mask import HeadMask, HeadMaskConfig
+from attnkit.methods.var import VAR, VARConfig
 
-__all__ = ["ACT", "ACTConfig", "Method", "MethodConfig", "HeadMask", "HeadMaskConfig"]
+__all__ = ["ACT", "ACTConfig", "Method", "MethodConfig", "HeadMask", "HeadMaskConfig", "VAR", "VARConfig"]
