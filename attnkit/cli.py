@@ -156,7 +156,8 @@ def profile_act_heads_cmd(
     beta: float = typer.Option(0.4),
     threshold: float = typer.Option(0.1),
     search: str = typer.Option("coarse-to-fine", help="coarse-to-fine (whole layers, then heads of the best) or full."),
-    fine_layers: int = typer.Option(3, help="Layers whose heads are searched one by one (coarse-to-fine)."),
+    fine_layers: int = typer.Option(2, help="Layers whose heads are searched one by one (coarse-to-fine)."),
+    coarse_every: int = typer.Option(2, help="Rank whole layers on every N-th (length-sorted) batch."),
     batch_size: int = typer.Option(16),
     progress: bool = typer.Option(True),
 ) -> None:
@@ -172,7 +173,8 @@ def profile_act_heads_cmd(
         loaded, tokenizer = load_model(model)
         artifact = profile_act_heads(
             loaded, tokenizer, str(data), model_id=model, output=output, limit=limit, beta=beta, threshold=threshold,
-            search=search, fine_layers=fine_layers, batch_size=batch_size, progress=progress,
+            search=search, fine_layers=fine_layers, coarse_every=coarse_every, batch_size=batch_size,
+            progress=progress,
         )
     except (ModelLoadError, TaskDataError) as err:
         fail(str(err))

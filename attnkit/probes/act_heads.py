@@ -5,8 +5,11 @@ the uncalibrated model's accuracy on a labelled dev set. Here the same rule is a
 savings that do not change any score: items are batched; calibrating layer l leaves layers below
 it untouched, so their outputs are computed once and every candidate in layer l runs only layers
 l..L-1 (Llama-family decoders; others run the whole model); and coarse-to-fine search first
-calibrates whole layers, then single heads in the layers that gained most (``fine_layers``), or
-every head with ``search: full``. Progress is appended to a file, so an interrupted run resumes.
+calibrates whole layers on every ``coarse_every``-th batch (batches are length-sorted, so the
+subset spans all lengths) to rank the layers, then scores single heads on every item in the
+``fine_layers`` best layers; ``search: full`` scores every head. The selection rule only ever
+compares single heads on the whole dev set. Progress is appended to a file, so an interrupted run
+resumes.
 """
 
 from __future__ import annotations
@@ -135,7 +138,8 @@ def profile_act_heads(
     threshold: float = 0.1,
     layers: list[int] | None = None,
     search: Literal["coarse-to-fine", "full"] = "coarse-to-fine",
-    fine_layers: int = 3,
+    fine_layers: int = 2,
+    coarse_every: int = 2,
     batch_size: int = 16,
     progress: bool = True,
 ) -> HeadArtifact:
@@ -143,7 +147,7 @@ def profile_act_heads(
     shape = ModelShape.from_config(model.config, model_id)
     layers = layers or list(range(2, shape.num_layers - 1))
     setup = {"model": shape.fingerprint, "data": str(data), "limit": limit, "beta": beta, "threshold": threshold,
-             "layers": layers, "batch_size": batch_size}
+             "layers": layers, "batch_size": batch_size, "coarse_every": coarse_every}
     record = Progress(output.with_suffix(".progress.jsonl"), setup)
     start_time = time.perf_counter()
     batches = make_batches(tokenizer, data, limit, batch_size)
@@ -151,43 +155,49 @@ def profile_act_heads(
     tail = tail_supported(model)
 
     with torch.no_grad():
-        baseline_hits = 0
+        baseline_hits = []
         with progress_bar("act-heads: untouched pass", len(batches), progress) as advance:
             for batch in batches:
                 out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                             position_ids=batch.position_ids, output_hidden_states=tail, logits_to_keep=1)
-                baseline_hits += correct(out.logits[:, -1], batch)
+                baseline_hits.append(correct(out.logits[:, -1], batch))
                 if tail:
                     batch.hidden = {layer: out.hidden_states[layer] for layer in layers}
                 advance(1)
-        baseline = baseline_hits / total
+        baseline = sum(baseline_hits) / total
+        timings = {"untouched_pass": time.perf_counter() - start_time}
 
-        def evaluate(key: str, heads: dict[int, Any]) -> float:
+        def evaluate(key: str, heads: dict[int, Any], subset: list[Batch]) -> float:
             if key in record.done:
                 return record.done[key]["accuracy"]
             start = min(heads) if tail else None
             hits, sinks = 0, 0
             with attnkit.apply(model, [ACT(heads=heads, beta=beta, threshold=threshold)]) as handle:
-                for batch in batches:
+                for batch in subset:
                     hits += correct(last_logits(model, batch, start, handle), batch)
                     sinks += handle.stats()["act"].get("sinks_found", 0)
-            record.record(key, hits / total, sinks)
-            return hits / total
+            accuracy = hits / sum(len(b.answers) for b in subset)
+            record.record(key, accuracy, sinks)
+            return accuracy
+
+        coarse = batches[::coarse_every]
 
         candidates = [(f"L{l}", {l: "all"}) for l in layers] if search == "coarse-to-fine" else []
         with progress_bar("act-heads: whole layers", len(candidates), progress) as advance:
             layer_acc = {}
             for key, heads in candidates:
-                layer_acc[min(heads)] = evaluate(key, heads)
+                layer_acc[min(heads)] = evaluate(key, heads, coarse)
                 advance(1)
+        timings["whole_layers"] = time.perf_counter() - start_time - sum(timings.values())
         fine = sorted(layer_acc, key=lambda l: -layer_acc[l])[:fine_layers] if search == "coarse-to-fine" else layers
         singles = [(f"L{l}H{h}", {l: [h]}) for l in sorted(fine) for h in range(shape.num_heads)]
         head_acc: dict[tuple[int, int], float] = {}
         with progress_bar("act-heads: single heads", len(singles), progress) as advance:
             for key, heads in singles:
                 (layer, (head,)), = heads.items()
-                head_acc[(layer, head)] = evaluate(key, heads)
+                head_acc[(layer, head)] = evaluate(key, heads, batches)
                 advance(1)
+        timings["single_heads"] = time.perf_counter() - start_time - sum(timings.values())
 
     scores = [[0.0] * shape.num_heads for _ in range(shape.num_layers)]
     for (layer, head), acc in head_acc.items():
@@ -198,7 +208,8 @@ def profile_act_heads(
             selected.setdefault(layer, []).append(head)
     rule = (
         f"heads whose calibration alone beats the uncalibrated label-word accuracy ({baseline:.4f}) on {total} items; "
-        + (f"single heads searched in the {fine_layers} layers with the best whole-layer accuracy" if search == "coarse-to-fine"
+        + (f"single heads searched in the {fine_layers} layers whose whole-layer calibration scored best on "
+           f"{sum(len(b.answers) for b in coarse)} of the items" if search == "coarse-to-fine"
            else "every head of the searched layers")
     )
     artifact = HeadArtifact(
@@ -207,7 +218,8 @@ def profile_act_heads(
                     "layers": layers, "baseline_accuracy": baseline,
                     "layer_accuracy": {str(k): v for k, v in layer_acc.items()},
                     "evaluated_heads": {str(l): list(range(shape.num_heads)) for l in sorted(fine)},
-                    "seconds": round(time.perf_counter() - start_time, 1), "tail_only": tail},
+                    "coarse_every": coarse_every, "seconds": round(time.perf_counter() - start_time, 1),
+                    "stage_seconds": {k: round(v, 1) for k, v in timings.items()}, "tail_only": tail},
         data=str(data), samples=total, seed=None, scores=scores, selection=Selection(rule=rule, heads=selected),
     )
     artifact.save(output)
