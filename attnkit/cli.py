@@ -178,10 +178,8 @@ def profile_act_heads_cmd(
         )
     except (ModelLoadError, TaskDataError) as err:
         fail(str(err))
-    from attnkit.plots import head_map
-
-    head_map(artifact.scores, output.with_suffix(".png"), title=f"ACT accuracy gain per head ({model})")
     params = artifact.parameters
+    plot_act_heads(artifact, output.with_suffix(".png"), model)
     count = sum(map(len, artifact.selected.values()))
     typer.echo(
         f"baseline accuracy {params['baseline_accuracy']:.4f} on {artifact.samples} items; "
@@ -223,6 +221,22 @@ def profile_sink_dims_cmd(
     if plot:
         result.plot(output.with_suffix(".png"))
         typer.echo(f"plot: {output.with_suffix('.png')}")
+
+
+def plot_act_heads(artifact: Any, path: Path, model: str) -> None:
+    """Accuracy gain of each head evaluated alone; blank where a head was not evaluated."""
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
+
+    from attnkit.plots import head_map
+
+    scores = np.full((len(artifact.scores), len(artifact.scores[0])), np.nan)
+    for layer, heads in artifact.parameters["evaluated_heads"].items():
+        for head in heads:
+            scores[int(layer), head] = artifact.scores[int(layer)][head]
+    bound = max(1e-3, float(np.nanmax(np.abs(scores))) if np.isfinite(scores).any() else 1e-3)
+    head_map(scores, path, title=f"ACT head search, {model}\naccuracy gain per head (blank: not searched)",
+             cbar_label="accuracy gain", norm=TwoSlopeNorm(0.0, -bound, bound), cmap="RdBu")
 
 
 if __name__ == "__main__":
