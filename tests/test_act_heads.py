@@ -80,3 +80,21 @@ def test_single_head_scores_equal_a_direct_evaluation(setup, tmp_path):
     with attnkit.apply(model, [ACT(heads={3: [2]}, threshold=0.05)]):
         direct = run_choice(model, tokenizer, ChoiceTask(data=data, scoring="label_word"), progress=False)
     assert artifact.scores[3][2] == pytest.approx(direct.metrics["accuracy"] - baseline.metrics["accuracy"])
+
+
+def test_cli_writes_artifact_and_plot(setup, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import attnkit.models
+    from attnkit.cli import app
+
+    model, tokenizer, data = setup
+    monkeypatch.setattr(attnkit.models, "load_model", lambda name: (model, tokenizer))
+    out = tmp_path / "act.json"
+    result = CliRunner().invoke(app, ["profile", "act-heads", "--data", data, "-o", str(out), "--limit", "12",
+                                      "--threshold", "0.05", "--batch-size", "4", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and out.with_suffix(".png").stat().st_size > 0
+    assert "baseline accuracy" in result.output and "heads selected" in result.output
+    bad = CliRunner().invoke(app, ["profile", "act-heads", "--data", data, "--search", "random"])
+    assert bad.exit_code == 2 and "coarse-to-fine or full" in bad.output
