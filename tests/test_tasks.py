@@ -269,3 +269,17 @@ def test_run_recipe_errors(model, tokenizer, tmp_path):
     with pytest.raises(RecipeError, match=r"methods\[0\]\.heads"):
         run_recipe(bad_heads, out_dir=tmp_path, model=model, tokenizer=tokenizer)
     assert not (tmp_path / "report.json").exists()
+
+
+def test_paired_comparison():
+    from attnkit.tasks.choice import paired_comparison
+
+    base = [{"correct": c} for c in [True] * 6 + [False] * 4]
+    treated = [{"correct": c} for c in [True] * 5 + [False] + [True] * 3 + [False]]
+    result = paired_comparison(base, treated)
+    assert result["gained"] == 3 and result["lost"] == 1 and result["n"] == 10
+    assert result["accuracy_difference"] == pytest.approx(0.2)
+    # differences: +1 x3, -1 x1, 0 x6 -> sample sd sqrt((3*0.64 + 1.44 + 6*0.04) / 9)
+    half = 1.959964 * ((3 * 0.64 + 1.44 + 6 * 0.04) / 9 / 10) ** 0.5
+    assert result["difference_ci95"] == pytest.approx([0.2 - half, 0.2 + half])
+    assert result["mcnemar_p"] == pytest.approx(2 * (1 + 4) / 16)  # exact binomial, 4 discordant pairs

@@ -168,6 +168,21 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def paired_comparison(baseline: list[dict[str, Any]], treated: list[dict[str, Any]], z: float = 1.959964) -> dict[str, Any]:
+    """The same items scored twice: accuracy difference with a 95% CI on the paired differences,
+    the discordant pairs, and McNemar's exact two-sided p-value."""
+    diffs = [int(t["correct"]) - int(b["correct"]) for b, t in zip(baseline, treated, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n if n else 0.0
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    half = z * math.sqrt(var / n) if n else 0.0
+    gained, lost = diffs.count(1), diffs.count(-1)
+    discordant = gained + lost
+    tail = sum(math.comb(discordant, k) for k in range(min(gained, lost) + 1)) / 2**discordant if discordant else 1.0
+    return {"n": n, "accuracy_difference": mean, "difference_ci95": [mean - half, mean + half],
+            "gained": gained, "lost": lost, "mcnemar_p": min(1.0, 2 * tail)}
+
+
 def item_rows(items: list[Item], scores_per_item: list[list[float]]) -> list[dict[str, Any]]:
     """One row per item from its choices' scores."""
     rows = []

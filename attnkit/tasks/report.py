@@ -68,6 +68,18 @@ def describe_stats(stats: dict[str, Any]) -> str:
     return ", ".join(f"{k}={fmt(v)}" for k, v in stats.items())
 
 
+def describe_comparison(comparison: dict[str, Any] | None) -> str | None:
+    """One line: the paired accuracy difference, its CI, discordant pairs and McNemar's p."""
+    if not comparison:
+        return None
+    low, high = comparison["difference_ci95"]
+    return (
+        f"attnkit - baseline accuracy: {comparison['accuracy_difference']:+.4f} (95% CI {low:+.4f} to {high:+.4f}, "
+        f"paired, n={comparison['n']}); items gained {comparison['gained']}, lost {comparison['lost']}; "
+        f"McNemar exact p={comparison['mcnemar_p']:.3g}"
+    )
+
+
 def render_markdown(report: dict[str, Any], rows: dict[str, list[dict[str, Any]]]) -> str:
     """A short readable report: what ran, metrics side by side, method counters, a few examples."""
     names, table = metric_table(report)
@@ -86,6 +98,7 @@ def render_markdown(report: dict[str, Any], rows: dict[str, list[dict[str, Any]]
         "|---" * (len(names) + 1) + "|",
         *("| " + " | ".join(row) + " |" for row in table),
         "",
+        *([describe_comparison(report.get("comparison")), ""] if report.get("comparison") else []),
         "## Method stats (totals over the attnkit run)",
         "",
         *(f"- `{label}`: {describe_stats(s)}" for label, s in report["runs"]["attnkit"]["method_stats"].items()),
@@ -114,6 +127,7 @@ def summarize(report: dict[str, Any]) -> str:
             f"methods: {', '.join(describe_methods(report)) or 'none'}",
             header,
             *body,
+            *([describe_comparison(report.get("comparison"))] if report.get("comparison") else []),
             *(f"{label}: {describe_stats(s)}" for label, s in stats.items()),
             f"report: {report['output_dir']}/report.md (and {files})",
         ]

@@ -105,11 +105,17 @@ def run_recipe(
         runs["attnkit"], rows["attnkit"] = run_task(model, tokenizer, recipe, progress)
         runs["attnkit"]["method_stats"] = handle.stats(total=True)
     out_dir = Path(out_dir) if out_dir is not None else recipe.output_dir()
+    comparison = None
+    if recipe.task.kind == "choice" and "baseline" in rows:
+        from attnkit.tasks.choice import paired_comparison
+
+        comparison = paired_comparison(rows["baseline"], rows["attnkit"])
     report = {
         "name": recipe.name,
         "model": model_id,
         "task": recipe.task.kind,
         "runs": runs,
+        "comparison": comparison,
         "recipe": recipe.resolved(),
         "versions": versions(),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
