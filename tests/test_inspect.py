@@ -161,18 +161,6 @@ def test_png_written(report, tmp_path):
 runner = CliRunner()
 
 
-@pytest.fixture
-def fake_load(monkeypatch, model, tokenizer):
-    calls = []
-
-    def load_model(name, **kwargs):
-        calls.append((name, kwargs))
-        return model, tokenizer
-
-    monkeypatch.setattr(attnkit.models, "load_model", load_model)
-    return calls
-
-
 def test_cli_inspect_sinks(fake_load, tmp_path):
     out = tmp_path / "out"
     result = runner.invoke(app, ["inspect", "sinks", "--model", "tiny", "--text", TEXT, "--output", str(out)])

@@ -202,18 +202,6 @@ def test_plot(result, tmp_path):
 runner = CliRunner()
 
 
-@pytest.fixture
-def fake_load(monkeypatch, model, tokenizer):
-    calls = []
-
-    def load_model(name, **kwargs):
-        calls.append((name, kwargs))
-        return model, tokenizer
-
-    monkeypatch.setattr(attnkit.models, "load_model", load_model)
-    return calls
-
-
 def test_cli_profile_sink_dims(fake_load, tmp_path):
     out = tmp_path / "dims.json"
     args = ["profile", "sink-dims", "--model", "tiny", "--samples", "6", "--tau", "5", "--output", str(out), "--no-progress"]
