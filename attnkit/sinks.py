@@ -83,3 +83,15 @@ def massive_activation(hidden: torch.Tensor, dims: list[int], eps: float = 1e-6)
     x = hidden.float()
     rms = x.pow(2).mean(-1, keepdim=True).add(eps).sqrt()
     return (x[..., dims] / rms).abs().amax(-1)
+
+
+def at_positions(values: torch.Tensor, first: int, keys: int) -> torch.Tensor:
+    """Flags stored by absolute position [..., known] mapped onto keys ``first .. first + keys``
+    (False where nothing is known): prefill findings seen from a later call, whose keys may be
+    only the last ones (a sliding-window layer)."""
+    out = torch.zeros(*values.shape[:-1], keys, dtype=torch.bool, device=values.device)
+    known = values.shape[-1]
+    lo, hi = max(first, 0), min(known, first + keys)
+    if hi > lo:
+        out[..., lo - first : hi - first] = values[..., lo:hi]
+    return out

@@ -25,7 +25,7 @@ from attnkit.attention import AttentionCall, compute_dtype, layer_window
 from attnkit.heads import HeadSetSpec
 from attnkit.methods.base import Method, MethodConfig
 from attnkit.registry import register
-from attnkit.sinks import calibrate, column_mean, select_sinks
+from attnkit.sinks import at_positions, calibrate, column_mean, select_sinks
 
 NEG = torch.finfo(torch.float32).min
 
@@ -87,13 +87,7 @@ class ACT(Method):
         stored = self._store(call).get(call.layer)
         if stored is None:
             return None
-        first = total_length(call) - keys
-        b, h, known = stored.shape
-        sinks = torch.zeros(b, h, keys, dtype=torch.bool, device=stored.device)
-        lo, hi = max(first, 0), min(known, first + keys)
-        if hi > lo:
-            sinks[..., lo - first : hi - first] = stored[..., lo:hi]
-        return sinks
+        return at_positions(stored, total_length(call) - keys, keys)
 
     def _find(self, means: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
         threshold = self._threshold(key_valid, means.shape[0], means.shape[-1], means.device)

@@ -68,7 +68,7 @@ from attnkit.attention import AttentionCall
 from attnkit.heads import text_config
 from attnkit.methods.base import Method, MethodConfig
 from attnkit.registry import register
-from attnkit.sinks import massive_activation
+from attnkit.sinks import at_positions, massive_activation
 
 PORTION_EPS = 1e-6
 """The reference adds this to every span weight in the portion's denominator."""
@@ -324,16 +324,6 @@ def redistribute(
     factor = torch.where(target[:, None, None, :], grow[..., None], one)
     factor = torch.where(sinks[:, None, None, :], torch.full_like(one, p), factor)
     return torch.where(kept[..., None], probs * factor, probs), kept, budget
-
-
-def at_positions(values: torch.Tensor, first: int, keys: int) -> torch.Tensor:
-    """A per-position bool [batch, known] mapped onto keys ``first .. first + keys`` (False beyond)."""
-    b, known = values.shape
-    out = torch.zeros(b, keys, dtype=torch.bool, device=values.device)
-    lo, hi = max(first, 0), min(known, first + keys)
-    if hi > lo:
-        out[:, lo - first : hi - first] = values[:, lo:hi]
-    return out
 
 
 def declared_span(valid: torch.Tensor, start: int, end: int) -> torch.Tensor:
