@@ -35,6 +35,8 @@ class CallState:
     """The call's token ids [batch, query], when it was given ids rather than embeddings."""
     scratch: dict[str, Any] = field(default_factory=dict)
     """Per-call space for methods, keyed by method label."""
+    cache: Any = None
+    """The call's KV cache object, if it was given one."""
     sequence: dict[str, Any] = field(default_factory=dict)
     """Space that lives as long as the call's cache: what prefill found (sinks, say) for decode
     steps to reuse. Fresh at every prefill; a call without a cache gets a fresh one too."""
@@ -108,6 +110,19 @@ class Attachment:
     def post_prefill(self, fn: Callable[[Any, CallState], None]) -> None:
         """Called after a prefill call with the model's cache (per layer keys/values, KV heads)."""
         self.post_prefill_fns.append(fn)
+
+    def compress_kv(self, layer: int, fn: Callable[[AttentionCall, Any], Any]) -> None:
+        """After ``layer``'s prefill attention, replace its cache layer by ``fn(call, cache_layer)``
+        (a :class:`attnkit.kvcache.CompressedLayer`, or None to keep it). One compressor per layer."""
+        plan = self._layer(layer)
+        if plan.compressor is not None:
+            raise ValueError(f"layer {layer} already has a KV-compression method; use one KV method per layer")
+        plan.compressor = fn
+
+    def owns(self) -> Callable[[], bool]:
+        """A check that this attachment's handle is still active (compressed caches need it)."""
+        config, plan = text_config(self.model.config), self.plan
+        return lambda: attention.PLANS.get(id(config)) is plan
 
     def begin_call(self, fn: Callable[[CallState], None]) -> None:
         """Called at the start of every forward call with its fresh state."""
@@ -227,6 +242,7 @@ def apply(model: torch.nn.Module, recipe: Any = None, *, allow_foreign_heads: bo
     try:
         for method in methods:
             method.attach(at)
+        check_plan(plan)
         handle.tracker = CallTracker(plan, methods, at)
         at.hooks.extend(handle.tracker.hooks(model))
         set_text_attention(model, attention.register(original))
@@ -234,6 +250,24 @@ def apply(model: torch.nn.Module, recipe: Any = None, *, allow_foreign_heads: bo
         handle.remove()
         raise
     return handle
+
+
+def check_plan(plan: ModelPlan) -> None:
+    """Refuse combinations the engine cannot run exactly (named, with the fix)."""
+    for index, layer in sorted(plan.layers.items()):
+        if layer.compressor is None:
+            continue
+        if "flash" in plan.backend_name:
+            raise ValueError(
+                f"KV compression reads per-head masks, which {plan.backend_name} cannot take; "
+                "load the model with attn_implementation='sdpa' or 'eager'"
+            )
+        if layer.needs_eager or layer.decode_steps or layer.output_edits:
+            raise ValueError(
+                f"layer {index}: a KV-compression method and an attention-score/probability edit (ACT, VAR) "
+                "act on the same layer; this combination is not supported yet, restrict one method's heads "
+                "or layers so they do not overlap"
+            )
 
 
 class CallTracker:
@@ -249,7 +283,7 @@ class CallTracker:
         past = cache.get_seq_length() if cache is not None else 0
         phase: Phase = "prefill" if past == 0 else ("decode" if query_length == 1 else "extend")
         ids = input_ids if isinstance(input_ids, torch.Tensor) else None
-        state = CallState(phase, past, query_length, attention_mask, ids)
+        state = CallState(phase, past, query_length, attention_mask, ids, cache=cache)
         if cache is not None:
             if phase == "prefill" or cache not in self.sequences:
                 self.sequences[cache] = {}

@@ -62,6 +62,8 @@ class LayerPlan:
     prob_edits: list[ScoreEdit] = field(default_factory=list)
     decode_steps: list[Callable[[AttentionCall], AttentionCall]] = field(default_factory=list)
     output_edits: list[OutputEdit] = field(default_factory=list)
+    compressor: Callable[[AttentionCall, Any], Any] | None = None
+    """After this layer's prefill attention: (call, its cache layer) -> a compressed layer or None."""
 
     @property
     def needs_eager(self) -> bool:
@@ -142,13 +144,19 @@ def attnkit_attention(
     state = plan.state
     decoding = layer is not None and bool(layer.decode_steps) and state is not None and state.phase == "decode"
     backend = plan.backend or model_eager_forward(module)
-    if layer is None or not (layer.needs_eager or decoding or layer.output_edits):
+    compressed = state.sequence.get("kv", {}).get(module.layer_idx) if state is not None else None
+    compressing = layer is not None and layer.compressor is not None and state is not None and state.phase == "prefill"
+    if compressed is None and (layer is None or not (layer.needs_eager or decoding or layer.output_edits or compressing)):
         return backend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     call = AttentionCall(
         module, module.layer_idx, query, key, value, None, state, attention_mask, scaling, kwargs.get("softcap")
     )
+    if compressed is not None:
+        from attnkit.kvcache import attend
+
+        return attend(call, compressed, backend, **kwargs), None
     if decoding or layer.needs_eager:
         call.mask = additive_mask(attention_mask, query, key)
     if decoding:
@@ -161,7 +169,20 @@ def attnkit_attention(
         output, weights = backend(module, call.query, call.key, call.value, mask, scaling=scaling, **kwargs)
     for edit in layer.output_edits:
         output = edit(call, output)
+    if compressing:
+        compress(call, layer.compressor)
     return output, weights
+
+
+def compress(call: AttentionCall, compressor: Callable[[AttentionCall, Any], Any]) -> None:
+    """Swap this layer's prefill cache for the compressor's smaller one (its keys were just read)."""
+    cache, index = call.state.cache, call.layer
+    if cache is None:
+        return
+    smaller = compressor(call, cache.layers[index])
+    if smaller is not None:
+        cache.layers[index] = smaller
+        call.state.sequence.setdefault("kv", {})[index] = smaller
 
 
 def layer_window(config: Any, layer: int) -> int | None:

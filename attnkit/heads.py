@@ -147,7 +147,8 @@ def resolve_heads(
     pairs: set[tuple[int, int]] = set()
     if isinstance(spec, str) and spec != "all":
         artifact = load_artifact(spec, shape, allow_foreign=allow_foreign)
-        return resolve_heads(artifact.selected, shape, level=level, allow_foreign=allow_foreign)
+        selected = convert_level(artifact.selected, artifact.level, level, shape)
+        return resolve_heads(selected, shape, level=level, allow_foreign=allow_foreign)
     if spec == "all":
         spec = {"layers": "all", "heads": "all"}
     if isinstance(spec, list):
@@ -173,6 +174,17 @@ def resolve_heads(
     if not pairs:
         raise HeadSetError("the head set is empty; name at least one head")
     return HeadSet(frozenset(pairs), level)
+
+
+def convert_level(heads: dict[int, list[int]], have: str, want: str, shape: ModelShape) -> dict[int, list[int]]:
+    """Heads of an artifact at the level a method needs: a KV head stands for all its query heads,
+    and a KV head is selected when any of its query heads is."""
+    if have == want:
+        return heads
+    group = shape.group_size
+    if want == "kv":
+        return {layer: sorted({h // group for h in hs}) for layer, hs in heads.items()}
+    return {layer: [h * group + i for h in hs for i in range(group)] for layer, hs in heads.items()}
 
 
 class Selection(BaseModel):

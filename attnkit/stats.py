@@ -28,6 +28,13 @@ class Stats:
         self.last[key] = value
         self.total[key] = value
 
+    def tally(self, key: str, index: Any, amounts: list[int | float]) -> None:
+        """Add ``amounts`` element-wise under ``key[index]`` (per-layer counters, say)."""
+        for record in (self.last, self.total):
+            table = record.setdefault(key, {})
+            old = table.get(index, [0] * len(amounts))
+            table[index] = [a + b for a, b in zip(old, amounts)]
+
     def describe(self, key: str, value: Any) -> None:
         """Record a fixed fact about the method as applied (heads targeted), shown with every snapshot."""
         self.info[key] = value

@@ -1,0 +1,309 @@
+"""Compressed KV caches: after prefill, a layer keeps only chosen keys/values, per KV head.
+
+A :class:`CompressedLayer` takes the place of a layer in the model's ``cache.layers``. It stores
+KV heads in groups that keep the same number of slots: one group for SnapKV or sink+window, two
+for RazorAttention (retrieval heads keep every token, the others a few). So heads of one layer
+can keep different lengths and the memory saving is real: nothing is padded to the longest head
+and nothing is expanded to query heads.
+
+The layer reports the *logical* length, what the uncompressed cache would hold, so transformers
+keeps counting positions and building masks for the original sequence: new tokens continue from
+the prompt length. attnkit's attention function reads the groups and builds each group's mask
+from the slots' logical columns (:func:`attend`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer
+
+NEG_INF = float("-inf")
+
+
+class KVCacheError(RuntimeError):
+    """A cache attnkit cannot compress, or a compressed cache used outside its handle."""
+
+
+@dataclass
+class KVGroup:
+    """KV heads of one layer that keep the same number of slots."""
+
+    heads: list[int]
+    """The layer's KV head indices held here, ascending."""
+    keys: torch.Tensor
+    """[batch, len(heads), slots, head_dim]"""
+    values: torch.Tensor
+    columns: torch.Tensor
+    """[batch, len(heads), slots] long: each slot's column in the logical sequence; -1 = empty."""
+    bias: torch.Tensor
+    """[batch, len(heads), slots] float32 added to the slot's logit: 0 for a kept token, log(n)
+    for a token that stands for n dropped ones, -inf for an empty slot."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.columns, self.bias))
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, columns: torch.Tensor) -> None:
+        """Add new tokens (keys/values [batch, all kv heads, new, d], columns [batch, new])."""
+        index = self.heads_index(keys.device)
+        self.keys = torch.cat([self.keys, keys.index_select(1, index)], dim=2)
+        self.values = torch.cat([self.values, values.index_select(1, index)], dim=2)
+        cols = columns[:, None, :].expand(-1, len(self.heads), -1)
+        self.columns = torch.cat([self.columns, cols], dim=2)
+        self.bias = torch.cat([self.bias, torch.where(cols >= 0, 0.0, NEG_INF).to(self.bias.dtype)], dim=2)
+
+    def heads_index(self, device: torch.device) -> torch.Tensor:
+        return torch.tensor(self.heads, device=device, dtype=torch.long)
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.keys, self.values, self.columns, self.bias = (fn(t) for t in (self.keys, self.values, self.columns, self.bias))
+
+
+def keep(keys: torch.Tensor, values: torch.Tensor, heads: list[int], columns: torch.Tensor) -> KVGroup:
+    """The group of ``heads`` keeping the given logical ``columns`` [batch, len(heads), slots] (-1 = empty).
+
+    ``keys``/``values`` are the full prefill cache [batch, kv heads, length, d]; its positions are
+    the logical columns.
+    """
+    index = torch.tensor(heads, device=keys.device, dtype=torch.long)
+    k, v = keys.index_select(1, index), values.index_select(1, index)
+    valid = columns >= 0
+    gather = columns.clamp(min=0)[..., None].expand(-1, -1, -1, k.shape[-1])
+    zero = torch.zeros((), dtype=k.dtype, device=k.device)
+    k = torch.where(valid[..., None], k.gather(2, gather), zero)
+    v = torch.where(valid[..., None], v.gather(2, gather), zero)
+    bias = torch.where(valid, 0.0, NEG_INF).to(torch.float32)
+    return KVGroup(list(heads), k, v, columns.clone(), bias)
+
+
+def with_token(group: KVGroup, keys: torch.Tensor, values: torch.Tensor, column: torch.Tensor, bias: torch.Tensor) -> KVGroup:
+    """``group`` plus one extra slot per head: keys/values [b, h, d], column and bias [b, h]."""
+    return KVGroup(
+        group.heads,
+        torch.cat([group.keys, keys[:, :, None]], dim=2),
+        torch.cat([group.values, values[:, :, None]], dim=2),
+        torch.cat([group.columns, column[..., None]], dim=2),
+        torch.cat([group.bias, bias[..., None].to(group.bias.dtype)], dim=2),
+    )
+
+
+class CompressedLayer(CacheLayerMixin):
+    """A cache layer holding groups of KV heads with their kept slots; see the module docstring."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, groups: list[KVGroup], logical_length: int, num_kv_heads: int, owner: Callable[[], bool]):
+        self.groups = groups
+        self.logical_length = logical_length
+        self.num_kv_heads = num_kv_heads
+        self._owner_active = owner
+        first = groups[0].keys
+        self.dtype, self.device = first.dtype, first.device
+        self.is_initialized = True
+
+    # transformers reads .keys/.values on some paths (offloading, batch size); a single group that
+    # holds every head in order is exactly a plain layer's tensors.
+    @property
+    def keys(self) -> torch.Tensor | None:  # type: ignore[override]
+        return self.groups[0].keys if self.single else None
+
+    @property
+    def values(self) -> torch.Tensor | None:  # type: ignore[override]
+        return self.groups[0].values if self.single else None
+
+    @property
+    def single(self) -> bool:
+        return len(self.groups) == 1 and self.groups[0].heads == list(range(self.num_kv_heads))
+
+    @property
+    def batch_size(self) -> int:
+        return self.groups[0].keys.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(group.nbytes for group in self.groups)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the stored keys and values alone (the slots' bookkeeping excluded)."""
+        return sum(g.keys.numel() * g.keys.element_size() * 2 for g in self.groups)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise KVCacheError("a compressed cache layer is created from a filled one; it cannot start empty")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """Append new tokens to every group; returns the first group's keys and values."""
+        if not self._owner_active():
+            raise KVCacheError(
+                "this cache was compressed by an attnkit handle that is no longer active; decode from it "
+                "inside that handle (its attention function reads the compressed layout), or start a new cache"
+            )
+        new = key_states.shape[-2]
+        columns = torch.arange(self.logical_length, self.logical_length + new, device=key_states.device)
+        columns = columns[None].expand(key_states.shape[0], -1)
+        for group in self.groups:
+            group.append(key_states, value_states, columns)
+        self.logical_length += new
+        return self.groups[0].keys, self.groups[0].values
+
+    def get_seq_length(self) -> int:
+        return self.logical_length
+
+    def get_mask_sizes(self, query_length: int, *args: Any) -> tuple[int, int]:
+        return self.logical_length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        raise KVCacheError("a compressed cache cannot be reset for reuse; start a new cache for a new input")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise KVCacheError("a compressed cache cannot be cropped (assisted decoding is not supported with KV compression)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for group in self.groups:
+            group.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for group in self.groups:
+            group.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for group in self.groups:
+            group.map_batch(lambda t: t[indices])
+
+    def offload(self) -> None:
+        for group in self.groups:
+            group.map_batch(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        for group in self.groups:
+            group.map_batch(lambda t: t.to(self.device, non_blocking=True))
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{len(g.heads)} heads x {g.keys.shape[2]} slots" for g in self.groups)
+        return f"CompressedLayer(logical length {self.logical_length}: {shapes})"
+
+
+def layer_bytes(layer: Any) -> int:
+    """Bytes of a cache layer's stored keys and values."""
+    if isinstance(layer, CompressedLayer):
+        return layer.kv_bytes
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if keys is None or values is None:
+        return 0
+    return keys.numel() * keys.element_size() + values.numel() * values.element_size()
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes of keys and values held by every layer of a cache, measured from its tensors."""
+    return sum(layer_bytes(layer) for layer in cache.layers)
+
+
+def plain_layer(layer: Any, index: int) -> DynamicLayer:
+    """The prefill cache layer, checked to be one attnkit knows how to compress."""
+    if type(layer) is not DynamicLayer:
+        raise KVCacheError(
+            f"layer {index}: KV compression needs transformers' DynamicCache (the default of generate()), "
+            f"got a {type(layer).__name__}; drop cache_implementation / static caches from the call"
+        )
+    return layer
+
+
+def expand_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[b, kv heads, ...] -> [b, kv heads * groups, ...], each KV head repeated for its query heads."""
+    return x.repeat_interleave(groups, dim=1) if groups > 1 else x
+
+
+def attend(call: Any, layer: CompressedLayer, backend: Callable[..., Any], **kwargs: Any) -> torch.Tensor:
+    """Attention of ``call``'s queries over a compressed layer: one backend call per group.
+
+    Each group's mask comes from its slots: a slot is read when it is not empty and its logical
+    column is at or before the query's column; a compensation slot adds its log-count bias.
+    Returns [batch, queries, heads, head_dim] like any backend.
+    """
+    query = call.query
+    b, n_heads, q_len, _ = query.shape
+    groups = n_heads // layer.num_kv_heads
+    q_cols = torch.arange(layer.logical_length - q_len, layer.logical_length, device=query.device)
+    out = None
+    for group in layer.groups:
+        visible = (group.columns[..., None, :] >= 0) & (group.columns[..., None, :] <= q_cols[:, None])
+        bias = torch.where(visible, group.bias[..., None, :], NEG_INF)  # [b, h, q, slots]
+        mask = expand_heads(bias, groups).to(query.dtype)
+        if len(group.heads) == layer.num_kv_heads:
+            q_group = query
+        else:
+            q_index = torch.tensor([h * groups + i for h in group.heads for i in range(groups)], device=query.device)
+            q_group = query.index_select(1, q_index)
+        output, _ = backend(call.module, q_group, group.keys, group.values, mask, scaling=call.scaling, dropout=0.0, **kwargs)
+        if len(group.heads) == layer.num_kv_heads:
+            return output
+        if out is None:
+            out = output.new_zeros(b, q_len, n_heads, output.shape[-1])
+        out[:, :, q_index] = output
+    return out
+
+
+def row_spans(attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first real column, real length) per row of a left-padded prefill; errors on right padding."""
+    if attention_mask is None:
+        full = torch.full((batch,), length, device=device, dtype=torch.long)
+        return torch.zeros_like(full), full
+    mask = attention_mask[:, -length:].to(device=device, dtype=torch.long)
+    lengths = mask.sum(-1)
+    starts = length - lengths
+    expected = torch.arange(length, device=device)[None] >= starts[:, None]
+    if not torch.equal(mask.bool(), expected):
+        raise KVCacheError(
+            "KV compression needs left padding (padding tokens before the prompt); set "
+            "tokenizer.padding_side = 'left'"
+        )
+    return starts, lengths
+
+
+def top_columns(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per row and head, the columns of the ``counts[row]`` highest scores, ascending; -1 fills.
+
+    scores: [b, h, length] (-inf = never keep, +inf = always keep). Returns [b, h, max(counts)].
+    """
+    slots = int(counts.max())
+    picked = scores.topk(slots, dim=-1, sorted=True).indices
+    rank = torch.arange(slots, device=scores.device)
+    valid = (rank[None, None, :] < counts[:, None, None]) & (scores.gather(-1, picked) > NEG_INF)
+    ordered = torch.where(valid, picked, scores.shape[-1]).sort(dim=-1).values
+    return torch.where(ordered < scores.shape[-1], ordered, -1)
+
+
+def compensation(keys: torch.Tensor, values: torch.Tensor, dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RazorAttention's compensation token for each head: the mean of its dropped keys and values.
+
+    keys/values [b, h, length, d]; dropped [b, h, length] bool. Returns (key, value [b, h, d],
+    count [b, h], column [b, h]): the column is the last dropped one, so every later query sees it;
+    heads that dropped nothing get count 0 (their slot stays empty).
+    """
+    weight = dropped.to(keys.dtype)
+    count = dropped.sum(-1)
+    denom = count.clamp(min=1).to(keys.dtype)[..., None]
+    key = torch.einsum("bhn,bhnd->bhd", weight, keys) / denom
+    value = torch.einsum("bhn,bhnd->bhd", weight, values) / denom
+    positions = torch.arange(dropped.shape[-1], device=dropped.device)
+    column = torch.where(dropped, positions, -1).amax(-1)
+    return key, value, count, column
+
+
+def compensation_bias(count: torch.Tensor) -> torch.Tensor:
+    """The compensation slot's logit bias: log(count), so it weighs in the softmax as ``count``
+    tokens with the mean key would; -inf (an empty slot) where nothing was dropped."""
+    return torch.where(count > 0, count.clamp(min=1).double().log(), NEG_INF).float()
+
+
+def fraction(before: int, after: int) -> float:
+    return after / before if before else math.nan

@@ -1,0 +1,121 @@
+"""What every KV-compression method shares: which layers it compresses, budgets, and accounting.
+
+A KV method chooses, after a layer's prefill attention, which prefill tokens each KV head keeps
+(:meth:`KVMethod.select`); the engine swaps the layer's cache for the smaller one and decodes from
+it. The cache that ``generate()`` keeps really shrinks: the bytes before and after, per layer, are
+measured from the cache tensors and reported in ``handle.stats()``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from attnkit.attention import AttentionCall, layer_window
+from attnkit.heads import text_config
+from attnkit.kvcache import CompressedLayer, KVGroup, layer_bytes, plain_layer, row_spans
+from attnkit.methods.base import Method, MethodConfig
+
+if TYPE_CHECKING:
+    from attnkit.apply import Attachment
+
+Budget = float
+"""An absolute token count (>= 1) or a fraction of each prompt (0 < budget < 1)."""
+
+
+class KVConfig(MethodConfig):
+    """Fields common to KV methods."""
+
+    reduction: Literal["mean", "max", "sum"] = Field(
+        "mean", description="how a KV head's score is made from the scores of its query heads (GQA)"
+    )
+
+
+def check_budget(value: float) -> float:
+    if value <= 0:
+        raise ValueError(f"budget {value} must be positive: a token count (e.g. 1024) or a fraction of the prompt (e.g. 0.2)")
+    if value >= 1 and value != int(value):
+        raise ValueError(f"budget {value} is neither a whole token count nor a fraction below 1")
+    return value
+
+
+def row_budgets(budget: float, lengths: torch.Tensor) -> torch.Tensor:
+    """Tokens each row may keep: the absolute budget, or ``ceil(budget * length)`` for a fraction."""
+    if budget >= 1:
+        return torch.full_like(lengths, int(budget))
+    return torch.ceil(lengths.double() * budget).long()
+
+
+def reduce_groups(scores: torch.Tensor, kv_heads: int, reduction: str) -> torch.Tensor:
+    """[b, query heads, n] -> [b, kv heads, n] by the configured reduction over each group."""
+    b, h, n = scores.shape
+    grouped = scores.view(b, kv_heads, h // kv_heads, n)
+    if reduction == "max":
+        return grouped.amax(2)
+    return grouped.sum(2) if reduction == "sum" else grouped.mean(2)
+
+
+class KVMethod(Method):
+    """Compresses the cache of every full-attention layer after prefill.
+
+    Sliding-window layers are left as they are: their cache is already bounded by the window.
+    """
+
+    def attach(self, at: "Attachment") -> None:
+        config = text_config(at.model.config)
+        layers = [layer for layer in range(at.shape.num_layers) if layer_window(config, layer) is None]
+        self.num_layers = at.shape.num_layers
+        self.num_kv_heads = at.shape.num_kv_heads
+        self.stats.describe("layers", len(layers))
+        self.prepare(at)
+        owner = at.owns()
+        for layer in layers:
+            at.compress_kv(layer, self._compressor(owner))
+
+    def prepare(self, at: "Attachment") -> None:
+        """Resolve what the method needs from the model (head sets); called once at attach."""
+
+    def _compressor(self, owner: Any):
+        def compress(call: AttentionCall, cache_layer: Any) -> CompressedLayer | None:
+            layer = plain_layer(cache_layer, call.layer)
+            keys, values = layer.keys, layer.values
+            starts, lengths = row_spans(call.state.attention_mask, keys.shape[0], keys.shape[2], keys.device)
+            groups = self.select(call, keys, values, starts, lengths)
+            before = layer_bytes(layer)
+            if groups is None:
+                self.stats.add("layers_untouched")
+                self.stats.tally("kv_bytes", call.layer, [before, before])
+                return None
+            smaller = CompressedLayer(groups, keys.shape[2], self.num_kv_heads, owner)
+            after = smaller.kv_bytes
+            self.stats.add("layers_compressed")
+            self.stats.add("kv_bytes_before", before)
+            self.stats.add("kv_bytes_after", after)
+            self.stats.tally("kv_bytes", call.layer, [before, after])
+            self.stats.add("slots_kept", sum(int((g.columns >= 0).sum()) for g in groups))
+            return smaller
+
+        return compress
+
+    def select(
+        self, call: AttentionCall, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor
+    ) -> list[KVGroup] | None:
+        """The groups of kept slots for one layer, or None to keep the layer whole.
+
+        keys/values: the layer's prefill cache [batch, kv heads, length, d]; starts/lengths: each
+        row's first real column and real token count (left padding).
+        """
+        raise NotImplementedError
+
+
+class BudgetConfig(KVConfig):
+    """A KV method whose cache size is a token budget."""
+
+    budget: float = Field(description="tokens kept per KV head: a count (1024) or a fraction of the prompt (0.2)")
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, value: float) -> float:
+        return check_budget(value)
