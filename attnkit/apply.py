@@ -303,13 +303,26 @@ class CallTracker:
                 fn(cache, state)
         self.plan.state = None
 
+    @staticmethod
+    def wants_cache(model: torch.nn.Module, kwargs: dict[str, Any]) -> bool:
+        use_cache = kwargs.get("use_cache")
+        return bool(use_cache if use_cache is not None else getattr(text_config(model.config), "use_cache", False))
+
     def hooks(self, model: torch.nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
         """Model-level hooks that begin and end a call around every forward pass."""
 
-        def before(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        compresses = any(layer.compressor is not None for layer in self.plan.layers.values())
+
+        def before(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             ids = kwargs.get("input_ids", args[0] if args else None)
             query_length = (ids if ids is not None else kwargs.get("inputs_embeds")).shape[1]
+            if compresses and kwargs.get("past_key_values") is None and self.wants_cache(model, kwargs):
+                # The model would make its cache inside; KV methods need to see it, so make it here.
+                from transformers import DynamicCache
+
+                kwargs["past_key_values"] = DynamicCache(config=text_config(model.config))
             self.begin(query_length, kwargs.get("attention_mask"), kwargs.get("past_key_values"), ids)
+            return args, kwargs
 
         def after(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             self.end(getattr(output, "past_key_values", None))

@@ -40,7 +40,7 @@ class KVGroup:
     columns: torch.Tensor
     """[batch, len(heads), slots] long: each slot's column in the logical sequence; -1 = empty."""
     bias: torch.Tensor
-    """[batch, len(heads), slots] float32 added to the slot's logit: 0 for a kept token, log(n)
+    """[batch, len(heads), slots] (float32, or float64 for a float64 model) added to the slot's logit: 0 for a kept token, log(n)
     for a token that stands for n dropped ones, -inf for an empty slot."""
 
     @property
@@ -76,7 +76,7 @@ def keep(keys: torch.Tensor, values: torch.Tensor, heads: list[int], columns: to
     zero = torch.zeros((), dtype=k.dtype, device=k.device)
     k = torch.where(valid[..., None], k.gather(2, gather), zero)
     v = torch.where(valid[..., None], v.gather(2, gather), zero)
-    bias = torch.where(valid, 0.0, NEG_INF).to(torch.float32)
+    bias = torch.where(valid, 0.0, NEG_INF).to(torch.promote_types(k.dtype, torch.float32))
     return KVGroup(list(heads), k, v, columns.clone(), bias)
 
 
@@ -273,9 +273,11 @@ def top_columns(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Per row and head, the columns of the ``counts[row]`` highest scores, ascending; -1 fills.
 
     scores: [b, h, length] (-inf = never keep, +inf = always keep). Returns [b, h, max(counts)].
+    Ties go to the earlier column (a stable sort, not ``topk``), so a left-padded row keeps what
+    it keeps alone: max pooling makes exact ties, and ``topk`` breaks them by memory layout.
     """
     slots = int(counts.max())
-    picked = scores.topk(slots, dim=-1, sorted=True).indices
+    picked = scores.sort(dim=-1, descending=True, stable=True).indices[..., :slots]
     rank = torch.arange(slots, device=scores.device)
     valid = (rank[None, None, :] < counts[:, None, None]) & (scores.gather(-1, picked) > NEG_INF)
     ordered = torch.where(valid, picked, scores.shape[-1]).sort(dim=-1).values
@@ -302,7 +304,7 @@ def compensation(keys: torch.Tensor, values: torch.Tensor, dropped: torch.Tensor
 def compensation_bias(count: torch.Tensor) -> torch.Tensor:
     """The compensation slot's logit bias: log(count), so it weighs in the softmax as ``count``
     tokens with the mean key would; -inf (an empty slot) where nothing was dropped."""
-    return torch.where(count > 0, count.clamp(min=1).double().log(), NEG_INF).float()
+    return torch.where(count > 0, count.clamp(min=1).double().log(), NEG_INF)
 
 
 def fraction(before: int, after: int) -> float:

@@ -53,7 +53,7 @@ def test_set_overrides_a_field():
     [
         ("methods:\n  - method: head_mask\n    heads: all\n    scael: 0.5\n", "methods[0].scael: unknown key"),
         ("methods:\n  - method: head_mask\n    heads: all\n    scale: lots\n", "methods[0].scale: Input should be a valid number"),
-        ("methods:\n  - method: nope\n", "methods[0].method: unknown method 'nope'; known methods: act, head_mask, sink_redistribute"),
+        ("methods:\n  - method: nope\n", "methods[0].method: unknown method 'nope'; known methods: act, head_mask"),
         ("methods:\n  - heads: all\n", "methods[0]: each method needs a `method:` name"),
         ("methods:\n  - method: head_mask\n", "methods[0].heads: Field required"),
         ("task:\n  kind: generate\n", "task: Value error, give exactly one of `prompts`"),

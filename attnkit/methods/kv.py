@@ -68,6 +68,11 @@ class KVMethod(Method):
         layers = [layer for layer in range(at.shape.num_layers) if layer_window(config, layer) is None]
         self.num_layers = at.shape.num_layers
         self.num_kv_heads = at.shape.num_kv_heads
+        if not layers:
+            raise ValueError(
+                f"{self.name}: every layer of this model uses a sliding window, whose cache is already bounded "
+                "by the window; there is no full-attention layer to compress"
+            )
         self.stats.describe("layers", len(layers))
         self.prepare(at)
         owner = at.owns()
