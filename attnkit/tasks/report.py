@@ -69,12 +69,13 @@ def describe_stats(stats: dict[str, Any]) -> str:
 
 
 def describe_comparison(comparison: dict[str, Any] | None) -> str | None:
-    """One line: the paired accuracy difference, its CI, discordant pairs and McNemar's p."""
+    """One line: the paired accuracy (or ``metric``) difference, its CI, discordant pairs and McNemar's p."""
     if not comparison:
         return None
     low, high = comparison["difference_ci95"]
     return (
-        f"attnkit - baseline accuracy: {comparison['accuracy_difference']:+.4f} (95% CI {low:+.4f} to {high:+.4f}, "
+        f"attnkit - baseline {comparison.get('metric', 'accuracy')}: {comparison['accuracy_difference']:+.4f} "
+        f"(95% CI {low:+.4f} to {high:+.4f}, "
         f"paired, n={comparison['n']}); items gained {comparison['gained']}, lost {comparison['lost']}; "
         f"McNemar exact p={comparison['mcnemar_p']:.3g}"
     )
@@ -103,6 +104,10 @@ def render_markdown(report: dict[str, Any], rows: dict[str, list[dict[str, Any]]
         "",
         *(f"- `{label}`: {describe_stats(s)}" for label, s in report["runs"]["attnkit"]["method_stats"].items()),
     ]
+    figures = [(name, f) for name, run in report["runs"].items() for f in run.get("files", []) if f.endswith(".png")]
+    if figures:
+        lines += ["", "## Figures", ""]
+        lines += [f"![{name}: {f}]({f})" for name, f in figures]
     if report["task"] == "generate":
         lines += ["", f"## First {EXAMPLES} completions", ""]
         for i, row in enumerate(rows["attnkit"][:EXAMPLES]):
@@ -120,7 +125,8 @@ def summarize(report: dict[str, Any]) -> str:
     header = "  ".join([" " * width, *(name.rjust(w) for name, w in zip(names, columns))])
     body = ["  ".join([row[0].ljust(width), *(cell.rjust(w) for cell, w in zip(row[1:], columns))]) for row in table]
     stats = report["runs"]["attnkit"]["method_stats"]
-    files = ", ".join(["report.json", *(rows_file(n) for n in names), "recipe.yaml"])
+    extra = [f for n in names for f in report["runs"][n].get("files", [])]
+    files = ", ".join(["report.json", *(rows_file(n) for n in names), "recipe.yaml", *extra])
     return "\n".join(
         [
             f"recipe {report['name']!r}: {report['task']} on {report['model']}",

@@ -20,6 +20,9 @@ class TaskResult:
     metrics: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    write_files: Callable[[Path, str], list[str]] | None = field(default=None, repr=False)
+    """Optional: writes this run's extra files (figures) into a folder, given the run's name
+    ("baseline", "attnkit"), and returns their names; the runner lists them in the report."""
 
 
 class TaskDataError(ValueError):

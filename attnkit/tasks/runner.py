@@ -17,7 +17,9 @@ from attnkit.apply import apply
 from attnkit.heads import ModelShape
 from attnkit.models import load_model
 from attnkit.tasks.choice import run_choice
+from attnkit.tasks.conflict import run_conflict
 from attnkit.tasks.generate import run_generate
+from attnkit.tasks.needle import run_needle, run_passkey
 from attnkit.tasks.report import summarize, write_report
 from attnkit.tasks.result import TaskResult
 
@@ -26,7 +28,13 @@ if TYPE_CHECKING:
 
 __all__ = ["run_recipe", "summarize"]
 
-TASKS: dict[str, Callable[..., TaskResult]] = {"generate": run_generate, "choice": run_choice}
+TASKS: dict[str, Callable[..., TaskResult]] = {
+    "generate": run_generate,
+    "choice": run_choice,
+    "conflict": run_conflict,
+    "needle": run_needle,
+    "passkey": run_passkey,
+}
 
 
 def peak_memory(device: torch.device) -> dict[str, Any]:
@@ -41,14 +49,14 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
     return {"peak_bytes": rss if sys.platform == "darwin" else rss * 1024, "measure": "process_peak_rss"}
 
 
-def run_task(model: Any, tokenizer: Any, recipe: Recipe, progress: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """One seeded run of the recipe's task on ``model`` as it is now: its report entry and its rows."""
+def run_task(model: Any, tokenizer: Any, recipe: Recipe, progress: bool) -> tuple[dict[str, Any], TaskResult]:
+    """One seeded run of the recipe's task on ``model`` as it is now: its report entry and its result."""
     torch.manual_seed(recipe.seed)
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
     result = TASKS[recipe.task.kind](model, tokenizer, recipe.task, progress=progress)
     entry = {"metrics": result.metrics, "seconds": result.seconds, "memory": peak_memory(model.device)}
-    return entry, result.rows
+    return entry, result
 
 
 def load(recipe: Recipe) -> tuple[Any, Any]:
@@ -98,18 +106,29 @@ def run_recipe(
         model_id = model.config.name_or_path or type(model).__name__
     check_against_model(recipe, ModelShape.from_config(model.config, model_id))
     runs: dict[str, dict[str, Any]] = {}
-    rows: dict[str, list[dict[str, Any]]] = {}
+    results: dict[str, TaskResult] = {}
     if recipe.baseline:
-        runs["baseline"], rows["baseline"] = run_task(model, tokenizer, recipe, progress)
+        runs["baseline"], results["baseline"] = run_task(model, tokenizer, recipe, progress)
     with apply(model, recipe, allow_foreign_heads=recipe.allow_foreign_heads) as handle:
-        runs["attnkit"], rows["attnkit"] = run_task(model, tokenizer, recipe, progress)
+        runs["attnkit"], results["attnkit"] = run_task(model, tokenizer, recipe, progress)
         runs["attnkit"]["method_stats"] = handle.stats(total=True)
     out_dir = Path(out_dir) if out_dir is not None else recipe.output_dir()
+    rows = {name: result.rows for name, result in results.items()}
+    for name, result in results.items():
+        if result.write_files is not None:  # figures and other per-run files a task hands over
+            out_dir.mkdir(parents=True, exist_ok=True)
+            runs[name]["files"] = result.write_files(out_dir, name)
     comparison = None
     if recipe.task.kind == "choice" and "baseline" in rows:
         from attnkit.tasks.choice import paired_comparison
 
         comparison = paired_comparison(rows["baseline"], rows["attnkit"])
+    elif recipe.task.kind == "conflict" and "baseline" in rows:
+        from attnkit.tasks.choice import paired_comparison
+        from attnkit.tasks.conflict import context_rows
+
+        metric, baseline_rows = context_rows(rows["baseline"])
+        comparison = {"metric": metric, **paired_comparison(baseline_rows, context_rows(rows["attnkit"])[1])}
     report = {
         "name": recipe.name,
         "model": model_id,
