@@ -239,5 +239,165 @@ def plot_act_heads(artifact: Any, path: Path, model: str) -> None:
              cbar_label="accuracy gain", norm=TwoSlopeNorm(0.0, -bound, bound), cmap="RdBu")
 
 
+@profile_app.command("conflict-heads")
+def profile_conflict_heads_cmd(
+    data: Path = typer.Option(..., help="Conflict JSONL (question, context, context_answer, memory_answer)."),
+    model: str = typer.Option("smollm2-135m-instruct", help="Model alias, folder, .gguf or HF id."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Artifact path (default heads/conflict-<model>.json)."),
+    limit: int = typer.Option(200, help="Use the first N items."),
+    corruption: str = typer.Option("removed", help="removed (closed-book prompt) or swapped (context asserts the memory answer)."),
+    mode: str = typer.Option("path", help="path (path patching) or ablation (zeros; a cheaper approximation)."),
+    select: int = typer.Option(10, help="The artifact's selection: this many strongest memory heads."),
+    batch_size: int = typer.Option(8, help="Items per clean/corrupted forward."),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Find memory heads and context heads (PH3) by path patching; writes the artifact and an effect map."""
+    from attnkit.models import ModelLoadError, load_model
+    from attnkit.probes.conflict_heads import plot_conflict_heads, profile_conflict_heads
+    from attnkit.tasks import TaskDataError
+
+    if corruption not in ("removed", "swapped"):
+        fail(f"--corruption {corruption!r}: use removed or swapped")
+    if mode not in ("path", "ablation"):
+        fail(f"--mode {mode!r}: use path (path patching) or ablation (zeros, cheaper)")
+    output = output or Path("heads") / f"conflict-{Path(model).stem}.json"
+    try:
+        loaded, tokenizer = load_model(model)
+        artifact = profile_conflict_heads(
+            loaded, tokenizer, str(data), model_id=model, output=output, limit=limit, corruption=corruption,
+            mode=mode, batch_size=batch_size, select=select, progress=progress,
+        )
+    except (ModelLoadError, TaskDataError) as err:
+        fail(str(err))
+    params = artifact.parameters
+    what = "path patching" if mode == "path" else "ablation (approximation)"
+    plot_conflict_heads(artifact, output.with_suffix(".png"),
+                        f"PH3 conflict heads, {model}\n{what}, {artifact.samples} items (red: memory, blue: context)")
+    top = lambda ranking: ", ".join(f"L{l}H{h} ({s:+.3f})" for l, h, s in ranking[:5]) or "none"  # noqa: E731
+    typer.echo(
+        f"{artifact.samples} items ({params['items_skipped'] or 'none'} skipped), mean clean LD {params['ld_clean_mean']:+.3f}, "
+        f"{params['seconds']} s\nmemory heads ({len(params['memory_heads'])}): {top(params['memory_heads'])}\n"
+        f"context heads ({len(params['context_heads'])}): {top(params['context_heads'])}\n"
+        f"artifact: {output}\nplot: {output.with_suffix('.png')}"
+    )
+
+
+@profile_app.command("ph3-sweep")
+def profile_ph3_sweep_cmd(
+    heads: Path = typer.Option(..., help="A conflict-heads artifact; the sweep's choice is written into it."),
+    data: Path = typer.Option(..., help="Validation conflict JSONL (disjoint from the profile and test items)."),
+    model: str = typer.Option("smollm2-135m-instruct", help="Model alias, folder, .gguf or HF id."),
+    ks: str = typer.Option("1,3,5,7,9,15", help="The k values to try, comma-separated."),
+    limit: int = typer.Option(200, help="Use the first N items."),
+    batch_size: int = typer.Option(8),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Choose PH3's k per steering direction by validation rate; `k: auto` then uses it."""
+    from attnkit.heads import HeadSetError
+    from attnkit.models import ModelLoadError, load_model
+    from attnkit.probes.ph3_sweep import ph3_sweep
+    from attnkit.tasks import TaskDataError
+
+    try:
+        values = tuple(int(k) for k in ks.split(","))
+    except ValueError:
+        fail(f"--ks {ks!r}: give whole numbers separated by commas, e.g. 1,3,5,7,9,15")
+    if any(k < 1 for k in values):
+        fail(f"--ks {ks!r}: every k must be at least 1")
+    try:
+        loaded, tokenizer = load_model(model)
+        sweep = ph3_sweep(loaded, tokenizer, heads, str(data), ks=values, limit=limit, batch_size=batch_size,
+                          progress=progress)
+    except (ModelLoadError, TaskDataError, HeadSetError) as err:
+        fail(str(err))
+    base = sweep["results"]["untouched"]
+    lines = [f"untouched: context rate {base['context_rate']:.4f}, memory rate {base['memory_rate']:.4f} (n={sweep['n']})"]
+    for steer, k in sweep["chosen"].items():
+        tried = ", ".join(f"k={key}: {r[f'{steer}_rate']:.4f}" for key, r in sweep["results"][steer].items())
+        lines.append(f"steer {steer}: chose k={k}  ({steer} rate {tried})")
+    typer.echo("\n".join(lines) + f"\nwritten into {heads} (parameters.sweep), {sweep['seconds']} s")
+
+
+@profile_app.command("razor-heads")
+def profile_razor_heads_cmd(
+    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Embedded alias, local folder, .gguf file or HF id."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Artifact path (default heads/razor-<model>.json); the plot goes next to it (.png)."),
+    block: int = typer.Option(2500, help="Random tokens per block (paper: 2500); shrunk to fit the model's positions. Try 500 on CPU."),
+    repeats: int = typer.Option(4, help="Copies of the block (paper: 4)."),
+    induction_ratio: float = typer.Option(0.14, help="Keep this fraction of all KV heads, by induction score."),
+    echo_ratio: float = typer.Option(0.01, help="Plus this fraction, by echo score."),
+    seed: int = typer.Option(0, help="Seeds the random block."),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16 | auto"),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Find RazorAttention's retrieval heads: echo and induction scores on repeated random tokens (KV heads)."""
+    import warnings
+
+    from attnkit.models import ModelLoadError, load_model
+    from attnkit.plots import artifact_map
+    from attnkit.probes.razor_heads import RazorProfileError, profile_razor_heads
+
+    output = output or Path("heads") / f"razor-{Path(model).stem}.json"
+    try:
+        loaded, tokenizer = load_model(model, dtype=dtype, attn_implementation="eager")
+    except (ModelLoadError, ValueError) as err:
+        fail(str(err))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a shrunk block is reported below
+            artifact = profile_razor_heads(
+                loaded, tokenizer, model_id=model, output=output, block=block, repeats=repeats,
+                induction_ratio=induction_ratio, echo_ratio=echo_ratio, seed=seed, progress=progress,
+            )
+    except RazorProfileError as err:
+        fail(str(err))
+    artifact_map(artifact, output.with_suffix(".png"))
+    params = artifact.parameters
+    if params["block_shrunk"]:
+        typer.echo(f"note: {params['block_shrunk']}")
+    typer.echo(f"{artifact.selection.rule}\n{params['tokens']} tokens in {params['seconds']} s")
+    typer.echo(head_summary(artifact))
+    typer.echo(f"artifact: {output}\nplot: {output.with_suffix('.png')}")
+
+
+@inspect_app.command("heads")
+def inspect_heads(
+    artifact: Path = typer.Argument(..., help="A head-list artifact (JSON written by `attnkit profile`)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG path (default: the artifact's path with .png)."),
+    top: int = typer.Option(10, min=1, help="How many of the best-scoring heads to list."),
+) -> None:
+    """Show a head-list artifact: a layers x heads map of its scores (selected heads outlined) and a summary."""
+    from attnkit.heads import HeadArtifact
+    from attnkit.plots import artifact_map
+
+    if not artifact.is_file():
+        fail(f"{artifact}: not found; pass the path of a head-list artifact, e.g. heads/razor-smollm2.json")
+    try:
+        loaded = HeadArtifact.model_validate_json(artifact.read_text())
+    except ValueError as err:
+        fail(f"{artifact} is not a head-list artifact ({str(err).splitlines()[0]}); pass a JSON written by `attnkit profile`")
+    output = output or artifact.with_suffix(".png")
+    artifact_map(loaded, output)
+    typer.echo(head_summary(loaded, top))
+    typer.echo(f"rule: {loaded.selection.rule}\nplot: {output}")
+
+
+def head_summary(artifact: Any, top: int = 10) -> str:
+    """A few lines about a head-list artifact: method, model, data, selection, the top heads."""
+    import numpy as np
+
+    scores = np.asarray(artifact.scores, dtype=float)
+    level = "KV heads" if artifact.level == "kv" else "query heads"
+    count = sum(len(h) for h in artifact.selected.values())
+    order = np.argsort(-np.nan_to_num(scores, nan=-np.inf).ravel(), kind="stable")[:top]
+    best = ", ".join(f"L{i // scores.shape[1]}H{i % scores.shape[1]} ({scores.flat[i]:.3g})" for i in order)
+    return "\n".join([
+        f"method: {artifact.method}   model: {artifact.model_id}   level: {artifact.level}",
+        f"data: {artifact.data or '-'}   samples: {artifact.samples}   seed: {artifact.seed}",
+        f"selected: {count} of {scores.size} {level} in {len(artifact.selected)} layers",
+        f"top {len(order)} by score: {best}",
+    ])
+
+
 if __name__ == "__main__":
     app()
