@@ -171,5 +171,8 @@ def check_against_model(recipe: Recipe, shape: ModelShape) -> None:
                     resolve_heads(value, shape, allow_foreign=recipe.allow_foreign_heads)
                 except HeadSetError as err:
                     errors.append(f"methods[{i}].heads: {err}")
+        check = getattr(config, "check_against_model", None)
+        if callable(check) and not any(e.startswith(f"methods[{i}].") for e in errors):
+            errors.extend(f"methods[{i}].{line}" for line in check(shape, recipe.allow_foreign_heads))
     if errors:
         raise RecipeError(errors, recipe.name)

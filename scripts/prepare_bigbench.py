@@ -7,6 +7,12 @@ git-ignored, so the files are never committed: BIG-bench task files carry third-
                                                 4-shot, label words " positive" / " negative"
     intent_train.jsonl    intent_test.jsonl     intent_recognition (SNIPS, 7 intents), 7-shot
                                                 (one demonstration per intent, shuffled)
+    conflict_profile.jsonl conflict_validation.jsonl conflict_test.jsonl
+                                                contextual_parametric_knowledge_conflicts (PH3):
+                                                disjoint random splits of 200 / 200 / 400 items
+                                                whose context has at most 60 words, in the
+                                                conflict schema {question, context, context_answer,
+                                                memory_answer}
     manifest.json                               source, seed, template, counts, label balance,
                                                 prompt lengths in SmolLM2 tokens
 
@@ -116,6 +122,34 @@ def build(name: str, spec: dict[str, Any], task: dict[str, Any], seed: int) -> t
     return items, info
 
 
+CONFLICT = {"task": "contextual_parametric_knowledge_conflicts", "max_context_words": 60,
+            "splits": {"profile": 200, "validation": 200, "test": 400}}
+
+
+def build_conflict(task: dict[str, Any], seed: int) -> tuple[dict[str, list[dict]], dict]:
+    """Disjoint seeded splits of the knowledge-conflict items with short contexts (CPU budget)."""
+    import random
+
+    from attnkit.tasks.conflict import bigbench_conflict_rows
+
+    rows, skipped = bigbench_conflict_rows(task)
+    short = [r for r in rows if len(r["context"].split()) <= CONFLICT["max_context_words"]]
+    random.Random(seed).shuffle(short)
+    items, start = {}, 0
+    for split, n in CONFLICT["splits"].items():
+        items[split] = short[start : start + n]
+        start += n
+    info = {
+        "source": f"bigbench {BIGBENCH_VERSION} sdist (PyPI), task {CONFLICT['task']}",
+        "rows_in_task": len(task.get("examples", [])),
+        "rows_not_in_question_context_shape": skipped,
+        "rows_with_short_context": len(short),
+        "max_context_words": CONFLICT["max_context_words"],
+        "seed": seed,
+    }
+    return items, info
+
+
 def token_stats(tok: Any, rows: list[dict]) -> dict[str, float]:
     lengths = [len(tok(r["prompt"])["input_ids"]) for r in rows]
     return {"mean": round(statistics.fmean(lengths), 1), "median": statistics.median(lengths), "max": max(lengths)}
@@ -160,15 +194,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="output folder; files go to OUT/data/ (default: <repo>/.cache/attnkit-data)")  # fmt: skip
     ap.add_argument("--cache", type=Path, default=None, help="attnkit cache root for the sdist (default: $ATTNKIT_CACHE or ~/.cache/attnkit)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", choices=sorted(DATASETS), action="append", help="build only this set (repeatable)")
+    ap.add_argument("--only", choices=sorted([*DATASETS, "conflict"]), action="append", help="build only this set (repeatable)")
     ap.add_argument("--no-tokens", action="store_true", help="skip the tokenizer (no token lengths in the manifest)")
     ap.add_argument("--check", type=int, default=0, metavar="N", help="score the first N test items of each set with SmolLM2")
     args = ap.parse_args(argv)
 
-    names = args.only or list(DATASETS)
+    names = args.only or [*DATASETS, "conflict"]
     out = args.out / "data"
     t0 = time.perf_counter()
-    tasks = bigbench_tasks([DATASETS[n]["task"] for n in names], cache=args.cache)  # one pass over the archive
+    paths = [DATASETS[n]["task"] if n in DATASETS else CONFLICT["task"] for n in names]
+    tasks = bigbench_tasks(paths, cache=args.cache)  # one pass over the archive
     print(f"task files ready in {time.perf_counter() - t0:.1f} s")
 
     tok = None
@@ -183,6 +218,20 @@ def main(argv: list[str] | None = None) -> int:
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     written: dict[str, Path] = {}
     for name in names:
+        if name == "conflict":
+            items, info = build_conflict(tasks[CONFLICT["task"]], args.seed)
+            info["files"] = {}
+            for split, rows in items.items():
+                path = out / f"conflict_{split}.jsonl"
+                write_jsonl(path, rows)
+                entry = {"path": path.name, "n": len(rows)}
+                if tok is not None:
+                    entry["prompt_tokens"] = token_stats(tok, [{"prompt": f"Context: {r['context']}\nQuestion: "
+                                                                 f"{r['question']}\nAnswer:"} for r in rows])
+                info["files"][split] = entry
+                print(f"  {path}: {len(rows)} items {entry.get('prompt_tokens', '')}")
+            manifest[name] = info
+            continue
         spec = DATASETS[name]
         items, info = build(name, spec, tasks[spec["task"]], args.seed)
         info["files"] = {}
