@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import Normalize, PowerNorm
+from matplotlib.colors import LogNorm, Normalize, PowerNorm
 from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
@@ -232,8 +232,16 @@ def artifact_map(artifact: Any, path: str | Path | None = None, title: str | Non
     fig = _new_figure(max(4.0, 0.32 * heads + 2.4), max(3.5, 0.22 * layers + 1.6))
     ax = fig.add_subplot()
     finite = scores[np.isfinite(scores)]
-    norm = Normalize(float(finite.min()), float(finite.max())) if finite.size and finite.max() > finite.min() else None
-    draw_head_map(ax, scores, title, cbar_label="score", norm=norm)
+    norm: Normalize | None = None
+    label = "score"
+    positive = finite[finite > 0]
+    if finite.size and finite.min() >= 0 and positive.size and positive.max() > 1e3 * positive.min():
+        # scores spanning decades (razor's cut-normalised map): log colours, zeros blank
+        norm, label = LogNorm(max(float(positive.min()), float(positive.max()) * 1e-4), float(positive.max())), "score (log scale)"
+        scores = np.where(scores > 0, scores, np.nan)
+    elif finite.size and finite.max() > finite.min():
+        norm = Normalize(float(finite.min()), float(finite.max()))
+    draw_head_map(ax, scores, title, cbar_label=label, norm=norm)
     ax.set_xlabel("KV head" if artifact.level == "kv" else "head")
     for layer, chosen in artifact.selected.items():
         for head in chosen:
