@@ -18,13 +18,15 @@ exactly the frozen-others effect of the pruning PH3 applies.
 
 Why it is cheap: once every attention block's output is frozen, positions no longer interact, so
 only the answer position matters. Per item there is one clean forward and one corrupted forward
-(batched across items) that record, at the last position, every layer's attention output and
-``o_proj`` input; then ONE forward of a length-1 input (the last token at its position) with batch
-``layers * heads + 1`` in which a forward hook replaces each attention module's output by its
-recorded clean value, except, in the patched head's layer, ``o_proj`` of the clean input with that
-head's slice swapped (row 0 patches nothing and gives LD(clean) under the same arithmetic). Tests
-check this equals a direct full-sequence recomputation, and plain activation patching in the last
-layer. Items whose two answers start with the same token (LD = 0 by construction) are skipped.
+(batched across items) that record, at the last position, every layer's attention output,
+``o_proj`` input and residual input; then ONE batched pass of length-1 rows, ``layers * heads + 1``
+of them, in which a forward hook replaces each attention module's output by its recorded clean
+value, except, in the patched head's layer, ``o_proj`` of the clean input with that head's slice
+swapped (row 0 patches nothing and gives LD(clean) under the same arithmetic). On Llama-family
+decoders a head of layer l runs from layer l on (it starts from the clean residual stream there)
+and only the two answer logits are computed; elsewhere the whole model runs on the last token.
+Tests check both equal a direct full-sequence recomputation, and plain activation patching in the
+last layer. Items whose two answers start with the same token (LD = 0 by construction) are skipped.
 """
 
 from __future__ import annotations
