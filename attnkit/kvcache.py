@@ -15,7 +15,7 @@ from the slots' logical columns (:func:`attend`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -42,6 +42,10 @@ class KVGroup:
     bias: torch.Tensor
     """[batch, len(heads), slots] (float32, or float64 for a float64 model) added to the slot's logit: 0 for a kept token, log(n)
     for a token that stands for n dropped ones, -inf for an empty slot."""
+    dense: bool = False
+    """Every slot holds a plain kept token (no empty slot, no bias): a decode step needs no mask."""
+    _kv_index: torch.Tensor | None = field(default=None, repr=False)
+    _query_index: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -49,18 +53,32 @@ class KVGroup:
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, columns: torch.Tensor) -> None:
         """Add new tokens (keys/values [batch, all kv heads, new, d], columns [batch, new])."""
-        index = self.heads_index(keys.device)
-        self.keys = torch.cat([self.keys, keys.index_select(1, index)], dim=2)
-        self.values = torch.cat([self.values, values.index_select(1, index)], dim=2)
+        if len(self.heads) != keys.shape[1]:
+            index = self.kv_index()
+            keys, values = keys.index_select(1, index), values.index_select(1, index)
+        self.keys = torch.cat([self.keys, keys], dim=2)
+        self.values = torch.cat([self.values, values], dim=2)
         cols = columns[:, None, :].expand(-1, len(self.heads), -1)
         self.columns = torch.cat([self.columns, cols], dim=2)
         self.bias = torch.cat([self.bias, torch.where(cols >= 0, 0.0, NEG_INF).to(self.bias.dtype)], dim=2)
 
-    def heads_index(self, device: torch.device) -> torch.Tensor:
-        return torch.tensor(self.heads, device=device, dtype=torch.long)
+    def kv_index(self) -> torch.Tensor:
+        """The heads as an index tensor on the cache's device, made once: building it from a
+        list at every decode step would copy from the host and stall the GPU stream."""
+        if self._kv_index is None:
+            self._kv_index = torch.tensor(self.heads, device=self.keys.device, dtype=torch.long)
+        return self._kv_index
+
+    def query_index(self, groups: int) -> torch.Tensor:
+        """The query heads reading this group's KV heads (``groups`` query heads per KV head), made once."""
+        if self._query_index is None:
+            heads = [h * groups + i for h in self.heads for i in range(groups)]
+            self._query_index = torch.tensor(heads, device=self.keys.device, dtype=torch.long)
+        return self._query_index
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.keys, self.values, self.columns, self.bias = (fn(t) for t in (self.keys, self.values, self.columns, self.bias))
+        self._kv_index = self._query_index = None  # the device may have changed
 
 
 def keep(keys: torch.Tensor, values: torch.Tensor, heads: list[int], columns: torch.Tensor) -> KVGroup:
@@ -77,13 +95,13 @@ def keep(keys: torch.Tensor, values: torch.Tensor, heads: list[int], columns: to
     k = torch.where(valid[..., None], k.gather(2, gather), zero)
     v = torch.where(valid[..., None], v.gather(2, gather), zero)
     bias = torch.where(valid, 0.0, NEG_INF).to(torch.promote_types(k.dtype, torch.float32))
-    return KVGroup(list(heads), k, v, columns.clone(), bias)
+    return KVGroup(list(heads), k, v, columns.clone(), bias, dense=bool(valid.all()))
 
 
 def with_token(group: KVGroup, keys: torch.Tensor, values: torch.Tensor, column: torch.Tensor, bias: torch.Tensor) -> KVGroup:
     """``group`` plus one extra slot per head: keys/values [b, h, d], column and bias [b, h]."""
     return KVGroup(
-        group.heads,
+        list(group.heads),
         torch.cat([group.keys, keys[:, :, None]], dim=2),
         torch.cat([group.values, values[:, :, None]], dim=2),
         torch.cat([group.columns, column[..., None]], dim=2),
@@ -235,13 +253,15 @@ def attend(call: Any, layer: CompressedLayer, backend: Callable[..., Any], **kwa
     q_cols = torch.arange(layer.logical_length - q_len, layer.logical_length, device=query.device)
     out = None
     for group in layer.groups:
-        visible = (group.columns[..., None, :] >= 0) & (group.columns[..., None, :] <= q_cols[:, None])
-        bias = torch.where(visible, group.bias[..., None, :], NEG_INF)  # [b, h, q, slots]
-        mask = expand_heads(bias, groups).to(query.dtype)
+        mask = None
+        if not (group.dense and q_len == 1):
+            visible = (group.columns[..., None, :] >= 0) & (group.columns[..., None, :] <= q_cols[:, None])
+            bias = torch.where(visible, group.bias[..., None, :], NEG_INF)  # [b, h, q, slots]
+            mask = expand_heads(bias, groups).to(query.dtype)
         if len(group.heads) == layer.num_kv_heads:
             q_group = query
         else:
-            q_index = torch.tensor([h * groups + i for h in group.heads for i in range(groups)], device=query.device)
+            q_index = group.query_index(groups)
             q_group = query.index_select(1, q_index)
         output, _ = backend(call.module, q_group, group.keys, group.values, mask, scaling=call.scaling, dropout=0.0, **kwargs)
         if len(group.heads) == layer.num_kv_heads:
