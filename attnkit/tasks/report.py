@@ -65,7 +65,25 @@ def describe_methods(report: dict[str, Any]) -> list[str]:
 
 
 def describe_stats(stats: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={fmt(v)}" for k, v in stats.items())
+    """Counters on one line; per-layer tables (dicts) are left to :func:`kv_table`."""
+    items = [f"{k}={fmt(v)}" for k, v in stats.items() if not isinstance(v, dict)]
+    if stats.get("kv_bytes_before"):
+        items.append(f"kv_kept={stats['kv_bytes_after'] / stats['kv_bytes_before']:.3f}")
+    return ", ".join(items)
+
+
+def kv_table(method_stats: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown: KV bytes before and after compression per layer, measured from the cache tensors."""
+    lines: list[str] = []
+    for label, stats in method_stats.items():
+        per_layer = stats.get("kv_bytes")
+        if not isinstance(per_layer, dict):
+            continue
+        lines += ["", f"## KV cache of `{label}` (bytes summed over the run's prefills)", "",
+                  "| layer | before | after | kept |", "|---|---|---|---|"]  # fmt: skip
+        for layer, (before, after) in sorted(per_layer.items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| {layer} | {before} | {after} | {after / before if before else 1:.3f} |")
+    return lines
 
 
 def describe_comparison(comparison: dict[str, Any] | None) -> str | None:
@@ -103,6 +121,7 @@ def render_markdown(report: dict[str, Any], rows: dict[str, list[dict[str, Any]]
         "## Method stats (totals over the attnkit run)",
         "",
         *(f"- `{label}`: {describe_stats(s)}" for label, s in report["runs"]["attnkit"]["method_stats"].items()),
+        *kv_table(report["runs"]["attnkit"]["method_stats"]),
     ]
     figures = [(name, f) for name, run in report["runs"].items() for f in run.get("files", []) if f.endswith(".png")]
     if figures:

@@ -1,0 +1,96 @@
+"""KV compression on a real model: SmolLM2-135M on the needle grid, full cache vs compressed.
+
+One process, the model loaded once: the untouched model (full cache), then each method on the
+same prompts. Per configuration: needle recall and exact match (overall and per length), the KV
+bytes attnkit kept against the full cache (measured from the cache tensors), and a heatmap.
+Results go to ``--out`` (one JSON per configuration, so a rerun skips finished ones) and a
+summary table to stdout.
+
+    python scripts/kv_evidence.py --out docs/kv-evidence
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import attnkit  # noqa: E402
+from attnkit.methods import Razor, SnapKV, Streaming  # noqa: E402
+from attnkit.models import load_model  # noqa: E402
+from attnkit.tasks.config import NeedleTask  # noqa: E402
+from attnkit.tasks.needle import run_needle  # noqa: E402
+
+RAZOR = dict(sink=4, local=128, ratio=8.0)
+
+
+def configurations() -> dict:
+    return {
+        "full": None,
+        "snapkv_20": [SnapKV(budget=0.2)],
+        "razor_razor_heads": [Razor(heads="heads/razor-smollm2.json", **RAZOR)],
+        "streaming_20": [Streaming(budget=0.2)],
+        "snapkv_10": [SnapKV(budget=0.1)],
+        "razor_retrieval_heads": [Razor(heads="heads/retrieval-smollm2.json", **RAZOR)],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/kv-evidence"))
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8000])
+    parser.add_argument("--only", nargs="*")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model("smollm2-135m-instruct")
+    task = NeedleTask(lengths=args.lengths, max_new_tokens=24)
+    for name, methods in configurations().items():
+        if args.only and name not in args.only:
+            continue
+        path = args.out / f"{name}.json"
+        if path.exists():
+            continue
+        began = time.time()
+        handle = attnkit.apply(model, methods) if methods else None
+        try:
+            result = run_needle(model, tokenizer, task, progress=False)
+            stats = handle.stats(total=True)[methods[0].name] if handle else {}
+        finally:
+            if handle:
+                handle.remove()
+        result.write_files(args.out, name)
+        before, after = stats.get("kv_bytes_before"), stats.get("kv_bytes_after")
+        row = {
+            "config": name,
+            "methods": [repr(m) for m in methods or []],
+            "metrics": result.metrics,
+            "kv_bytes_before": before,
+            "kv_bytes_after": after,
+            "kv_fraction": after / before if before else 1.0,
+            "stats": {k: v for k, v in stats.items() if k != "kv_bytes"},
+            "seconds": round(time.time() - began, 1),
+            "rows": result.rows,
+        }
+        path.write_text(json.dumps(row, indent=1))
+        print(f"{name}: recall {result.metrics['recall']:.3f}, exact {result.metrics['exact_match']:.3f}, "
+              f"kv {row['kv_fraction']:.3f}, {row['seconds']} s", flush=True)
+    summary(args.out)
+
+
+def summary(out: Path) -> None:
+    rows = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
+    full = rows.get("full")
+    print("| config | recall | exact match | recall vs full | KV bytes kept | seconds |")
+    print("|---|---|---|---|---|---|")
+    for name, row in rows.items():
+        m = row["metrics"]
+        rel = m["recall"] / full["metrics"]["recall"] if full and full["metrics"]["recall"] else float("nan")
+        print(f"| {name} | {m['recall']:.3f} | {m['exact_match']:.3f} | {rel:.3f} | {row['kv_fraction']:.3f} | {row['seconds']} |")
+
+
+if __name__ == "__main__":
+    main()
