@@ -203,18 +203,18 @@ class PromptBuilder:
         needle_start = context_start + len(left + left_sep)
         return text, context_start, context_start + len(context), needle_start, self.encode(text)
 
-    def _offsets(self, text: str, ids: list[int]) -> list[tuple[int, int]] | None:
+    def _offsets(self, text: str, ids: list[int]) -> list[tuple[int, int]]:
+        """Each token's character span in ``text``."""
         if getattr(self.tokenizer, "is_fast", False):
             enc = self.tokenizer(text, add_special_tokens=not self.chat, return_offsets_mapping=True)
             if enc["input_ids"] == ids:
                 return [tuple(o) for o in enc["offset_mapping"]]
-        # slow tokenizers: token counts of text prefixes
+        # slow tokenizers: lengths of decoded prefixes (quadratic, but only a fallback)
         return [(len(self.tokenizer.decode(ids[:i])), len(self.tokenizer.decode(ids[: i + 1]))) for i in range(len(ids))]
 
 
-def token_span(offsets: list[tuple[int, int]] | None, start: int, end: int) -> tuple[int, int]:
+def token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
     """Token positions [first, last + 1) of the tokens overlapping characters [start, end)."""
-    assert offsets is not None
     hits = [i for i, (s, e) in enumerate(offsets) if s < end and e > start and e > s]
     if not hits:
         raise ValueError(f"no token covers characters {start}-{end} of the prompt")
