@@ -400,3 +400,16 @@ def test_query_level_artifact_heads_become_kv_heads(tmp_path):
     assert resolve_heads(str(path), shape, level="kv").by_layer() == {0: [0], 2: [1]}
     with attnkit.apply(model, [Razor(heads=str(path), local=4, ratio=None)]) as handle:
         assert handle.stats()["razor"]["retrieval_kv_heads"] == 2
+
+
+def test_report_shows_kv_bytes_per_layer():
+    from attnkit.tasks.report import describe_stats, kv_table
+
+    model = tiny_model("llama-gqa")
+    with attnkit.apply(model, [SnapKV(budget=12, window=4)]) as handle:
+        generate(model, tiny_inputs(model, length=40), steps=1)
+        stats = handle.stats(total=True)
+    lines = kv_table(stats)
+    assert lines[1] == "## KV cache of `snapkv` (bytes summed over the run's prefills)"
+    assert lines[-3:] == [f"| {i} | 10240 | 3072 | 0.300 |" for i in range(3)]
+    assert "kv_kept=0.300" in describe_stats(stats["snapkv"]) and "{" not in describe_stats(stats["snapkv"])
