@@ -413,3 +413,34 @@ def test_report_shows_kv_bytes_per_layer():
     assert lines[1] == "## KV cache of `snapkv` (bytes summed over the run's prefills)"
     assert lines[-3:] == [f"| {i} | 10240 | 3072 | 0.300 |" for i in range(3)]
     assert "kv_kept=0.300" in describe_stats(stats["snapkv"]) and "{" not in describe_stats(stats["snapkv"])
+
+
+def pyramid_reference(cap: int, window: int, length: int, beta: int, layer: int, layers: int) -> int:
+    """PyramidKV's per-layer capacity (window included), written out from its reference code."""
+    low = (cap - window) // beta
+    high = (cap - window) * 2 - low
+    if high >= length - window:
+        high = length - window
+        low = (cap - window) * 2 - high
+    step = (high - low) // (layers - 1)
+    if length < (cap - window) * 2:
+        return cap
+    return high - layer * step + window
+
+
+@pytest.mark.parametrize("cap,length", [(20, 200), (20, 33), (40, 90), (64, 4000)])
+def test_pyramid_budgets_match_pyramidkv(cap, length):
+    from attnkit.methods.snapkv import pyramid_budgets
+
+    for layer in range(30):
+        got = pyramid_budgets(torch.tensor([cap]), torch.tensor([length]), 8, 20, layer, 30)
+        assert got.item() == pyramid_reference(cap, 8, length, 20, layer, 30)
+
+
+def test_pyramid_schedule_keeps_more_below_and_the_same_on_average():
+    model = tiny_model("llama-gqa", num_hidden_layers=5)
+    with attnkit.apply(model, [SnapKV(budget=20, window=4, schedule="pyramid", pyramid_beta=4)]):
+        cache = generate(model, tiny_inputs(model, length=60), steps=1).past_key_values
+    kept = [int((layer.groups[0].columns[0, 0] < 60).sum()) for layer in cache.layers]
+    assert kept == sorted(kept, reverse=True) and kept[0] > 20 > kept[-1]
+    assert abs(sum(kept) / len(kept) - 20) <= 2
