@@ -467,3 +467,26 @@ def test_runner_compares_context_rates(tokenizer, data, tmp_path, artifact):
     assert comparison["accuracy_difference"] == pytest.approx(
         runs["attnkit"]["metrics"]["context_rate"] - runs["baseline"]["metrics"]["context_rate"])
     assert "attnkit - baseline context rate (log-likelihood)" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_cli_profiles_sweeps_and_refuses_bad_options(tokenizer, data, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import attnkit.models
+    from attnkit.cli import app
+
+    model = tiny_model("llama-gqa")
+    monkeypatch.setattr(attnkit.models, "load_model", lambda name: (model, tokenizer))
+    out = tmp_path / "c.json"
+    result = CliRunner().invoke(app, ["profile", "conflict-heads", "--data", data, "-o", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and out.with_suffix(".png").stat().st_size > 0
+    assert "memory heads (" in result.output and "context heads (" in result.output
+    sweep = CliRunner().invoke(app, ["profile", "ph3-sweep", "--heads", str(out), "--data", data, "--ks", "1,2",
+                                     "--no-progress"])
+    assert sweep.exit_code == 0, sweep.output
+    assert "steer context: chose k=" in sweep.output and json.loads(out.read_text())["parameters"]["sweep"]
+    bad = CliRunner().invoke(app, ["profile", "conflict-heads", "--data", data, "--corruption", "shuffled"])
+    assert bad.exit_code == 2 and "use removed or swapped" in bad.output
+    bad = CliRunner().invoke(app, ["profile", "ph3-sweep", "--heads", str(out), "--data", data, "--ks", "1,x"])
+    assert bad.exit_code == 2 and "give whole numbers" in bad.output
