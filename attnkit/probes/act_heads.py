@@ -14,7 +14,6 @@ resumes.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from attnkit.heads import HeadArtifact, ModelShape, Selection
 from attnkit.methods.act import ACT
 from attnkit.tasks.choice import label_word_items, left_pad, load_items
 from attnkit.tasks.config import ChoiceTask
+from attnkit.probes.progress import Progress
 from attnkit.tasks.result import progress_bar
 
 
@@ -107,25 +107,6 @@ def correct(logits: torch.Tensor, batch: Batch) -> int:
     return hits
 
 
-class Progress:
-    """Results so far, one JSON line each, keyed by candidate; reused when the setup matches."""
-
-    def __init__(self, path: Path, setup: dict[str, Any]):
-        self.path, self.done = path, {}
-        if path.is_file():
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            if lines and lines[0].get("setup") == setup:
-                self.done = {line["key"]: line for line in lines[1:]}
-        if not self.done:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"setup": setup}) + "\n")
-
-    def record(self, key: str, accuracy: float, sinks: int) -> None:
-        self.done[key] = {"key": key, "accuracy": accuracy, "sinks": sinks}
-        with self.path.open("a") as f:
-            f.write(json.dumps(self.done[key]) + "\n")
-
-
 def profile_act_heads(
     model: Any,
     tokenizer: Any,
@@ -177,7 +158,7 @@ def profile_act_heads(
                     hits += correct(last_logits(model, batch, start, handle), batch)
                     sinks += handle.stats()["act"].get("sinks_found", 0)
             accuracy = hits / sum(len(b.answers) for b in subset)
-            record.record(key, accuracy, sinks)
+            record.record(key, {"accuracy": accuracy, "sinks": sinks})
             return accuracy
 
         coarse = batches[::coarse_every]

@@ -31,7 +31,6 @@ last layer. Items whose two answers start with the same token (LD = 0 by constru
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +52,7 @@ from attnkit.tasks.conflict import (
     prompt_text,
     swapped_context,
 )
+from attnkit.probes.progress import Progress
 from attnkit.tasks.result import TaskDataError, progress_bar
 
 Corruption = Literal["removed", "swapped"]
@@ -260,25 +260,6 @@ def _tail_logit_diffs(model: Any, position: int, z_clean: torch.Tensor, a_clean:
     return logits[:, 0] - logits[:, 1]
 
 
-class Progress:
-    """Per-item scores so far, one JSON line each; reused when the setup matches (resuming)."""
-
-    def __init__(self, path: Path, setup: dict[str, Any]):
-        self.path, self.done = path, {}
-        if path.is_file():
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            if lines and lines[0].get("setup") == setup:
-                self.done = {line["key"]: line for line in lines[1:]}
-        if not self.done:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"setup": setup}) + "\n")
-
-    def record(self, key: str, **values: Any) -> None:
-        self.done[key] = {"key": key, **values}
-        with self.path.open("a") as f:
-            f.write(json.dumps(self.done[key]) + "\n")
-
-
 def rankings(scores: list[list[float]]) -> tuple[list[list[float]], list[list[float]]]:
     """Memory heads (score > 0, strongest first) and context heads (score < 0, most negative first),
     each as ``[layer, head, score]``."""
@@ -349,8 +330,8 @@ def profile_conflict_heads(
                 )
                 logits = clean["logits"][row].double()
                 ld_full = (logits[item.memory_token] - logits[item.context_token]).item()
-                record.record(str(item.index), ld=ld_clean, ld_full_forward=ld_full,
-                              scores=(ld_clean - ld_patched).tolist())
+                record.record(str(item.index), {"ld": ld_clean, "ld_full_forward": ld_full,
+                                                "scores": (ld_clean - ld_patched).tolist()})
                 advance(1)
             timings["patched_forwards"] += time.perf_counter() - tick
     done = [record.done[str(p.index)] for p in prepared]

@@ -18,7 +18,6 @@ progress file next to the artifact, so an interrupted run resumes where it stopp
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from attnkit.probes.attention_maps import attention_probabilities
 from attnkit.probes.razor_heads import kv_max
 from attnkit.tasks.generate import eos_ids
 from attnkit.tasks.needle import NeedlePrompt, PromptBuilder, recall
+from attnkit.probes.progress import Progress
 from attnkit.tasks.result import progress_bar
 
 __all__ = [
@@ -179,28 +179,6 @@ def aggregate(samples: list[Sample], min_recall: float | None) -> tuple[np.ndarr
     return np.mean([np.asarray(s.scores) for s in kept], axis=0), kept
 
 
-class Progress:
-    """Finished samples, one JSON line each after a setup line; reused when the setup matches."""
-
-    def __init__(self, path: Path | None, setup: dict[str, Any]):
-        self.path, self.done = path, {}
-        if path is None:
-            return
-        if path.is_file():
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            if lines and lines[0].get("setup") == setup:
-                self.done = {line["key"]: Sample(**line) for line in lines[1:]}
-        if not self.done:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"setup": setup}) + "\n")
-
-    def record(self, sample: Sample) -> None:
-        self.done[sample.key] = sample
-        if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(json.dumps(asdict(sample)) + "\n")
-
-
 def profile_retrieval_heads(
     model: Any,
     tokenizer: Any,
@@ -249,11 +227,12 @@ def profile_retrieval_heads(
             if key not in record.done:
                 prompt = builders[i].build(length, depth, needles[i].needle, needles[i].answer)
                 scores, reply, steps = sample_scores(model, tokenizer, prompt, max_new_tokens, shape)
-                record.record(Sample(key, length, depth, i, scores.tolist(), reply, recall(reply, needles[i].answer),
-                                     len(prompt.input_ids), steps))  # fmt: skip
+                sample = Sample(key, length, depth, i, scores.tolist(), reply, recall(reply, needles[i].answer),
+                                len(prompt.input_ids), steps)  # fmt: skip
+                record.record(key, asdict(sample))
             advance(1)
     seconds = time.perf_counter() - start
-    samples = [record.done[f"{i}:{length}:{depth}"] for i, length, depth in cells]
+    samples = [Sample(**record.done[f"{i}:{length}:{depth}"]) for i, length, depth in cells]
     query_scores, kept = aggregate(samples, min_recall)
     scores = kv_max(query_scores, shape.num_kv_heads) if level == "kv" else query_scores
     selected: dict[int, list[int]] = {}
