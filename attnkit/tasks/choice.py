@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from attnkit.tasks.config import ChoiceTask
-from attnkit.tasks.result import TaskDataError, TaskResult, chat_prompt, progress_bar, read_jsonl, uses_chat_template
+from attnkit.tasks.result import TaskDataError, TaskResult, chat_prompt, checked_rows, progress_bar, uses_chat_template
 
 EXAMPLE = '{"prompt": "The capital of France is", "choices": [" Paris", " Rome"], "answer": 0}'
 
@@ -52,17 +52,10 @@ def item_problem(item: dict[str, Any]) -> str | None:
 
 def load_items(task: ChoiceTask) -> list[Item]:
     """The task's items, validated (every bad line is reported at once) and cut to ``limit``."""
-    items, problems = [], []
-    for number, raw in read_jsonl(task.data, "task.data"):
-        where = f"{task.data}:{number}"
-        problem = item_problem(raw)
-        if problem:
-            problems.append(f"{where}: {problem}")
-            continue
+    items = []
+    for where, raw in checked_rows(task.data, "task.data", item_problem, EXAMPLE):
         answer = raw["answer"] if isinstance(raw["answer"], int) else raw["choices"].index(raw["answer"])
         items.append(Item(where, raw["prompt"], raw["choices"], answer))
-    if problems:
-        raise TaskDataError("\n".join(problems) + f"\neach line must look like {EXAMPLE}")
     return items[: task.limit]
 
 

@@ -28,7 +28,7 @@ import torch
 from attnkit.tasks.choice import encode_choice, left_pad, wilson_interval
 from attnkit.tasks.config import ConflictTask
 from attnkit.tasks.generate import eos_ids
-from attnkit.tasks.result import TaskDataError, TaskResult, chat_prompt, progress_bar, read_jsonl
+from attnkit.tasks.result import TaskDataError, TaskResult, chat_prompt, checked_rows, progress_bar
 
 EXAMPLE = (
     '{"question": "What is the capital of France?", "context": "The capital of France is Rome.", '
@@ -64,17 +64,11 @@ def item_problem(item: Mapping[str, Any]) -> str | None:
 
 def load_conflict_items(task: ConflictTask) -> list[ConflictItem]:
     """The task's items, validated (every bad line reported at once) and cut to ``limit``."""
-    items, problems = [], []
-    for number, raw in read_jsonl(task.data, "task.data"):
-        where = f"{task.data}:{number}"
-        problem = item_problem(raw)
-        if problem:
-            problems.append(f"{where}: {problem}")
-            continue
-        items.append(ConflictItem(where, raw["question"], raw["context"], raw["context_answer"].strip(),
-                                  raw["memory_answer"].strip(), raw.get("relation")))
-    if problems:
-        raise TaskDataError("\n".join(problems) + f"\neach line must look like {EXAMPLE}")
+    items = [
+        ConflictItem(where, raw["question"], raw["context"], raw["context_answer"].strip(),
+                     raw["memory_answer"].strip(), raw.get("relation"))
+        for where, raw in checked_rows(task.data, "task.data", item_problem, EXAMPLE)
+    ]  # fmt: skip
     if not items:
         raise TaskDataError(f"task.data: {task.data} holds no items; each line must look like {EXAMPLE}")
     return items[: task.limit]

@@ -57,6 +57,26 @@ def read_jsonl(path: str | Path, what: str) -> list[tuple[int, dict[str, Any]]]:
     return items
 
 
+def checked_rows(
+    path: str | Path, what: str, problem: Callable[[dict[str, Any]], str | None], example: str
+) -> list[tuple[str, dict[str, Any]]]:
+    """``("file:line", object)`` for each line of a JSONL file that ``problem`` accepts.
+
+    Every bad line is reported at once, each with what is wrong, then the expected shape.
+    """
+    rows, problems = [], []
+    for number, raw in read_jsonl(path, what):
+        where = f"{path}:{number}"
+        issue = problem(raw)
+        if issue:
+            problems.append(f"{where}: {issue}")
+        else:
+            rows.append((where, raw))
+    if problems:
+        raise TaskDataError("\n".join(problems) + f"\neach line must look like {example}")
+    return rows
+
+
 @contextmanager
 def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
     """A rich progress bar on stderr, shown only when ``enabled`` and stderr is a terminal.
