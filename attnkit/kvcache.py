@@ -14,7 +14,6 @@ from the slots' logical columns (:func:`attend`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -325,7 +324,3 @@ def compensation_bias(count: torch.Tensor) -> torch.Tensor:
     """The compensation slot's logit bias: log(count), so it weighs in the softmax as ``count``
     tokens with the mean key would; -inf (an empty slot) where nothing was dropped."""
     return torch.where(count > 0, count.clamp(min=1).double().log(), NEG_INF)
-
-
-def fraction(before: int, after: int) -> float:
-    return after / before if before else math.nan

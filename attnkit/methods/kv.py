@@ -21,10 +21,6 @@ from attnkit.methods.base import Method, MethodConfig
 if TYPE_CHECKING:
     from attnkit.apply import Attachment
 
-Budget = float
-"""An absolute token count (>= 1) or a fraction of each prompt (0 < budget < 1)."""
-
-
 class KVConfig(MethodConfig):
     """Fields common to KV methods."""
 

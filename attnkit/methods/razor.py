@@ -86,7 +86,7 @@ class Razor(KVMethod):
 
     def with_compensation(self, group: KVGroup, keys: torch.Tensor, values: torch.Tensor, dropped: torch.Tensor) -> KVGroup:
         """Append each head's compensation token (mean of its dropped keys/values)."""
-        index = torch.tensor(group.heads, device=keys.device)
+        index = group.kv_index()
         key, value, count, column = compensation(keys.index_select(1, index), values.index_select(1, index), dropped)
         bias = compensation_bias(count)
         if self.config.compensation == "plain":
