@@ -8,8 +8,9 @@ and nothing is expanded to query heads.
 
 The layer reports the *logical* length, what the uncompressed cache would hold, so transformers
 keeps counting positions and building masks for the original sequence: new tokens continue from
-the prompt length. attnkit's attention function reads the groups and builds each group's mask
-from the slots' logical columns (:func:`attend`).
+the prompt length. attnkit's attention function reads the groups (:func:`attend`): a one-token
+decode step reads every slot of a group, adding the kept slots' biases to its logits; a longer
+query builds each group's mask from the slots' logical columns.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
+
 
 NEG_INF = float("-inf")
 
@@ -34,15 +38,17 @@ class KVGroup:
     heads: list[int]
     """The layer's KV head indices held here, ascending."""
     keys: torch.Tensor
-    """[batch, len(heads), slots, head_dim]"""
+    """[batch, len(heads), slots, head_dim]: the slots kept from the prompt, then every new token."""
     values: torch.Tensor
     columns: torch.Tensor
-    """[batch, len(heads), slots] long: each slot's column in the logical sequence; -1 = empty."""
+    """[batch, len(heads), kept] long: each kept prompt slot's column in the logical sequence; -1 =
+    empty. New tokens (the slots after ``kept``) take the columns after the prompt, in order."""
     bias: torch.Tensor
-    """[batch, len(heads), slots] (float32, or float64 for a float64 model) added to the slot's logit: 0 for a kept token, log(n)
-    for a token that stands for n dropped ones, -inf for an empty slot."""
+    """[batch, len(heads), kept] (float32, or float64 for a float64 model) added to the kept slot's
+    logit: 0 for a kept token, log(n) for a token that stands for n dropped ones, -inf for an
+    empty slot. New tokens have bias 0."""
     dense: bool = False
-    """Every slot holds a plain kept token (no empty slot, no bias): a decode step needs no mask."""
+    """Every kept slot holds a plain token (no empty slot, no bias): a decode step adds no bias."""
     _kv_index: torch.Tensor | None = field(default=None, repr=False)
     _query_index: torch.Tensor | None = field(default=None, repr=False)
 
@@ -50,16 +56,29 @@ class KVGroup:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.columns, self.bias))
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, columns: torch.Tensor) -> None:
-        """Add new tokens (keys/values [batch, all kv heads, new, d], columns [batch, new])."""
+    @property
+    def kept(self) -> int:
+        """Slots kept from the prompt (the rest are new tokens)."""
+        return self.columns.shape[-1]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Add new tokens (keys/values [batch, all kv heads, new, d])."""
         if len(self.heads) != keys.shape[1]:
             index = self.kv_index()
             keys, values = keys.index_select(1, index), values.index_select(1, index)
         self.keys = torch.cat([self.keys, keys], dim=2)
         self.values = torch.cat([self.values, values], dim=2)
-        cols = columns[:, None, :].expand(-1, len(self.heads), -1)
-        self.columns = torch.cat([self.columns, cols], dim=2)
-        self.bias = torch.cat([self.bias, torch.where(cols >= 0, 0.0, NEG_INF).to(self.bias.dtype)], dim=2)
+
+    def slot_bias(self) -> torch.Tensor:
+        """The logit bias of every slot [batch, len(heads), slots], new tokens (0) included."""
+        b, h, slots = self.keys.shape[:3]
+        return torch.cat([self.bias, self.bias.new_zeros(b, h, slots - self.kept)], dim=2)
+
+    def slot_columns(self, logical_length: int) -> torch.Tensor:
+        """The logical column of every slot [batch, len(heads), slots], new tokens included."""
+        b, h, slots = self.keys.shape[:3]
+        new = torch.arange(logical_length - (slots - self.kept), logical_length, device=self.columns.device)
+        return torch.cat([self.columns, new.expand(b, h, -1)], dim=2)
 
     def kv_index(self) -> torch.Tensor:
         """The heads as an index tensor on the cache's device, made once: building it from a
@@ -161,12 +180,9 @@ class CompressedLayer(CacheLayerMixin):
                 "this cache was compressed by an attnkit handle that is no longer active; decode from it "
                 "inside that handle (its attention function reads the compressed layout), or start a new cache"
             )
-        new = key_states.shape[-2]
-        columns = torch.arange(self.logical_length, self.logical_length + new, device=key_states.device)
-        columns = columns[None].expand(key_states.shape[0], -1)
         for group in self.groups:
-            group.append(key_states, value_states, columns)
-        self.logical_length += new
+            group.append(key_states, value_states)
+        self.logical_length += key_states.shape[-2]
         return self.groups[0].keys, self.groups[0].values
 
     def get_seq_length(self) -> int:
@@ -240,35 +256,83 @@ def expand_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def attend(call: Any, layer: CompressedLayer, backend: Callable[..., Any], **kwargs: Any) -> torch.Tensor:
-    """Attention of ``call``'s queries over a compressed layer: one backend call per group.
+    """Attention of ``call``'s queries over a compressed layer, group by group.
 
-    Each group's mask comes from its slots: a slot is read when it is not empty and its logical
-    column is at or before the query's column; a compensation slot adds its log-count bias.
+    A one-token decode step is computed here (:func:`decode_attention`): it sees every slot, so
+    it needs no mask, only the kept slots' biases. A longer query calls the backend once per
+    group with a mask from the slots: a slot is read when it is not empty and its logical column
+    is at or before the query's; a compensation slot adds its log-count bias.
     Returns [batch, queries, heads, head_dim] like any backend.
     """
     query = call.query
     b, n_heads, q_len, _ = query.shape
     groups = n_heads // layer.num_kv_heads
-    q_cols = torch.arange(layer.logical_length - q_len, layer.logical_length, device=query.device)
+    whole = len(layer.groups) == 1 and len(layer.groups[0].heads) == layer.num_kv_heads
     out = None
     for group in layer.groups:
-        mask = None
-        if not (group.dense and q_len == 1):
-            visible = (group.columns[..., None, :] >= 0) & (group.columns[..., None, :] <= q_cols[:, None])
-            bias = torch.where(visible, group.bias[..., None, :], NEG_INF)  # [b, h, q, slots]
-            mask = expand_heads(bias, groups).to(query.dtype)
-        if len(group.heads) == layer.num_kv_heads:
-            q_group = query
+        q_index = None if whole else group.query_index(groups)
+        q_group = query if q_index is None else query.index_select(1, q_index)
+        if q_len == 1:
+            output = decode_attention(call, q_group, group)
         else:
-            q_index = group.query_index(groups)
-            q_group = query.index_select(1, q_index)
-        output, _ = backend(call.module, q_group, group.keys, group.values, mask, scaling=call.scaling, dropout=0.0, **kwargs)
-        if len(group.heads) == layer.num_kv_heads:
+            output = masked_attention(call, q_group, group, layer.logical_length, backend, **kwargs)
+        if q_index is None:
             return output
         if out is None:
-            out = output.new_zeros(b, q_len, n_heads, output.shape[-1])
+            out = output.new_empty(b, q_len, n_heads, output.shape[-1])
         out[:, :, q_index] = output
     return out
+
+
+def decode_attention(call: Any, query: torch.Tensor, group: KVGroup) -> torch.Tensor:
+    """One query token [b, heads, 1, d] over every slot of ``group`` -> [b, 1, heads, d].
+
+    The query heads that share a KV head read the same slots with the same mask, so they are
+    folded into the query length: one sdpa call on the cache's own KV heads, never expanded
+    (the "GQA packing" of flash-decoding). sdpa's cuDNN backend is left out: it builds a new plan
+    whenever the key length changes, which a cache does at every step. A softcapped model
+    (Gemma 2) takes the plain matmul-softmax-matmul path, as sdpa has no softcap.
+    """
+    b, h, _, d = query.shape
+    kv = group.keys.shape[1]
+    folded = query.reshape(b, kv, h // kv, d)
+    if call.softcap is not None:
+        logits = call.logits(folded, group.keys)  # [b, kv, groups, slots], at least float32
+        if not group.dense:
+            logits[..., : group.kept] += group.bias[:, :, None, :].to(logits.dtype)
+        probs = torch.softmax(logits, dim=-1).to(group.values.dtype)
+        out = torch.matmul(probs, group.values)
+    else:
+        mask = None if group.dense else group.slot_bias()[:, :, None, :].to(query.dtype)
+        with sdpa_without_cudnn():
+            out = F.scaled_dot_product_attention(folded, group.keys, group.values, attn_mask=mask, scale=call.scaling)
+    return out.reshape(b, h, 1, d).transpose(1, 2)
+
+
+def sdpa_without_cudnn() -> Any:
+    """A context in which sdpa may use the backends it may use now, except cuDNN attention."""
+    allowed = [
+        backend
+        for backend, enabled in (
+            (SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled()),
+            (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled()),
+            (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled()),
+        )
+        if enabled
+    ]
+    return sdpa_kernel(allowed or [SDPBackend.MATH])
+
+
+def masked_attention(call: Any, query: torch.Tensor, group: KVGroup, logical_length: int, backend: Callable[..., Any], **kwargs: Any) -> torch.Tensor:
+    """Queries [b, heads, q, d] (the last q logical columns) over ``group`` through the backend, with the slots' mask."""
+    q_len = query.shape[2]
+    q_cols = torch.arange(logical_length - q_len, logical_length, device=query.device)
+    columns, bias = group.slot_columns(logical_length), group.slot_bias()
+    visible = (columns[..., None, :] >= 0) & (columns[..., None, :] <= q_cols[:, None])
+    mask = torch.where(visible, bias[..., None, :], NEG_INF)  # [b, kv heads, q, slots]
+    mask = expand_heads(mask, query.shape[1] // group.keys.shape[1]).to(query.dtype)
+    output, _ = backend(call.module, query, group.keys, group.values, mask, scaling=call.scaling, dropout=0.0, **kwargs)
+    return output
 
 
 def row_spans(attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,11 +2,15 @@
 
 Llama-3-8B shape, random bf16 weights, 32K-token prompts, 256 decoded tokens. For each
 configuration (the untouched model's full cache, ``snapkv`` budget 2048, ``razor`` with 15% of
-the KV heads as retrieval heads, at the paper's buffer max(4000, N/5) and at max(4000, N/8)):
+the KV heads as retrieval heads, at the paper's buffer max(4000, N/5) and at max(4000, N/8); and
+the untouched model again with sdpa's cuDNN backend left out, a second baseline for step time):
 
 - KV bytes after prefill, measured from the cache tensors (and attnkit's own per-layer count);
-- batch-1 prefill time and batch-1 decode step time (CUDA events, medians), against the untouched
-  model of the same run;
+- batch-1 prefill time and batch-1 decode step time (medians), against the untouched model of
+  the same run. Configurations take turns (round-robin, a few steps each) so that drifts of the
+  host, which swing a launch-bound step by +-30% over minutes, fall on every configuration alike;
+  each configuration has its own model object sharing one set of weights, so every attnkit
+  handle stays applied the whole run;
 - capacity: the largest batch of 32K-token sequences whose cache fits and decodes 256 tokens with
   the process capped at 80 GB (an H100's memory; `torch.cuda.set_per_process_memory_fraction`);
 - throughput: decode tokens/s summed over the batch, at that largest batch, 256 steps.
@@ -25,6 +29,7 @@ count matters for memory and speed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -64,6 +69,7 @@ def configurations(shape: dict, args) -> dict:
     heads = retrieval_heads(shape, args.razor_fraction)
     return {
         "full": None,
+        "full_no_cudnn": None,
         "snapkv": [SnapKV(budget=args.snap_budget)],
         "razor_C5": [Razor(heads=heads, local=args.razor_local, ratio=5.0)],
         "razor_C8": [Razor(heads=heads, local=args.razor_local, ratio=8.0)],
@@ -77,6 +83,23 @@ def build(shape: dict, device: str):
     with torch.device(device):
         model = LlamaForCausalLM(LlamaConfig(**shape, attn_implementation="sdpa"))
     return model.to(torch.bfloat16).eval()
+
+
+def twin(model, shape: dict):
+    """A second model object over the same weight tensors (its own config, so its own attnkit plan)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        other = LlamaForCausalLM(LlamaConfig(**shape, attn_implementation="sdpa"))
+    other.load_state_dict(model.state_dict(), assign=True)
+    modules = dict(other.named_modules())
+    for name, buffer in model.named_buffers():  # non-persistent buffers (rotary frequencies)
+        owner, _, attr = name.rpartition(".")
+        setattr(modules[owner], attr, buffer)
+    for name, module in model.named_modules():
+        if hasattr(module, "original_inv_freq"):
+            modules[name].original_inv_freq = module.original_inv_freq
+    return other.eval()
 
 
 def sync(device: str) -> None:
@@ -150,57 +173,76 @@ def capacity(model, ids, args, device: str) -> int:
     return low
 
 
-def measure(model, name: str, methods, ids, args, device: str) -> dict:
-    handle = None if methods is None else attnkit.apply(model, methods)
-    try:
-        with torch.no_grad():
-            prefill_ms = []
-            for _ in range(args.reps):
+def sdpa_backends(name: str):
+    """sdpa's backends for a configuration: ``*_no_cudnn`` leaves out cuDNN attention, which on an
+    H100/H200 builds a new plan whenever the key length changes (every decode step)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if name.endswith("_no_cudnn"):
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    return contextlib.nullcontext()
+
+
+def latency(models: dict, ids, args, device: str) -> dict:
+    """Batch-1 prefill and decode-step times, the configurations taking turns."""
+    rows = {name: {"prefill_ms": [], "decode_step_ms": []} for name in models}
+    caches = {}
+    for rep in range(args.reps):
+        for name, (model, handle) in models.items():
+            caches.pop(name, None)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            with torch.no_grad(), sdpa_backends(name):
+                ms, caches[name] = timed(lambda: prefill(model, ids), device)
+            rows[name]["prefill_ms"].append(ms)
+            if rep == 0:
+                rows[name]["kv_bytes"] = cache_bytes(caches[name][0])
+                stats = next(iter(handle.stats().values())) if handle else {}
+                rows[name]["attnkit_kv_bytes"] = [stats.get("kv_bytes_before"), stats.get("kv_bytes_after")]
+    for _ in range(args.rounds):
+        for name, (model, _handle) in models.items():
+            cache, token = caches[name]
+            with torch.no_grad(), sdpa_backends(name):
+                times = decode(model, cache, token, args.round_steps + 1, device)
+            rows[name]["decode_step_ms"] += times[1:]  # the first step after a switch warms caches
+    for name, row in rows.items():
+        row["prefill_runs_ms"], row["decode_runs_ms"] = row["prefill_ms"], row["decode_step_ms"]
+        row["prefill_ms"] = statistics.median(row["prefill_runs_ms"])
+        row["decode_step_ms"] = statistics.median(row["decode_runs_ms"])
+        log(f"{name}: prefill {row['prefill_ms']:.1f} ms, step {row['decode_step_ms']:.2f} ms")
+    return rows
+
+
+def throughput(model, name: str, ids, args, device: str) -> dict:
+    """Capacity within the memory cap, then decode tokens/s at that batch."""
+    row: dict = {}
+    with torch.no_grad(), sdpa_backends(name):
+        best = capacity(model, ids, args, device)
+        row["capacity"] = best
+        times = None
+        while best and times is None:  # probes decode a few steps; the full run may need a smaller batch
+            try:
+                cache, token = batch_cache(model, ids, best)
                 if device == "cuda":
-                    torch.cuda.empty_cache()
-                ms, (cache, token) = timed(lambda: prefill(model, ids), device)
-                prefill_ms.append(ms)
-            kv_bytes = cache_bytes(cache)
-            stats = handle.stats()[methods[0].name] if handle else {}
-            step_ms = decode(model, cache, token, args.timing_steps, device)[2:]
-            cache = token = None
-            row = {
-                "prefill_ms": statistics.median(prefill_ms),
-                "decode_step_ms": statistics.median(step_ms),
-                "kv_bytes": kv_bytes,
-                "attnkit_kv_bytes": [stats.get("kv_bytes_before"), stats.get("kv_bytes_after")],
-            }
-            log(f"{name}: {row}")
-            if args.capacity and (not args.capacity_for or name in args.capacity_for):
-                best = capacity(model, ids, args, device)
-                row["capacity"] = best
-                times = None
-                while best and times is None:  # probes decode 16 steps; the full run may need a smaller batch
-                    try:
-                        cache, token = batch_cache(model, ids, best)
-                        if device == "cuda":
-                            torch.cuda.reset_peak_memory_stats()
-                        log(f"throughput run at batch {best}")
-                        times = decode(model, cache, token, args.decode, device)
-                    except torch.OutOfMemoryError:
-                        cache = token = None
-                        torch.cuda.empty_cache()
-                        row.setdefault("probe_capacity", best)
-                        best -= max(1, best // 16)
-                row["capacity"] = best
-                if times:
-                    row["throughput_tok_s"] = best * len(times) / (sum(times) / 1e3)
-                    row["batch_step_ms"] = statistics.median(times)
-                    if device == "cuda":
-                        row["peak_gb_at_capacity"] = torch.cuda.max_memory_allocated() / 1e9
-                    cache = token = None
-            print(name, json.dumps(row), flush=True)
-            return row
-    finally:
-        if handle:
-            handle.remove()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                log(f"{name}: throughput run at batch {best}")
+                times = decode(model, cache, token, args.decode, device)
+            except torch.OutOfMemoryError:
+                cache = token = None
+                torch.cuda.empty_cache()
+                row.setdefault("probe_capacity", best)
+                best -= max(1, best // 16)
+        row["capacity"] = best
+        if times:
+            row["throughput_tok_s"] = best * len(times) / (sum(times) / 1e3)
+            row["batch_step_ms"] = statistics.median(times)
+            if device == "cuda":
+                row["peak_gb_at_capacity"] = torch.cuda.max_memory_allocated() / 1e9
+        cache = token = None  # noqa: F841
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    log(f"{name}: {row}")
+    return row
 
 
 def main() -> None:
@@ -214,8 +256,9 @@ def main() -> None:
     parser.add_argument("--memory-gib", type=float, default=80.0, help="cap on the process's GPU memory (an H100 80GB: all of it)")
     parser.add_argument("--max-batch", type=int, default=512)
     parser.add_argument("--probe-steps", type=int, default=16)
-    parser.add_argument("--timing-steps", type=int, default=34)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=8, help="turns each configuration takes at batch-1 decoding")
+    parser.add_argument("--round-steps", type=int, default=8, help="decode steps timed per turn")
+    parser.add_argument("--reps", type=int, default=3, help="batch-1 prefills per configuration (taking turns)")
     parser.add_argument("--no-capacity", dest="capacity", action="store_false")
     parser.add_argument("--only", nargs="*", help="configurations to run (default: all)")
     parser.add_argument("--capacity-for", nargs="*", help="configurations whose capacity is searched (default: all)")
@@ -224,27 +267,37 @@ def main() -> None:
     if args.tiny:
         shape, device = TINY, "cpu"
         args.prompt, args.decode, args.snap_budget, args.razor_local = 512, 8, 64, 32
-        args.max_batch, args.timing_steps, args.reps, args.probe_steps = 4, 6, 1, 2
+        args.max_batch, args.rounds, args.round_steps, args.reps, args.probe_steps = 4, 2, 3, 2, 2
     else:
         shape, device = LLAMA3_8B, "cuda"
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * 2**30 / total))
     model = build(shape, device)
     ids = torch.randint(0, shape["vocab_size"], (1, args.prompt), device=device, generator=None)
-    configs = configurations(shape, args)
-    with torch.no_grad():
-        prefill(model, ids)  # warm-up: kernels, allocator
-    results = {}
+    configs = {name: m for name, m in configurations(shape, args).items() if not args.only or name in args.only}
+    models = {}
     for name, methods in configs.items():
-        if args.only and name not in args.only:
-            continue
-        results[name] = measure(model, name, methods, ids, args, device)
+        instance = model if methods is None else twin(model, shape)
+        models[name] = (instance, attnkit.apply(instance, methods) if methods else None)
+    with torch.no_grad():
+        for name, (instance, _handle) in models.items():  # warm-up: kernels, allocator
+            prefill(instance, ids)
+    results = latency(models, ids, args, device)
+    if args.capacity:
+        for name, (instance, _handle) in models.items():
+            if not args.capacity_for or name in args.capacity_for:
+                results[name].update(throughput(instance, name, ids, args, device))
+    for _instance, handle in models.values():
+        if handle:
+            handle.remove()
     base = results.get("full")
     if base:
         for name, row in results.items():
             row["kv_fraction"] = row["kv_bytes"] / base["kv_bytes"]
             row["prefill_ratio"] = row["prefill_ms"] / base["prefill_ms"]
             row["decode_step_ratio"] = row["decode_step_ms"] / base["decode_step_ms"]
+            if "full_no_cudnn" in results:
+                row["decode_step_ratio_no_cudnn"] = row["decode_step_ms"] / results["full_no_cudnn"]["decode_step_ms"]
             if base.get("capacity") and row.get("capacity") is not None:
                 row["capacity_ratio"] = row["capacity"] / base["capacity"]
                 row["throughput_ratio"] = row["throughput_tok_s"] / base["throughput_tok_s"]
