@@ -287,25 +287,26 @@ def attend(call: Any, layer: CompressedLayer, backend: Callable[..., Any], **kwa
 def decode_attention(call: Any, query: torch.Tensor, group: KVGroup) -> torch.Tensor:
     """One query token [b, heads, 1, d] over every slot of ``group`` -> [b, 1, heads, d].
 
-    The query heads that share a KV head read the same slots with the same mask, so they are
-    folded into the query length: one sdpa call on the cache's own KV heads, never expanded
-    (the "GQA packing" of flash-decoding). sdpa's cuDNN backend is left out: it builds a new plan
-    whenever the key length changes, which a cache does at every step. A softcapped model
-    (Gemma 2) takes the plain matmul-softmax-matmul path, as sdpa has no softcap.
+    The query heads that share a KV head read the same slots, so they are folded into the query
+    length and the keys are never expanded (the "GQA packing" of flash-decoding). A dense group
+    (no bias) is one sdpa call without a mask, with sdpa's cuDNN backend left out: it builds a new
+    plan whenever the key length changes, which a cache does at every step. A group with biased or
+    empty slots, or a softcapped model (Gemma 2), takes plain matmul-softmax-matmul with the bias
+    added to the logits in float32: a masked sdpa call would run the memory-efficient kernel, which
+    gives one query a single thread block per head and walks every slot serially.
     """
     b, h, _, d = query.shape
     kv = group.keys.shape[1]
     folded = query.reshape(b, kv, h // kv, d)
-    if call.softcap is not None:
+    if call.softcap is None and group.dense:
+        with sdpa_without_cudnn():
+            out = F.scaled_dot_product_attention(folded, group.keys, group.values, scale=call.scaling)
+    else:
         logits = call.logits(folded, group.keys)  # [b, kv, groups, slots], at least float32
         if not group.dense:
             logits[..., : group.kept] += group.bias[:, :, None, :].to(logits.dtype)
         probs = torch.softmax(logits, dim=-1).to(group.values.dtype)
         out = torch.matmul(probs, group.values)
-    else:
-        mask = None if group.dense else group.slot_bias()[:, :, None, :].to(query.dtype)
-        with sdpa_without_cudnn():
-            out = F.scaled_dot_product_attention(folded, group.keys, group.values, attn_mask=mask, scale=call.scaling)
     return out.reshape(b, h, 1, d).transpose(1, 2)
 
 
