@@ -362,6 +362,20 @@ def test_bytes_are_measured_per_layer_and_really_shrink():
     assert stats["kv_bytes_after"] < stats["kv_bytes_before"]
 
 
+def test_byte_totals_count_layers_left_whole():
+    """A layer whose heads are all retrieval heads stays whole; the totals still count it, so
+    after / before is the fraction of the whole cache kept."""
+    model = tiny_model("llama-gqa")
+    inputs = tiny_inputs(model, length=40)
+    full_bytes = cache_bytes(generate(model, inputs, steps=1).past_key_values)
+    with attnkit.apply(model, [Razor(heads={1: [0, 1]}, sink=2, local=6, ratio=None)]) as handle:
+        out = generate(model, inputs, steps=1)
+        stats = handle.stats()["razor"]
+    assert stats["layers_untouched"] == 1 and stats["layers_compressed"] == 2
+    assert stats["kv_bytes_before"] == full_bytes
+    assert stats["kv_bytes_after"] == cache_bytes(out.past_key_values)
+
+
 # --- composition and errors --------------------------------------------------------------------------
 
 

@@ -85,16 +85,15 @@ class KVMethod(Method):
             starts, lengths = row_spans(call.state.attention_mask, keys.shape[0], keys.shape[2], keys.device)
             groups = self.select(call, keys, values, starts, lengths)
             before = layer_bytes(layer)
-            if groups is None:
-                self.stats.add("layers_untouched")
-                self.stats.tally("kv_bytes", call.layer, [before, before])
-                return None
-            smaller = CompressedLayer(groups, keys.shape[2], self.num_kv_heads, owner)
-            after = smaller.kv_bytes
-            self.stats.add("layers_compressed")
+            smaller = None if groups is None else CompressedLayer(groups, keys.shape[2], self.num_kv_heads, owner)
+            after = before if smaller is None else smaller.kv_bytes
+            # Totals cover every layer the method manages, those it leaves whole included.
+            self.stats.add("layers_untouched" if smaller is None else "layers_compressed")
             self.stats.add("kv_bytes_before", before)
             self.stats.add("kv_bytes_after", after)
             self.stats.tally("kv_bytes", call.layer, [before, after])
+            if smaller is None:
+                return None
             self.stats.add("slots_kept", sum(int((g.columns >= 0).sum()) for g in groups))
             return smaller
 
