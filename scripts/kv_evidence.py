@@ -7,6 +7,9 @@ Results go to ``--out`` (one JSON per configuration, so a rerun skips finished o
 summary table to stdout.
 
     python scripts/kv_evidence.py --out docs/kv-evidence
+    python scripts/kv_evidence.py --out DIR --only full snapkv_20 --needle ... --question ... --answer ...
+
+The second form checks a setting on a different needle (a held-out check for what the grid chose).
 """
 
 from __future__ import annotations
@@ -28,6 +31,17 @@ from attnkit.tasks.needle import run_needle  # noqa: E402
 RAZOR = dict(sink=4, local=128, ratio=8.0)
 
 
+def razor_heads_at(induction_ratio: float, echo_ratio: float = 0.01) -> dict[int, list[int]]:
+    """The razor-heads artifact's heads re-selected from its stored scores at a larger induction share."""
+    import numpy as np
+
+    from attnkit.probes.razor_heads import top_union
+
+    params = json.loads(Path("heads/razor-smollm2.json").read_text())["parameters"]
+    heads, _ = top_union(np.array(params["induction_kv"]), np.array(params["echo_kv"]), induction_ratio, echo_ratio)
+    return heads
+
+
 def configurations() -> dict:
     return {
         "full": None,
@@ -36,6 +50,12 @@ def configurations() -> dict:
         "streaming_20": [Streaming(budget=0.2)],
         "snapkv_10": [SnapKV(budget=0.1)],
         "razor_retrieval_heads": [Razor(heads="heads/retrieval-smollm2.json", **RAZOR)],
+        "snapkv_20_max": [SnapKV(budget=0.2, reduction="max")],
+        "snapkv_10_max": [SnapKV(budget=0.1, reduction="max")],
+        "snapkv_20_k31": [SnapKV(budget=0.2, kernel=31)],
+        "snapkv_20_w64": [SnapKV(budget=0.2, window=64)],
+        "snapkv_10_k31": [SnapKV(budget=0.1, kernel=31)],
+        "razor_razor_heads_22": [Razor(heads=razor_heads_at(0.22), sink=4, local=64, ratio=16.0)],
     }
 
 
@@ -44,10 +64,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/kv-evidence"))
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8000])
     parser.add_argument("--only", nargs="*")
+    parser.add_argument("--needle", help="a different needle (with --question and --answer), as a held-out check")
+    parser.add_argument("--question")
+    parser.add_argument("--answer")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model("smollm2-135m-instruct")
-    task = NeedleTask(lengths=args.lengths, max_new_tokens=24)
+    custom = dict(needle=args.needle, question=args.question, answer=args.answer) if args.needle else {}
+    task = NeedleTask(lengths=args.lengths, max_new_tokens=24, **custom)
     for name, methods in configurations().items():
         if args.only and name not in args.only:
             continue
