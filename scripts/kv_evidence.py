@@ -56,6 +56,8 @@ def configurations() -> dict:
         "snapkv_20_w64": [SnapKV(budget=0.2, window=64)],
         "snapkv_10_k31": [SnapKV(budget=0.1, kernel=31)],
         "razor_razor_heads_22": [Razor(heads=razor_heads_at(0.22), sink=4, local=64, ratio=16.0)],
+        "razor_razor_heads_plain": [Razor(heads="heads/razor-smollm2.json", compensation="plain", **RAZOR)],
+        "razor_razor_heads_none": [Razor(heads="heads/razor-smollm2.json", compensation="none", **RAZOR)],
     }
 
 
