@@ -267,10 +267,9 @@ def attend(call: Any, layer: CompressedLayer, backend: Callable[..., Any], **kwa
     query = call.query
     b, n_heads, q_len, _ = query.shape
     groups = n_heads // layer.num_kv_heads
-    whole = len(layer.groups) == 1 and len(layer.groups[0].heads) == layer.num_kv_heads
     out = None
     for group in layer.groups:
-        q_index = None if whole else group.query_index(groups)
+        q_index = None if layer.single else group.query_index(groups)
         q_group = query if q_index is None else query.index_select(1, q_index)
         if q_len == 1:
             output = decode_attention(call, q_group, group)

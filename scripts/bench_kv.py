@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import attnkit  # noqa: E402
-from attnkit.kvcache import cache_bytes  # noqa: E402
+from attnkit.kvcache import cache_bytes, sdpa_without_cudnn  # noqa: E402
 from attnkit.methods import Razor, SnapKV  # noqa: E402
 from bench_overhead import LLAMA3_8B  # noqa: E402
 
@@ -93,12 +93,9 @@ def twin(model, shape: dict):
         other = LlamaForCausalLM(LlamaConfig(**shape, attn_implementation="sdpa"))
     other.load_state_dict(model.state_dict(), assign=True)
     modules = dict(other.named_modules())
-    for name, buffer in model.named_buffers():  # non-persistent buffers (rotary frequencies)
+    for name, buffer in model.named_buffers():  # non-persistent buffers (rotary inv_freq, original_inv_freq)
         owner, _, attr = name.rpartition(".")
         setattr(modules[owner], attr, buffer)
-    for name, module in model.named_modules():
-        if hasattr(module, "original_inv_freq"):
-            modules[name].original_inv_freq = module.original_inv_freq
     return other.eval()
 
 
@@ -176,11 +173,7 @@ def capacity(model, ids, args, device: str) -> int:
 def sdpa_backends(name: str):
     """sdpa's backends for a configuration: ``*_no_cudnn`` leaves out cuDNN attention, which on an
     H100/H200 builds a new plan whenever the key length changes (every decode step)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    if name.endswith("_no_cudnn"):
-        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-    return contextlib.nullcontext()
+    return sdpa_without_cudnn() if name.endswith("_no_cudnn") else contextlib.nullcontext()
 
 
 def latency(models: dict, ids, args, device: str) -> dict:

@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import attnkit  # noqa: E402
+from attnkit.kvcache import sdpa_without_cudnn  # noqa: E402
 from attnkit.methods import Razor, SnapKV  # noqa: E402
 from bench_kv import build, prefill, retrieval_heads  # noqa: E402
 from bench_overhead import LLAMA3_8B  # noqa: E402
@@ -30,7 +30,7 @@ configs = {"full_no_cudnn": None, "snapkv": [SnapKV(budget=2048)],
            "razor": [Razor(heads=retrieval_heads(LLAMA3_8B, 0.15), local=4000, ratio=5.0)]}
 for name, methods in configs.items():
     handle = attnkit.apply(model, methods) if methods else None
-    with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+    with torch.no_grad(), sdpa_without_cudnn():
         cache, token = prefill(model, ids)
         for _ in range(5):
             model(input_ids=token, past_key_values=cache, use_cache=True)
