@@ -8,6 +8,7 @@ formula.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -101,16 +102,23 @@ AttentionInterface.register("kvref", reference_attention)
 AttentionMaskInterface.register("kvref", sdpa_mask)
 
 
-def reference_logits(model, inputs, kept, steps, compensation=False):
-    """Decode logits with attention restricted to ``kept`` (layer -> kv head -> columns)."""
+@contextlib.contextmanager
+def reference_backend(model, kept, prompt_length, compensation=False):
+    """The model runs the float64 reference attention, restricted to ``kept`` (layer -> kv head -> columns)."""
     original = model.config._attn_implementation
-    REFERENCE.update(kept=kept, prompt_length=inputs["input_ids"].shape[1], compensation=compensation)
+    REFERENCE.update(kept=kept, prompt_length=prompt_length, compensation=compensation)
     try:
         model.set_attn_implementation("kvref")
-        return torch.stack(generate(model, inputs, steps).logits, 1)
+        yield
     finally:
         REFERENCE.clear()
         model.set_attn_implementation(original)
+
+
+def reference_logits(model, inputs, kept, steps, compensation=False):
+    """Decode logits with attention restricted to ``kept``."""
+    with reference_backend(model, kept, inputs["input_ids"].shape[1], compensation):
+        return torch.stack(generate(model, inputs, steps).logits, 1)
 
 
 def full_kept(kept: dict, model) -> dict:
@@ -203,23 +211,16 @@ def test_several_new_tokens_at_once_equal_masked_reference(method):
     more = torch.randint(0, model.config.vocab_size, (1, 3), generator=torch.Generator().manual_seed(5))
     chosen = SnapKV(budget=14, window=4, kernel=3) if method == "snapkv" else Razor(heads={0: [0]}, sink=2, local=6, ratio=None)
 
-    def continue_with(cache_holder):
+    def continue_with():
+        """(logits of the three tokens fed at once after the prompt, the prompt's cache)"""
         with torch.no_grad():
-            first = model(**inputs, use_cache=True)
-            cache_holder.append(first.past_key_values)
-            return model(input_ids=more, past_key_values=first.past_key_values, use_cache=True).logits
+            cache = model(**inputs, use_cache=True).past_key_values
+            return model(input_ids=more, past_key_values=cache, use_cache=True).logits, cache
 
-    caches = []
     with attnkit.apply(model, [chosen]):
-        got = continue_with(caches)
-    REFERENCE.update(kept=full_kept(kept_columns(caches[0]), model), prompt_length=36, compensation=method == "razor")
-    original = model.config._attn_implementation
-    try:
-        model.set_attn_implementation("kvref")
-        expected = continue_with([])
-    finally:
-        REFERENCE.clear()
-        model.set_attn_implementation(original)
+        got, cache = continue_with()
+    with reference_backend(model, full_kept(kept_columns(cache), model), 36, compensation=method == "razor"):
+        expected, _ = continue_with()
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
 
 
