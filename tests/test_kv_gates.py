@@ -1,0 +1,163 @@
+"""``attnkit profile kv-gates``: gated attention against razor and a float64 loop; training; errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from tests.factory import single_threaded, tiny_model
+from tests.test_kv_profilers import HAY, NEEDLES
+from tests.test_tasks import char_tokenizer
+from typer.testing import CliRunner
+
+import attnkit
+from attnkit.cli import app
+from attnkit.methods import Razor
+from attnkit.probes.kv_gates import GatedAttention, KVGatesError, gated_model, profile_kv_gates
+from attnkit.probes.razor_heads import top_count
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with single_threaded():
+        yield
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama-gqa")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+def fixed_gates(gated: GatedAttention, whole: dict[int, list[int]]) -> torch.Tensor:
+    fixed = torch.zeros_like(gated.logits).detach()
+    for layer, heads in whole.items():
+        fixed[layer, heads] = 1.0
+    return fixed
+
+
+@pytest.mark.parametrize("arch, whole", [("llama-gqa", {0: [0], 2: [1]}), ("llama-mqa", {1: [0]}), ("gemma3-gqa", {2: [1]})])
+def test_zero_one_gates_equal_razor_without_compensation(arch, whole):
+    """Heads with gate 1 read the whole cache, heads with gate 0 the sinks and buffer: exactly razor
+    with those heads whole and no compensation token (sliding layers untouched in both)."""
+    model = tiny_model(arch, dtype=torch.float64)
+    ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(0))
+    reply = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(1))
+    razor = Razor(heads=whole, sink=2, local=6, ratio=None, compensation="none")
+    with attnkit.apply(model, [razor]) as handle, torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+        expected = model(input_ids=reply, past_key_values=cache, use_cache=True).logits
+        assert handle.stats(total=True)["razor"]["layers_compressed"] > 0
+    gated = GatedAttention(model.config, sink=2, local=6, ratio=None)
+    gated.fixed, gated.prompt_length = fixed_gates(gated, whole), ids.shape[1]
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+        with gated_model(model, gated):
+            got = model(input_ids=reply, past_key_values=cache, use_cache=True).logits
+        untouched = model(input_ids=reply, past_key_values=model(input_ids=ids, use_cache=True).past_key_values).logits
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+    assert (got - untouched).abs().max() > 1e-3, "the layout must change this model's logits for the test to mean anything"
+    gated.fixed = torch.ones_like(gated.logits).detach()  # every head whole: the untouched model
+    with torch.no_grad(), gated_model(model, gated):
+        whole_cache = model(input_ids=reply, past_key_values=model(input_ids=ids, use_cache=True).past_key_values).logits
+    torch.testing.assert_close(whole_cache, untouched, atol=1e-10, rtol=0)
+    assert model.config._attn_implementation in ("eager", "sdpa")
+
+
+class Layer(torch.nn.Module):
+    def __init__(self, index: int):
+        super().__init__()
+        self.layer_idx = index
+
+
+def test_soft_gates_mix_whole_and_buffer_attention_like_a_float64_loop():
+    config = tiny_model("llama-gqa").config  # 4 query heads, 2 KV heads
+    gated = GatedAttention(config, sink=1, local=3, ratio=4.0)
+    with torch.no_grad():
+        gated.logits[1] = torch.tensor([0.7, -1.2])
+    gated.prompt_length = 20  # buffer max(3, ceil(20 / 4)) = 5: columns 0 and 15-19 of the prompt, then the new ones
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 3, 16, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, 2, 23, 16, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, 2, 23, 16, generator=gen, dtype=torch.float64)
+    out, _ = gated(Layer(1), q, k, v, None, scaling=0.25)
+    expected = np.zeros((1, 3, 4, 16))
+    for h in range(4):
+        g = float(torch.sigmoid(gated.logits[1, h // 2].detach()))  # the gates are float32 parameters
+        for i in range(3):
+            seen = range(20 + i + 1)
+            kept = [j for j in seen if j < 1 or j >= 15]
+            for g_part, cols in ((g, seen), (1 - g, kept)):
+                s = np.array([float(q[0, h, i] @ k[0, h // 2, j]) * 0.25 for j in cols])
+                p = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+                expected[0, i, h] += g_part * sum(p[n] * v[0, h // 2, j].numpy() for n, j in enumerate(cols))
+    np.testing.assert_allclose(out.detach().numpy(), expected, atol=1e-12)
+    out.sum().backward()  # the gates get a gradient
+    assert gated.logits.grad[1].abs().min() > 0 and gated.logits.grad[0].abs().max() == 0
+
+
+def test_only_full_attention_layers_are_gated():
+    assert GatedAttention(tiny_model("gemma3-gqa", attn_implementation="eager").config, 4, 8, None).gated == [False, False, True]
+
+
+def test_profile_trains_gates_selects_the_top_and_restores_the_model(model, tokenizer, tmp_path):
+    ids = torch.randint(3, 100, (1, 30), generator=torch.Generator().manual_seed(0))
+    before = model(input_ids=ids).logits
+    grads = [p.requires_grad for p in model.parameters()]
+    out = tmp_path / "gates.json"
+    artifact = profile_kv_gates(model, tokenizer, HAY, model_id="tiny", output=out, lengths=[100], depths=[0.2, 0.8],
+                                needles=NEEDLES, sink=2, local=8, ratio=None, fraction=0.25, steps=3, reply_tokens=6,
+                                min_recall=-1.0, chat=False, progress=False)  # fmt: skip
+    assert model.config._attn_implementation == "sdpa" and [p.requires_grad for p in model.parameters()] == grads
+    torch.testing.assert_close(model(input_ids=ids).logits, before, atol=0, rtol=0)
+    assert artifact.method == "kv-gates" and artifact.level == "kv" and artifact.samples == 2
+    scores = np.array(artifact.scores)
+    assert scores.shape == (3, 2) and not np.allclose(scores, 1 / (1 + math.exp(-3.0)))  # the gates moved
+    chosen = [(layer, head) for layer, heads in artifact.selected.items() for head in heads]
+    assert len(chosen) == top_count(0.25, 6) == 2
+    assert min(scores[c] for c in chosen) >= max(scores[l, h] for l in range(3) for h in range(2) if (l, h) not in chosen)
+    params = artifact.parameters
+    assert len(params["history"]) == 3 and set(params["answer_nll"]) == {"selected", "none_whole", "all_whole"}
+    assert json.loads(out.read_text())["method"] == "kv-gates"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"fraction": 0.0}, "fraction=0.0: give the share of KV heads"),
+        ({"ratio": 1.0}, "ratio=1.0: the buffer is max\\(local, N / ratio\\)"),
+        ({"depths": [1.5]}, "depth 1.5 is outside \\[0, 1\\]"),
+        ({"lengths": [250]}, "length 250 \\+ reply_tokens 16 exceeds the model's 256 positions; use lengths up to 240"),
+        ({"steps": 0}, "use steps >= 1"),
+        ({"min_recall": 0.5}, "the model recalled none of the 1 needle prompts"),
+    ],
+)
+def test_profile_errors(model, tokenizer, kwargs, message):
+    with pytest.raises(KVGatesError, match=message):
+        profile_kv_gates(model, tokenizer, HAY, model_id="tiny", needles=NEEDLES, chat=False, progress=False,
+                         **{"lengths": [100], "depths": [0.5], **kwargs})  # fmt: skip
+
+
+def test_cli_profile_kv_gates(fake_load, tmp_path):
+    hay = tmp_path / "hay.txt"
+    hay.write_text(HAY)
+    needles = tmp_path / "needles.jsonl"
+    needles.write_text(json.dumps({"needle": "The key is red.", "question": "What is the key?", "answer": "red"}) + "\n")
+    out = tmp_path / "gates.json"
+    args = ["profile", "kv-gates", "-m", "tiny", "-o", str(out), "--lengths", "100", "--depths", "0.5", "--haystack",
+            str(hay), "--needles", str(needles), "--steps", "2", "--reply-tokens", "4", "--local", "8", "--no-progress"]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and "recalled none of the 1 needle prompts" in refused.output and not out.exists()
+    result = runner.invoke(app, [*args, "--min-recall", "-1"])
+    assert result.exit_code == 0, result.output
+    assert "answer NLL: all heads whole" in result.output and "method: kv-gates" in result.output
+    assert out.is_file() and out.with_suffix(".png").stat().st_size > 1000
