@@ -29,6 +29,8 @@ from attnkit.tasks.config import NeedleTask  # noqa: E402
 from attnkit.tasks.needle import run_needle  # noqa: E402
 
 RAZOR = dict(sink=4, local=128, ratio=8.0)
+KV_GATES = "heads/kv-gates-smollm2.json"  # attnkit profile kv-gates -o heads/kv-gates-smollm2.json
+GATED = dict(sink=4, local=64, ratio=16.0)  # the layout the gates were trained for
 
 
 def razor_heads_at(induction_ratio: float, echo_ratio: float = 0.01) -> dict[int, list[int]]:
@@ -40,6 +42,29 @@ def razor_heads_at(induction_ratio: float, echo_ratio: float = 0.01) -> dict[int
     params = json.loads(Path("heads/razor-smollm2.json").read_text())["parameters"]
     heads, _ = top_union(np.array(params["induction_kv"]), np.array(params["echo_kv"]), induction_ratio, echo_ratio)
     return heads
+
+
+def kv_gates_top(count: int) -> dict[int, list[int]]:
+    """The ``count`` KV heads with the largest trained gates in the kv-gates artifact."""
+    import numpy as np
+
+    gates = np.array(json.loads(Path(KV_GATES).read_text())["scores"])
+    heads: dict[int, list[int]] = {}
+    for flat in sorted(np.argsort(-gates.ravel(), kind="stable")[:count]):
+        heads.setdefault(int(flat // gates.shape[1]), []).append(int(flat % gates.shape[1]))
+    return heads
+
+
+def kv_gates_configurations() -> dict:
+    """Razor with the kv-gates artifact's heads (once it exists), in the layout they were trained for."""
+    if not Path(KV_GATES).exists():
+        return {}
+    return {
+        "razor_kv_gates": [Razor(heads=KV_GATES, compensation="none", **GATED)],
+        "razor_kv_gates_weighted": [Razor(heads=KV_GATES, **GATED)],
+        "razor_kv_gates_14": [Razor(heads=kv_gates_top(14), compensation="none", **GATED)],
+        "razor_kv_gates_22": [Razor(heads=kv_gates_top(22), compensation="none", **GATED)],
+    }
 
 
 def configurations() -> dict:
@@ -58,6 +83,7 @@ def configurations() -> dict:
         "razor_razor_heads_22": [Razor(heads=razor_heads_at(0.22), sink=4, local=64, ratio=16.0)],
         "razor_razor_heads_plain": [Razor(heads="heads/razor-smollm2.json", compensation="plain", **RAZOR)],
         "razor_razor_heads_none": [Razor(heads="heads/razor-smollm2.json", compensation="none", **RAZOR)],
+        **kv_gates_configurations(),
     }
 
 

@@ -32,8 +32,8 @@ class RazorConfig(KVConfig):
 
     method: str = "razor"
     heads: HeadSetSpec = Field(
-        description="retrieval heads that keep the full cache: a head-list artifact (`attnkit profile razor-heads` "
-        "or `retrieval-heads`) or an inline set; query-level sets keep a KV head when any of its query heads is listed"
+        description="retrieval heads that keep the full cache: a head-list artifact (`attnkit profile razor-heads`, "
+        "`retrieval-heads` or `kv-gates`) or an inline set; query-level sets keep a KV head when any of its query heads is listed"
     )
     sink: int = Field(4, ge=0, description="initial tokens every head keeps (N0)")
     local: int = Field(4000, ge=1, description="minimum recent window of non-retrieval heads (S0)")
