@@ -64,6 +64,7 @@ def kv_gates_configurations() -> dict:
         "razor_kv_gates_weighted": [Razor(heads=KV_GATES, **GATED)],
         "razor_kv_gates_14": [Razor(heads=kv_gates_top(14), compensation="none", **GATED)],
         "razor_kv_gates_22": [Razor(heads=kv_gates_top(22), compensation="none", **GATED)],
+        "razor_kv_gates_22_weighted": [Razor(heads=kv_gates_top(22), **GATED)],
     }
 
 
