@@ -334,7 +334,6 @@ def profile_razor_heads_cmd(
     import warnings
 
     from attnkit.models import ModelLoadError, load_model
-    from attnkit.plots import artifact_map
     from attnkit.probes.razor_heads import RazorProfileError, profile_razor_heads
 
     output = output or Path("heads") / f"razor-{Path(model).stem}.json"
@@ -351,13 +350,11 @@ def profile_razor_heads_cmd(
             )
     except RazorProfileError as err:
         fail(str(err))
-    artifact_map(artifact, output.with_suffix(".png"))
     params = artifact.parameters
     if params["block_shrunk"]:
         typer.echo(f"note: {params['block_shrunk']}")
     typer.echo(f"{artifact.selection.rule}\n{params['tokens']} tokens in {params['seconds']} s")
-    typer.echo(head_summary(artifact))
-    typer.echo(f"artifact: {output}\nplot: {output.with_suffix('.png')}")
+    show_artifact(artifact, output)
 
 
 @inspect_app.command("heads")
@@ -400,7 +397,6 @@ def profile_retrieval_heads_cmd(
     """Find retrieval heads (Wu et al. 2024): heads whose strongest attention copies needle tokens while decoding."""
     from attnkit.data import DataError
     from attnkit.models import ModelLoadError, load_model
-    from attnkit.plots import artifact_map
     from attnkit.probes.retrieval_heads import DEFAULT_NEEDLES, RetrievalProfileError, profile_retrieval_heads, read_needles
     from attnkit.tasks import TaskDataError
     from attnkit.tasks.needle import read_haystack
@@ -422,15 +418,13 @@ def profile_retrieval_heads_cmd(
         )
     except (ModelLoadError, TaskDataError, DataError, RetrievalProfileError) as err:
         fail(str(err))
-    artifact_map(artifact, output.with_suffix(".png"))
     params = artifact.parameters
     typer.echo(f"{artifact.selection.rule}\n{params['samples_total']} prompts in {params['seconds']} s "
                f"(mean recall {params['mean_recall']:.3f})")
     if not params["samples_kept"]:
         typer.echo(f"warning: no reply reached recall {min_recall}, so every score is 0: the model did not retrieve "
                    "the needles; use shorter --lengths or other --needles")
-    typer.echo(head_summary(artifact))
-    typer.echo(f"artifact: {output}\nplot: {output.with_suffix('.png')}")
+    show_artifact(artifact, output)
 
 
 def needle_grid(lengths: str, depths: str) -> tuple[list[int], list[float]]:
@@ -468,7 +462,6 @@ def profile_kv_gates_cmd(
     """Find the KV heads razor must keep whole: one trained gate per KV head (DuoAttention-style) on needle prompts."""
     from attnkit.data import DataError
     from attnkit.models import ModelLoadError, load_model
-    from attnkit.plots import artifact_map
     from attnkit.probes.kv_gates import KVGatesError, profile_kv_gates
     from attnkit.probes.retrieval_heads import DEFAULT_NEEDLES, RetrievalProfileError, read_needles
     from attnkit.tasks import TaskDataError
@@ -489,13 +482,20 @@ def profile_kv_gates_cmd(
         )
     except (ModelLoadError, TaskDataError, DataError, RetrievalProfileError, KVGatesError) as err:
         fail(str(err))
-    artifact_map(artifact, output.with_suffix(".png"))
     params = artifact.parameters
     nll = params["answer_nll"]
     typer.echo(f"{artifact.selection.rule}\n{artifact.samples} prompts answered by the full cache, {steps} steps in "
                f"{params['seconds']} s")
     typer.echo(f"answer NLL: all heads whole {nll['all_whole']:.3f}, selected whole {nll['selected']:.3f}, "
                f"none whole {nll['none_whole']:.3f}")
+    show_artifact(artifact, output)
+
+
+def show_artifact(artifact: Any, output: Path) -> None:
+    """Write a profiler's head map next to its artifact and print the summary and both paths."""
+    from attnkit.plots import artifact_map
+
+    artifact_map(artifact, output.with_suffix(".png"))
     typer.echo(head_summary(artifact))
     typer.echo(f"artifact: {output}\nplot: {output.with_suffix('.png')}")
 
