@@ -45,14 +45,10 @@ def razor_heads_at(induction_ratio: float, echo_ratio: float = 0.01) -> dict[int
 
 
 def kv_gates_top(count: int) -> dict[int, list[int]]:
-    """The ``count`` KV heads with the largest trained gates in the kv-gates artifact."""
-    import numpy as np
+    """The ``count`` KV heads with the largest trained gates in the kv-gates artifact (SmolLM2: every layer gated)."""
+    from attnkit.probes.kv_gates import top_gates
 
-    gates = np.array(json.loads(Path(KV_GATES).read_text())["scores"])
-    heads: dict[int, list[int]] = {}
-    for flat in sorted(np.argsort(-gates.ravel(), kind="stable")[:count]):
-        heads.setdefault(int(flat // gates.shape[1]), []).append(int(flat % gates.shape[1]))
-    return heads
+    return top_gates(json.loads(Path(KV_GATES).read_text())["scores"], count)
 
 
 def kv_gates_configurations() -> dict:

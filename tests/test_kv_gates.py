@@ -38,13 +38,6 @@ def tokenizer():
     return char_tokenizer()
 
 
-def fixed_gates(gated: GatedAttention, whole: dict[int, list[int]]) -> torch.Tensor:
-    fixed = torch.zeros_like(gated.logits).detach()
-    for layer, heads in whole.items():
-        fixed[layer, heads] = 1.0
-    return fixed
-
-
 @pytest.mark.parametrize("arch, whole", [("llama-gqa", {0: [0], 2: [1]}), ("llama-mqa", {1: [0]}), ("gemma3-gqa", {2: [1]})])
 def test_zero_one_gates_equal_razor_without_compensation(arch, whole):
     """Heads with gate 1 read the whole cache, heads with gate 0 the sinks and buffer: exactly razor
@@ -58,7 +51,8 @@ def test_zero_one_gates_equal_razor_without_compensation(arch, whole):
         expected = model(input_ids=reply, past_key_values=cache, use_cache=True).logits
         assert handle.stats(total=True)["razor"]["layers_compressed"] > 0
     gated = GatedAttention(model.config, sink=2, local=6, ratio=None)
-    gated.fixed, gated.prompt_length = fixed_gates(gated, whole), ids.shape[1]
+    gated.fixed = gated.zero_one([(layer, head) for layer, heads in whole.items() for head in heads])
+    gated.prompt_length = ids.shape[1]
     with torch.no_grad():
         cache = model(input_ids=ids, use_cache=True).past_key_values
         with gated_model(model, gated):
@@ -136,7 +130,7 @@ def test_profile_trains_gates_selects_the_top_and_restores_the_model(model, toke
         ({"fraction": 0.0}, "fraction=0.0: give the share of KV heads"),
         ({"ratio": 1.0}, "ratio=1.0: the buffer is max\\(local, N / ratio\\)"),
         ({"depths": [1.5]}, "depth 1.5 is outside \\[0, 1\\]"),
-        ({"lengths": [250]}, "length 250 \\+ reply_tokens 16 exceeds the model's 256 positions; use lengths up to 240"),
+        ({"lengths": [250]}, "length 250 \\+ reply_tokens 16 exceeds the model's 256 positions \\(max_position_embeddings\\); use lengths up to 240"),
         ({"steps": 0}, "use steps >= 1"),
         ({"min_recall": 0.5}, "the model recalled none of the 1 needle prompts"),
     ],

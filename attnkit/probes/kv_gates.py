@@ -38,11 +38,11 @@ import attnkit
 from attnkit.attention import compute_dtype, layer_window
 from attnkit.heads import HeadArtifact, ModelShape, Selection, text_config
 from attnkit.probes.razor_heads import top_count
-from attnkit.probes.retrieval_heads import DEFAULT_NEEDLES, Needle
+from attnkit.probes.retrieval_heads import DEFAULT_NEEDLES, Needle, grid_problem
 from attnkit.tasks.needle import PromptBuilder, generate_replies, recall
 from attnkit.tasks.result import progress_bar
 
-__all__ = ["GatedAttention", "KVGatesError", "profile_kv_gates"]
+__all__ = ["GatedAttention", "KVGatesError", "profile_kv_gates", "top_gates"]
 
 NAME = "attnkit_kv_gates"
 
@@ -64,6 +64,13 @@ class GatedAttention:
         self.fixed: torch.Tensor | None = None
         self.sink, self.local, self.ratio = sink, local, ratio
         self.prompt_length = 0
+
+    def zero_one(self, whole: list[tuple[int, int]]) -> torch.Tensor:
+        """Gates of 1 for the ``whole`` (layer, KV head) pairs and 0 elsewhere, for ``fixed``."""
+        fixed = torch.zeros(self.logits.shape)
+        for layer, head in whole:
+            fixed[layer, head] = 1.0
+        return fixed
 
     def gates(self) -> torch.Tensor:
         return self.fixed if self.fixed is not None else torch.sigmoid(self.logits)
@@ -152,13 +159,11 @@ def profile_kv_gates(
     history = train(model, gated, items, steps, penalty, lr, progress)
     gates = torch.sigmoid(gated.logits).detach()
     flat = [(layer, head) for layer in range(shape.num_layers) for head in range(shape.num_kv_heads) if gated.gated[layer]]
-    ranked = sorted(flat, key=lambda lh: -float(gates[lh]))
     count = top_count(fraction, len(flat))
-    selected: dict[int, list[int]] = {}
-    for layer, head in sorted(ranked[:count]):
-        selected.setdefault(layer, []).append(head)
+    selected = top_gates(gates.tolist(), count, gated.gated)
+    chosen = [(layer, head) for layer, heads in selected.items() for head in heads]
     nll = {name: evaluate(model, gated, items, whole) for name, whole in
-           (("selected", ranked[:count]), ("none_whole", []), ("all_whole", flat))}  # fmt: skip
+           (("selected", chosen), ("none_whole", []), ("all_whole", flat))}  # fmt: skip
     buffer = f"max({local}, N/{ratio:g})" if ratio is not None else str(local)
     artifact = HeadArtifact(
         attnkit_version=attnkit.__version__,
@@ -188,9 +193,17 @@ def profile_kv_gates(
     return artifact
 
 
+def top_gates(gates: list[list[float]], count: int, gated: list[bool] | None = None) -> dict[int, list[int]]:
+    """{layer: [KV heads]} of the ``count`` largest gates (of the ``gated`` layers), ties to the earlier head."""
+    flat = [(layer, head) for layer, row in enumerate(gates) for head in range(len(row)) if gated is None or gated[layer]]
+    selected: dict[int, list[int]] = {}
+    for layer, head in sorted(sorted(flat, key=lambda lh: -gates[lh[0]][lh[1]])[:count]):
+        selected.setdefault(layer, []).append(head)
+    return selected
+
+
 def check(model: Any, lengths: list[int], depths: list[float], fraction: float, steps: int, reply_tokens: int,
           penalty: float, ratio: float | None) -> None:
-    limit = getattr(text_config(model.config), "max_position_embeddings", None)
     if not 0.0 < fraction <= 1.0:
         raise KVGatesError(f"fraction={fraction}: give the share of KV heads to keep whole, in (0, 1] (e.g. 0.2)")
     if steps < 1 or reply_tokens < 2 or penalty < 0:
@@ -200,14 +213,11 @@ def check(model: Any, lengths: list[int], depths: list[float], fraction: float, 
         raise KVGatesError(f"ratio={ratio}: the buffer is max(local, N / ratio), so use a ratio above 1 (or none: always local)")
     if not lengths or not depths:
         raise KVGatesError("give at least one length and one depth")
-    for depth in depths:
-        if not 0.0 <= depth <= 1.0:
-            raise KVGatesError(f"depth {depth} is outside [0, 1]; a depth is the fraction of the haystack before the needle")
-    for length in lengths:
-        if limit is not None and length + reply_tokens > limit:
-            raise KVGatesError(f"length {length} + reply_tokens {reply_tokens} exceeds the model's {limit} positions; "
-                               f"use lengths up to {limit - reply_tokens}")  # fmt: skip
-    if not any(layer_window(text_config(model.config), i) is None for i in range(text_config(model.config).num_hidden_layers)):
+    problem = grid_problem(model, lengths, depths, reply_tokens, "reply_tokens")
+    if problem:
+        raise KVGatesError(problem)
+    cfg = text_config(model.config)
+    if not any(layer_window(cfg, i) is None for i in range(cfg.num_hidden_layers)):
         raise KVGatesError("every layer of this model is a sliding-window layer; razor compresses full-attention layers only")
 
 
@@ -274,10 +284,7 @@ def train(model: Any, gated: GatedAttention, items: list[dict], steps: int, pena
 
 def evaluate(model: Any, gated: GatedAttention, items: list[dict], whole: list[tuple[int, int]]) -> float:
     """Mean answer NLL with exactly the ``whole`` heads reading the whole cache (gates 0/1)."""
-    fixed = torch.zeros_like(gated.logits, requires_grad=False)
-    for layer, head in whole:
-        fixed[layer, head] = 1.0
-    gated.fixed = fixed
+    gated.fixed = gated.zero_one(whole)
     try:
         with gated_model(model, gated), torch.no_grad():
             return round(float(np.mean([answer_nll(model, gated, item).item() for item in items])), 4)

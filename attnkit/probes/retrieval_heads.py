@@ -41,6 +41,7 @@ __all__ = [
     "RetrievalProfileError",
     "aggregate",
     "copy_paste_step",
+    "grid_problem",
     "profile_retrieval_heads",
     "sample_scores",
 ]
@@ -179,6 +180,20 @@ def aggregate(samples: list[Sample], min_recall: float | None) -> tuple[np.ndarr
     return np.mean([np.asarray(s.scores) for s in kept], axis=0), kept
 
 
+def grid_problem(model: Any, lengths: list[int], depths: list[float], new_tokens: int, name: str) -> str | None:
+    """What is wrong with a needle grid for this model (a depth outside [0, 1], a length that leaves
+    no room for ``new_tokens`` in the model's positions), or None."""
+    limit = getattr(text_config(model.config), "max_position_embeddings", None)
+    for depth in depths:
+        if not 0.0 <= depth <= 1.0:
+            return f"depth {depth} is outside [0, 1]; a depth is the fraction of the haystack before the needle"
+    for length in lengths:
+        if limit is not None and length + new_tokens > limit:
+            return (f"length {length} + {name} {new_tokens} exceeds the model's {limit} positions "
+                    f"(max_position_embeddings); use lengths up to {limit - new_tokens}")  # fmt: skip
+    return None
+
+
 def profile_retrieval_heads(
     model: Any,
     tokenizer: Any,
@@ -201,20 +216,13 @@ def profile_retrieval_heads(
     """Copy-paste scores of every head over needles x lengths x depths; the artifact keeps the heads
     scoring above ``threshold`` (written to ``output`` when given, with a resumable progress file)."""
     shape = ModelShape.from_config(model.config, model_id)
-    limit = getattr(text_config(model.config), "max_position_embeddings", None)
     if level not in ("query", "kv"):
         raise RetrievalProfileError(f"level {level!r}: use query or kv")
     if not 0.0 <= threshold <= 1.0:
         raise RetrievalProfileError(f"threshold={threshold}: a copy-paste score lies in [0, 1] (paper: 0.1)")
-    for depth in depths:
-        if not 0.0 <= depth <= 1.0:
-            raise RetrievalProfileError(f"depth {depth} is outside [0, 1]; a depth is the fraction of the haystack before the needle")
-    for length in lengths:
-        if limit is not None and length + max_new_tokens > limit:
-            raise RetrievalProfileError(
-                f"length {length} + max_new_tokens {max_new_tokens} exceeds the model's {limit} positions "
-                f"(max_position_embeddings); use lengths up to {limit - max_new_tokens}"
-            )
+    problem = grid_problem(model, lengths, depths, max_new_tokens, "max_new_tokens")
+    if problem:
+        raise RetrievalProfileError(problem)
     setup = {"model": shape.fingerprint, "lengths": list(lengths), "depths": list(depths), "max_new_tokens": max_new_tokens,
              "needles": [asdict(n) for n in needles], "chat": chat, "template": template, "data": data}
     record = Progress(output.with_suffix(".progress.jsonl") if output is not None else None, setup)
