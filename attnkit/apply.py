@@ -14,7 +14,9 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 
-from attnkit import attention
+from transformers import DynamicCache
+
+from attnkit import attention, compat
 from attnkit.attention import AttentionCall, LayerPlan, ModelPlan, OutputEdit, ScoreEdit
 from attnkit.heads import HeadSet, HeadSetSpec, ModelShape, resolve_heads, text_config
 from attnkit.methods.base import Method, MethodConfig
@@ -129,6 +131,10 @@ class Attachment:
         self.begin_call_fns.append(fn)
 
 
+ATTACHED: "weakref.WeakSet[Method]" = weakref.WeakSet()
+"""Method objects applied through an active handle: one object serves one handle at a time."""
+
+
 def as_methods(spec: Any) -> list[Method]:
     """Methods from a Recipe, a list of configs or Method objects, a single Method, or None."""
     from attnkit.recipe import Recipe
@@ -183,6 +189,8 @@ class Handle:
             return
         for hook in self._attachment.hooks:
             hook.remove()
+        for method in self.methods:
+            ATTACHED.discard(method)
         config = text_config(self.model.config)
         attention.PLANS.pop(id(config), None)
         set_text_attention(self.model, self._original)
@@ -212,11 +220,7 @@ def unique_labels(methods: Iterable[Method]) -> list[str]:
 
 def set_text_attention(model: torch.nn.Module, name: str) -> None:
     """Set the language model's attention implementation (the vision tower keeps its own)."""
-    if text_config(model.config) is model.config:
-        model.set_attn_implementation(name)
-    else:
-        key = next(k for k in model.config.sub_configs if getattr(model.config, k) is text_config(model.config))
-        model.set_attn_implementation({key: name})
+    compat.set_attn_implementation(model, text_config(model.config), name)
 
 
 def apply(model: torch.nn.Module, recipe: Any = None, *, allow_foreign_heads: bool = False) -> Handle:
@@ -226,13 +230,14 @@ def apply(model: torch.nn.Module, recipe: Any = None, *, allow_foreign_heads: bo
     and the error is raised.
     """
     methods = as_methods(recipe)
+    check_methods_free(methods)
     config = text_config(model.config)
     if id(config) in attention.PLANS:
         raise RuntimeError(
             "attnkit is already applied to this model; remove that handle first, "
             "or put all methods in one recipe"
         )
-    original = config._attn_implementation or "eager"
+    original = compat.attn_implementation(config)
     if original.startswith(attention.NAME):
         raise RuntimeError(f"model attention is {original!r}, left by an attnkit handle that was never removed")
     plan = ModelPlan(original, attention.backend_function(original), attention.mask_function(original))
@@ -241,6 +246,8 @@ def apply(model: torch.nn.Module, recipe: Any = None, *, allow_foreign_heads: bo
     handle = Handle(model, methods, at, original)
     try:
         for method in methods:
+            ATTACHED.add(method)
+            method.stats.reset()  # totals count from this apply
             method.attach(at)
         check_plan(plan)
         handle.tracker = CallTracker(plan, methods, at)
@@ -250,6 +257,16 @@ def apply(model: torch.nn.Module, recipe: Any = None, *, allow_foreign_heads: bo
         handle.remove()
         raise
     return handle
+
+
+def check_methods_free(methods: list[Method]) -> None:
+    """One method object serves one handle at a time, once: its stats count that handle's calls."""
+    for i, method in enumerate(methods):
+        if method in ATTACHED or any(method is other for other in methods[:i]):
+            raise RuntimeError(
+                f"this {type(method).__name__} object is already applied (by another active handle, or twice in "
+                "this list); remove that handle first, or make a new method object for each use"
+            )
 
 
 def check_plan(plan: ModelPlan) -> None:
@@ -276,6 +293,7 @@ class CallTracker:
     def __init__(self, plan: ModelPlan, methods: list[Method], at: Attachment):
         self.plan, self.methods, self.at = plan, methods, at
         self.sequences: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+        self.verified: set[Phase] = set()
 
     def begin(
         self, query_length: int, attention_mask: torch.Tensor | None, cache: Any = None, input_ids: Any = None
@@ -291,10 +309,32 @@ class CallTracker:
         self.plan.state = state
         self.plan.calls += 1
         for method in self.methods:
-            method.stats.begin_call()
+            method.stats.begin_call(phase)
         for fn in self.at.begin_call_fns:
             fn(state)
         return state
+
+    def check(self, returned: Any) -> None:
+        """Raise at once if the phase attnkit took this call for disagrees with the cache the model
+        returned: a renamed cache keyword or a cache transformers ignored would otherwise make every
+        call look like a prefill, and decode-time methods would act wrongly without a sign.
+
+        Checked until one call of each phase agreed: the names do not change within a run.
+        """
+        state = self.plan.state
+        if returned is None or state is None or state.phase in self.verified:
+            return
+        if state.cache is not None and returned is not state.cache:
+            raise compat.TransformersChanged(
+                "the model returned another KV cache than the one it was called with; attnkit read the wrong one"
+            )
+        held = returned.get_seq_length()
+        if held != state.total_length:
+            raise compat.TransformersChanged(
+                f"attnkit took this {state.query_length}-token call for a {state.phase} after {state.past_length} "
+                f"cached tokens, but the cache the model returned holds {held}: attnkit did not see the call's cache"
+            )
+        self.verified.add(state.phase)
 
     def end(self, cache: Any = None) -> None:
         state = self.plan.state
@@ -312,20 +352,24 @@ class CallTracker:
         """Model-level hooks that begin and end a call around every forward pass."""
 
         compresses = any(layer.compressor is not None for layer in self.plan.layers.values())
+        keyword = compat.cache_keyword(model)
 
         def before(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             ids = kwargs.get("input_ids", args[0] if args else None)
             query_length = (ids if ids is not None else kwargs.get("inputs_embeds")).shape[1]
-            if compresses and kwargs.get("past_key_values") is None and self.wants_cache(model, kwargs):
+            cache = compat.call_cache(kwargs)
+            if compresses and cache is None and self.wants_cache(model, kwargs):
                 # The model would make its cache inside; KV methods need to see it, so make it here.
-                from transformers import DynamicCache
-
-                kwargs["past_key_values"] = DynamicCache(config=text_config(model.config))
-            self.begin(query_length, kwargs.get("attention_mask"), kwargs.get("past_key_values"), ids)
+                for name in compat.CACHE_KEYWORDS:
+                    kwargs.pop(name, None)
+                cache = kwargs[keyword] = DynamicCache(config=text_config(model.config))
+            self.begin(query_length, kwargs.get("attention_mask"), cache, ids)
             return args, kwargs
 
         def after(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            self.end(getattr(output, "past_key_values", None))
+            cache = compat.output_cache(output)
+            self.check(cache)
+            self.end(cache)
 
         return [
             model.register_forward_pre_hook(before, with_kwargs=True),

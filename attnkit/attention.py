@@ -9,14 +9,12 @@ order: decode-step edits of what is read -> scores -> score edits -> softmax -> 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from attnkit import compat
 
 NAME = "attnkit"
 
@@ -98,19 +96,14 @@ def registered_name(backend: str) -> str:
 def register(backend: str) -> str:
     """Register the attnkit attention and mask functions for a model whose backend is ``backend``."""
     name = registered_name(backend)
-    AttentionInterface.register(name, attnkit_attention)
-    AttentionMaskInterface.register(name, attnkit_mask)
+    compat.AttentionInterface.register(name, attnkit_attention)
+    compat.AttentionMaskInterface.register(name, attnkit_mask)
     return name
-
-
-def model_eager_forward(module: torch.nn.Module) -> Callable[..., Any]:
-    """The modeling file's own eager attention (some models add softcapping or sinks to it)."""
-    return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
 
 
 def backend_function(name: str) -> Callable[..., Any] | None:
     """The backend's attention function; None for eager, which is resolved per module."""
-    return None if name == "eager" else ALL_ATTENTION_FUNCTIONS[name]
+    return None if name == "eager" else compat.ALL_ATTENTION_FUNCTIONS[name]
 
 
 def plan_for(config: Any) -> ModelPlan:
@@ -143,7 +136,7 @@ def attnkit_attention(
     layer = plan.layers.get(module.layer_idx)
     state = plan.state
     decoding = layer is not None and bool(layer.decode_steps) and state is not None and state.phase == "decode"
-    backend = plan.backend or model_eager_forward(module)
+    backend = plan.backend or compat.eager_attention_forward(module)
     compressed = state.sequence.get("kv", {}).get(module.layer_idx) if state is not None else None
     compressing = layer is not None and layer.compressor is not None and state is not None and state.phase == "prefill"
     if compressed is None and (layer is None or not (layer.needs_eager or decoding or layer.output_edits or compressing)):
@@ -216,13 +209,24 @@ def additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Ten
         mask = keep[None, None]
     if mask.dtype == torch.bool:
         zero = torch.zeros((), dtype=torch.float32, device=mask.device)
-        return torch.where(mask, zero, torch.finfo(torch.float32).min)
+        return torch.where(mask, zero, MASKED)
     if mask.dim() != 4:
         raise RuntimeError(
             f"attnkit got a {mask.dim()}-D attention mask (from a varlen backend); score and probability "
             "edits need attn_implementation sdpa or eager"
         )
-    return mask[..., :k_len].float()
+    return float_mask(mask[..., :k_len])
+
+
+MASKED = torch.finfo(torch.float32).min
+"""The additive mask value of a masked key: finite, so a row with every key masked (left padding)
+gives a uniform softmax rather than NaN, in every dtype the logits take (float32 or float64)."""
+
+
+def float_mask(mask: torch.Tensor) -> torch.Tensor:
+    """An additive mask in float32 with masked entries at :data:`MASKED`: a float64 model's
+    ``finfo(float64).min`` would become -inf in float32, and a fully masked row NaN."""
+    return mask.float().clamp(min=MASKED)
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -250,4 +254,4 @@ def edited_attention(call: AttentionCall, layer: LayerPlan) -> tuple[torch.Tenso
 
 def mask_function(backend: str) -> Callable[..., Any]:
     """The mask builder transformers would use for ``backend``."""
-    return ALL_MASK_ATTENTION_FUNCTIONS[backend]
+    return compat.ALL_MASK_ATTENTION_FUNCTIONS[backend]

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnkit import attention
+from attnkit import attention, compat
 from attnkit.apply import set_text_attention
 from attnkit.heads import text_config
 from attnkit.sinks import causal_column_mean, select_sinks
@@ -227,7 +227,7 @@ def sink_stats(
     if not text:
         raise ValueError("text is empty; pass at least one token of text")
     config = text_config(model.config)
-    original = config._attn_implementation or "eager"
+    original = compat.attn_implementation(config)
     if original.startswith(attention.NAME):
         raise RuntimeError(
             f"model attention is {original!r}: an attnkit handle is applied; remove it (handle.remove()) "

@@ -21,7 +21,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers.cache_utils import CacheLayerMixin, DynamicLayer
+
+from attnkit.compat import CacheLayerMixin, DynamicLayer
 
 
 NEG_INF = float("-inf")
@@ -330,7 +331,9 @@ def masked_attention(call: Any, query: torch.Tensor, group: KVGroup, logical_len
     columns, bias = group.slot_columns(logical_length), group.slot_bias()
     visible = (columns[..., None, :] >= 0) & (columns[..., None, :] <= q_cols[:, None])
     mask = torch.where(visible, bias[..., None, :], NEG_INF)  # [b, kv heads, q, slots]
-    mask = expand_heads(mask, query.shape[1] // group.keys.shape[1]).to(query.dtype)
+    # finite in the query's dtype: a row with nothing visible (padding) must not turn into NaN
+    mask = mask.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
+    mask = expand_heads(mask, query.shape[1] // group.keys.shape[1])
     output, _ = backend(call.module, query, group.keys, group.values, mask, scaling=call.scaling, dropout=0.0, **kwargs)
     return output
 

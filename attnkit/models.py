@@ -38,6 +38,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from attnkit import compat
+
 __all__ = [
     "DEFAULT_MODEL",
     "DTYPES",
@@ -377,9 +379,7 @@ def _convert_embedded(entry: EmbeddedModel, out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # transformers flags GGUF-loaded models as quantised and refuses to save them; the weights are
     # already de-quantised to float32, so dropping the flag is safe.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        delattr(model.config, "quantization_config")
+    compat.gguf_dequantized(model.config, model)
     _tidy_gguf_tokenizer(tok, model.config)
     _finish_tokenizer(tok, model)
     tok.init_kwargs["padding_side"] = "left"  # persist left padding in tokenizer_config.json
@@ -588,8 +588,7 @@ def load_config(
             config = AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name)
         except (OSError, ValueError, KeyError) as exc:
             raise _local_error(source.path, exc) from exc
-        if hasattr(config, "quantization_config"):
-            delattr(config, "quantization_config")
+        compat.gguf_dequantized(config)
         return config
     try:
         return AutoConfig.from_pretrained(source.name, trust_remote_code=trust_remote_code)

@@ -6,17 +6,24 @@ from typing import Any
 
 
 class Stats:
-    """Per-method counters. The engine calls :meth:`begin_call` before every forward pass."""
+    """Per-method counters. The engine calls :meth:`begin_call` before every forward pass and
+    :meth:`reset` when the method is applied, so totals count from that apply."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.info: dict[str, Any] = {}
         self.last: dict[str, Any] = {}
         self.total: dict[str, Any] = {}
         self.calls = 0
+        self.phases: dict[str, int] = {}
 
-    def begin_call(self) -> None:
-        self.last = {}
+    def begin_call(self, phase: str) -> None:
+        """A forward call begins; ``phase`` is prefill, decode or extend, as read from its cache."""
+        self.last = {"phase": phase}
         self.calls += 1
+        self.phases[phase] = self.phases.get(phase, 0) + 1
 
     def add(self, key: str, amount: int | float = 1) -> None:
         """Add to a counter (tokens, heads touched, bytes saved...)."""
@@ -41,5 +48,5 @@ class Stats:
 
     def snapshot(self, total: bool = False) -> dict[str, Any]:
         if total:
-            return {**self.info, "calls": self.calls, **self.total}
+            return {**self.info, "calls": self.calls, "phases": dict(self.phases), **self.total}
         return {**self.info, **self.last}

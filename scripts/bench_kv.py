@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import attnkit  # noqa: E402
+from attnkit.compat import cache_argument  # noqa: E402
 from attnkit.kvcache import cache_bytes, sdpa_without_cudnn  # noqa: E402
 from attnkit.methods import Razor, SnapKV  # noqa: E402
 from bench_overhead import LLAMA3_8B  # noqa: E402
@@ -117,7 +118,7 @@ def prefill(model, ids):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
     return cache, out.logits[:, -1].argmax(-1, keepdim=True)
 
 
@@ -125,7 +126,7 @@ def decode(model, cache, token, steps: int, device: str) -> list[float]:
     """Greedy decode ``steps`` tokens from ``cache``; the time of each step in ms."""
     times = []
     for _ in range(steps):
-        ms, out = timed(lambda: model(input_ids=token, past_key_values=cache, use_cache=True), device)
+        ms, out = timed(lambda: model(input_ids=token, **cache_argument(model, cache), use_cache=True), device)
         token = out.logits[:, -1:].argmax(-1)
         times.append(ms)
     return times

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import attnkit  # noqa: E402
+from attnkit.compat import cache_argument  # noqa: E402
 from attnkit.methods import HeadMask  # noqa: E402
 
 LLAMA3_8B = dict(
@@ -77,12 +78,12 @@ def decode_steps(model, context: int):
 
     ids = torch.randint(0, LLAMA3_8B["vocab_size"], (1, context), device="cuda")
     cache = DynamicCache()
-    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=ids, **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
     token = ids[:, -1:]
 
     def steps():
         for _ in range(DECODE_BLOCK):
-            model(input_ids=token, past_key_values=cache, use_cache=True)
+            model(input_ids=token, **cache_argument(model, cache), use_cache=True)
             cache.crop(-1)
 
     return steps

@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import attnkit  # noqa: E402
+from attnkit.compat import output_cache  # noqa: E402
 from attnkit.kvcache import CompressedLayer  # noqa: E402
 from attnkit.methods import SnapKV  # noqa: E402
 from attnkit.models import load_model  # noqa: E402
@@ -45,7 +46,7 @@ def main() -> None:
         print(f"{length} tokens, needle at [{start}, {end})")
         for kernel in (7, 31):
             with attnkit.apply(model, [SnapKV(budget=0.2, kernel=kernel)]), torch.no_grad():
-                cache = model(input_ids=torch.tensor([prompt.input_ids]), use_cache=True).past_key_values
+                cache = output_cache(model(input_ids=torch.tensor([prompt.input_ids]), use_cache=True))
                 print(f"  kernel {kernel:2d}, layers 0-29:", " ".join(needle_share(cache, start, end)))
 
 

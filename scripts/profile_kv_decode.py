@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import attnkit  # noqa: E402
+from attnkit.compat import cache_argument  # noqa: E402
 from attnkit.kvcache import sdpa_without_cudnn  # noqa: E402
 from attnkit.methods import Razor, SnapKV  # noqa: E402
 from bench_kv import build, prefill, retrieval_heads  # noqa: E402
@@ -36,23 +37,23 @@ for name, methods in configs.items():
     with torch.no_grad(), sdpa_without_cudnn():
         cache, token = prefill(model, ids)
         for _ in range(5):
-            model(input_ids=token, past_key_values=cache, use_cache=True)
+            model(input_ids=token, **cache_argument(model, cache), use_cache=True)
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(20):
-            model(input_ids=token, past_key_values=cache, use_cache=True)
+            model(input_ids=token, **cache_argument(model, cache), use_cache=True)
         torch.cuda.synchronize()
         step_ms = (time.perf_counter() - start) / 20 * 1e3
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(STEPS):
-                model(input_ids=token, past_key_values=cache, use_cache=True)
+                model(input_ids=token, **cache_argument(model, cache), use_cache=True)
             torch.cuda.synchronize()
     profiler = cProfile.Profile()
     with torch.no_grad(), sdpa_without_cudnn():
         profiler.enable()
         for _ in range(STEPS):
-            model(input_ids=token, past_key_values=cache, use_cache=True)
+            model(input_ids=token, **cache_argument(model, cache), use_cache=True)
         torch.cuda.synchronize()
         profiler.disable()
     top_level = [e for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import attnkit
+from attnkit.compat import cache_argument
 from attnkit.methods import ACT, HeadMask
 from attnkit.methods.base import Method, MethodConfig
 from attnkit.sinks import calibrate, causal_column_mean
@@ -162,9 +163,9 @@ def test_decode_calibrates_against_prefill_sinks(arch, path):
     ids = tiny_inputs(model, batch=1, length=15)["input_ids"]
     cache, steps = DynamicCache(), []
     with torch.no_grad(), attnkit.apply(model, [ACT(heads=HEADS, threshold=0.08, path=path)]) as handle:
-        steps.append(model(input_ids=ids[:, :10], past_key_values=cache, use_cache=True).logits[0, -1])
+        steps.append(model(input_ids=ids[:, :10], **cache_argument(model, cache), use_cache=True).logits[0, -1])
         for t in range(10, 15):
-            steps.append(model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[0, -1])
+            steps.append(model(input_ids=ids[:, t : t + 1], **cache_argument(model, cache), use_cache=True).logits[0, -1])
         assert handle.stats(total=True)["act"]["layer_calls"] == 2 * 6
     reference, _ = run(model, [ReferenceACT(HEADS, threshold=0.08, prompt_rows=10)], input_ids=ids)
     recomputed, _ = run(model, [ACT(heads=HEADS, threshold=0.08, path=path)], input_ids=ids)

@@ -122,12 +122,18 @@ def test_attention_modules_expose_o_proj_and_layer_idx(arch):
     assert model.generation_config.eos_token_id == EOS_ID
 
 
-def test_gemma2_refuses_sdpa():
-    # transformers: Gemma2PreTrainedModel._supports_sdpa = False (sdpa can't softcap logits).
-    # If this starts passing, transformers added support: add "sdpa" to SUPPORTED_ATTN.
+def test_gemma2_is_eager_only_where_transformers_refuses_sdpa():
+    # Releases before 5.24 accept sdpa for Gemma 2 and drop its logit softcap; later ones set
+    # Gemma2PreTrainedModel._supports_sdpa = False. The factory tests it on eager only, the
+    # backend that softcaps on every release.
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2PreTrainedModel
+
     assert SUPPORTED_ATTN["gemma2-gqa"] == ("eager",)
-    with pytest.raises(ValueError, match="does not support"):
-        tiny_model("gemma2-gqa", attn_implementation="sdpa")
+    if Gemma2PreTrainedModel._supports_sdpa:
+        assert tiny_model("gemma2-gqa", attn_implementation="sdpa").config._attn_implementation == "sdpa"
+    else:
+        with pytest.raises(ValueError, match="does not support"):
+            tiny_model("gemma2-gqa", attn_implementation="sdpa")
 
 
 # ---------------------------------------------------------------------------------------------

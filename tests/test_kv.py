@@ -19,6 +19,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import attnkit
+from attnkit.compat import cache_argument, output_cache
 from attnkit.kvcache import CompressedLayer, KVCacheError, cache_bytes, compensation, compensation_bias
 from attnkit.methods import HeadMask, Razor, SnapKV, Streaming
 from attnkit.recipe import RecipeError, load_recipe
@@ -159,7 +160,7 @@ def test_snapkv_keeps_reference_top_k(arch, pooling, reduction):
     with attnkit.apply(model, [SnapKV(budget=budget, window=window, kernel=5, pooling=pooling, reduction=reduction)]) as handle:
         out = generate(model, inputs, steps=1)
         stats = handle.stats(total=True)["snapkv"]
-    got = kept_columns(out.past_key_values)
+    got = kept_columns(output_cache(out))
     types = getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers
     full_layers = [i for i, t in enumerate(types) if t == "full_attention"]
     assert sorted(got) == full_layers
@@ -193,12 +194,12 @@ def test_decoding_from_compressed_cache_equals_masked_reference(arch, method):
         out = generate(model, inputs, steps=4)
         assert handle.stats(total=True)[method]["layers_compressed"] >= 1
     got = torch.stack(out.logits, 1)
-    kept = full_kept(kept_columns(out.past_key_values), model)
+    kept = full_kept(kept_columns(output_cache(out)), model)
     expected = reference_logits(model, inputs, kept, steps=4, compensation=method == "razor")
     tolerance = 1e-5 if gemma2 else 1e-9
     torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
     if method == "streaming":
-        for heads in kept_columns(out.past_key_values).values():
+        for heads in kept_columns(output_cache(out)).values():
             assert all([c for c in cols if c < 36] == [0, 1] + list(range(26, 36)) for cols in heads.values())
 
 
@@ -214,8 +215,8 @@ def test_several_new_tokens_at_once_equal_masked_reference(method):
     def continue_with():
         """(logits of the three tokens fed at once after the prompt, the prompt's cache)"""
         with torch.no_grad():
-            cache = model(**inputs, use_cache=True).past_key_values
-            return model(input_ids=more, past_key_values=cache, use_cache=True).logits, cache
+            cache = output_cache(model(**inputs, use_cache=True))
+            return model(input_ids=more, **cache_argument(model, cache), use_cache=True).logits, cache
 
     with attnkit.apply(model, [chosen]):
         got, cache = continue_with()
@@ -273,7 +274,7 @@ def test_budget_covering_the_prompt_is_bit_identical(arch, method):
     assert torch.equal(out.sequences, base.sequences)
     for a, b in zip(out.logits, base.logits):
         assert torch.equal(a, b)
-    assert all(type(layer) is not CompressedLayer for layer in out.past_key_values.layers)
+    assert all(type(layer) is not CompressedLayer for layer in output_cache(out).layers)
 
 
 @pytest.mark.parametrize("method", ["snapkv", "streaming", "razor"])
@@ -289,7 +290,7 @@ def test_left_padded_batch_equals_single_rows(method):
     batch = left_padded_batch(seqs, config.pad_token_id)
     with attnkit.apply(model, [make()]):
         out = generate(model, batch, steps=3)
-        cache = out.past_key_values
+        cache = output_cache(out)
         for layer in cache.layers:
             for group in layer.groups:
                 pads = (batch["attention_mask"] == 0).sum(-1)
@@ -307,13 +308,13 @@ def test_new_tokens_continue_from_the_prompt_length():
     inputs = tiny_inputs(model, length=30)
     with attnkit.apply(model, [SnapKV(budget=12, window=4)]):
         out = generate(model, inputs, steps=3)
-        cache = out.past_key_values
+        cache = output_cache(out)
         assert cache.get_seq_length() == 32  # 30 prompt + 2 fed-back tokens
         group = cache.layers[0].groups[0]
         columns = group.slot_columns(cache.get_seq_length())
         assert group.keys.shape[2] == 14 and columns[0, 0, -2:].tolist() == [30, 31]
         # an explicit forward with positions continuing from 32 matches the generate step
-        step = model(input_ids=out.sequences[:, -1:], past_key_values=cache, use_cache=True)
+        step = model(input_ids=out.sequences[:, -1:], **cache_argument(model, cache), use_cache=True)
         assert step.logits.shape[1] == 1
 
 
@@ -337,7 +338,7 @@ def test_removal_restores_and_stale_cache_refuses():
         out = generate(model, inputs, steps=2)
     assert torch.equal(model(**inputs).logits, before)
     with pytest.raises(KVCacheError, match="no longer active"):
-        model(input_ids=out.sequences[:, -1:], past_key_values=out.past_key_values)
+        model(input_ids=out.sequences[:, -1:], **cache_argument(model, output_cache(out)))
 
 
 # --- memory accounting ------------------------------------------------------------------------------
@@ -346,7 +347,7 @@ def test_removal_restores_and_stale_cache_refuses():
 def test_bytes_are_measured_per_layer_and_really_shrink():
     model = tiny_model("llama-gqa")
     inputs = tiny_inputs(model, length=40)
-    full = generate(model, inputs, steps=1).past_key_values
+    full = output_cache(generate(model, inputs, steps=1))
     full_bytes = cache_bytes(full)
     with attnkit.apply(model, [Razor(heads={1: [0]}, sink=2, local=6, ratio=None)]) as handle:
         out = generate(model, inputs, steps=1)
@@ -359,7 +360,7 @@ def test_bytes_are_measured_per_layer_and_really_shrink():
     head_bytes = layer_full // 2 // 40
     assert per_layer[1][1] == head_bytes * (40 + 9)
     assert per_layer[0][1] == head_bytes * 2 * 9
-    assert cache_bytes(out.past_key_values) == sum(after for _, after in per_layer.values())
+    assert cache_bytes(output_cache(out)) == sum(after for _, after in per_layer.values())
     assert stats["kv_bytes_after"] < stats["kv_bytes_before"]
 
 
@@ -368,13 +369,13 @@ def test_byte_totals_count_layers_left_whole():
     after / before is the fraction of the whole cache kept."""
     model = tiny_model("llama-gqa")
     inputs = tiny_inputs(model, length=40)
-    full_bytes = cache_bytes(generate(model, inputs, steps=1).past_key_values)
+    full_bytes = cache_bytes(output_cache(generate(model, inputs, steps=1)))
     with attnkit.apply(model, [Razor(heads={1: [0, 1]}, sink=2, local=6, ratio=None)]) as handle:
         out = generate(model, inputs, steps=1)
         stats = handle.stats()["razor"]
     assert stats["layers_untouched"] == 1 and stats["layers_compressed"] == 2
     assert stats["kv_bytes_before"] == full_bytes
-    assert stats["kv_bytes_after"] == cache_bytes(out.past_key_values)
+    assert stats["kv_bytes_after"] == cache_bytes(output_cache(out))
 
 
 # --- composition and errors --------------------------------------------------------------------------
@@ -387,7 +388,7 @@ def test_composes_with_head_mask():
         out = generate(model, inputs, steps=3)
         stats = handle.stats(total=True)
     assert stats["head_mask"]["head_outputs_scaled"] > 0 and stats["snapkv"]["layers_compressed"] == 3
-    kept = full_kept(kept_columns(out.past_key_values), model)
+    kept = full_kept(kept_columns(output_cache(out)), model)
     model.set_attn_implementation("kvref")
     REFERENCE.update(kept=kept, prompt_length=36)
     try:
@@ -495,7 +496,7 @@ def test_pyramid_budgets_match_pyramidkv(cap, length):
 def test_pyramid_schedule_keeps_more_below_and_the_same_on_average():
     model = tiny_model("llama-gqa", num_hidden_layers=5)
     with attnkit.apply(model, [SnapKV(budget=20, window=4, schedule="pyramid", pyramid_beta=4)]):
-        cache = generate(model, tiny_inputs(model, length=60), steps=1).past_key_values
+        cache = output_cache(generate(model, tiny_inputs(model, length=60), steps=1))
     kept = [int((layer.groups[0].columns[0, 0] < 60).sum()) for layer in cache.layers]
     assert kept == sorted(kept, reverse=True) and kept[0] > 20 > kept[-1]
     assert abs(sum(kept) / len(kept) - 20) <= 2

@@ -14,6 +14,7 @@ from tests.test_tasks import char_tokenizer
 from typer.testing import CliRunner
 
 import attnkit
+from attnkit.compat import cache_argument, output_cache
 from attnkit.cli import app
 from attnkit.methods import Razor
 from attnkit.probes.kv_gates import GatedAttention, KVGatesError, gated_model, profile_kv_gates
@@ -47,22 +48,22 @@ def test_zero_one_gates_equal_razor_without_compensation(arch, whole):
     reply = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(1))
     razor = Razor(heads=whole, sink=2, local=6, ratio=None, compensation="none")
     with attnkit.apply(model, [razor]) as handle, torch.no_grad():
-        cache = model(input_ids=ids, use_cache=True).past_key_values
-        expected = model(input_ids=reply, past_key_values=cache, use_cache=True).logits
+        cache = output_cache(model(input_ids=ids, use_cache=True))
+        expected = model(input_ids=reply, **cache_argument(model, cache), use_cache=True).logits
         assert handle.stats(total=True)["razor"]["layers_compressed"] > 0
     gated = GatedAttention(model.config, sink=2, local=6, ratio=None)
     gated.fixed = gated.zero_one([(layer, head) for layer, heads in whole.items() for head in heads])
     gated.prompt_length = ids.shape[1]
     with torch.no_grad():
-        cache = model(input_ids=ids, use_cache=True).past_key_values
+        cache = output_cache(model(input_ids=ids, use_cache=True))
         with gated_model(model, gated):
-            got = model(input_ids=reply, past_key_values=cache, use_cache=True).logits
-        untouched = model(input_ids=reply, past_key_values=model(input_ids=ids, use_cache=True).past_key_values).logits
+            got = model(input_ids=reply, **cache_argument(model, cache), use_cache=True).logits
+        untouched = model(input_ids=reply, **cache_argument(model, output_cache(model(input_ids=ids, use_cache=True)))).logits
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
     assert (got - untouched).abs().max() > 1e-3, "the layout must change this model's logits for the test to mean anything"
     gated.fixed = torch.ones_like(gated.logits).detach()  # every head whole: the untouched model
     with torch.no_grad(), gated_model(model, gated):
-        whole_cache = model(input_ids=reply, past_key_values=model(input_ids=ids, use_cache=True).past_key_values).logits
+        whole_cache = model(input_ids=reply, **cache_argument(model, output_cache(model(input_ids=ids, use_cache=True)))).logits
     torch.testing.assert_close(whole_cache, untouched, atol=1e-10, rtol=0)
     assert model.config._attn_implementation in ("eager", "sdpa")
 

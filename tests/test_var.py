@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import attnkit
+from attnkit.compat import cache_argument
 from attnkit.methods import VAR
 from attnkit.methods.base import Method, MethodConfig
 from attnkit.methods.var import redistribute
@@ -249,10 +250,10 @@ def test_decode_redistributes_against_prefill_sinks(arch):
     ids = torch.tensor([[1, 20, 61, 21, 22, 7, 23, 24, 25, 26, 30, 104, 31, 32, 33]])  # 104 at 11: after prefill
     cache, steps = DynamicCache(config=model.config), []  # as generate() makes it (sliding layers)
     with torch.no_grad(), attnkit.apply(model, [var()]) as handle:
-        steps.append(model(input_ids=ids[:, :10], past_key_values=cache, use_cache=True).logits[0, -1])
+        steps.append(model(input_ids=ids[:, :10], **cache_argument(model, cache), use_cache=True).logits[0, -1])
         prefill = handle.stats()["sink_redistribute"]
         for t in range(10, 15):
-            steps.append(model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[0, -1])
+            steps.append(model(input_ids=ids[:, t : t + 1], **cache_argument(model, cache), use_cache=True).logits[0, -1])
         total = handle.stats(total=True)["sink_redistribute"]
     assert prefill["span_sinks"] == 2 * 2 and prefill["text_sinks"] == 2 * 1
     assert total["layer_calls"] == 2 * 6 and total["text_sinks"] == prefill["text_sinks"], "decode finds no new sinks"
@@ -504,9 +505,9 @@ def test_decode_on_a_sliding_layer_whose_window_has_left_the_span_sinks(arch):
     span = {"start": 2, "end": 5}
     cache, steps = DynamicCache(config=model.config), []  # sliding layers keep only the last keys
     with torch.no_grad(), attnkit.apply(model, [var(span=span, summ=0.05)]) as handle:
-        steps.append(model(input_ids=ids[:, :10], past_key_values=cache, use_cache=True).logits[0, -1])
+        steps.append(model(input_ids=ids[:, :10], **cache_argument(model, cache), use_cache=True).logits[0, -1])
         for t in range(10, 15):
-            steps.append(model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[0, -1])
+            steps.append(model(input_ids=ids[:, t : t + 1], **cache_argument(model, cache), use_cache=True).logits[0, -1])
         assert handle.stats(total=True)["sink_redistribute"]["rows_redistributed"] > 0
     reference_method = ReferenceVAR([{2, 3, 4}], prompt_rows=10, summ=0.05)
     reference, _ = run(model, [reference_method], input_ids=ids)

@@ -21,13 +21,12 @@ import torch
 from pydantic import Field
 
 from attnkit import kernels
-from attnkit.attention import AttentionCall, compute_dtype, layer_window
+from attnkit.attention import MASKED, AttentionCall, compute_dtype, float_mask, layer_window
 from attnkit.heads import HeadSetSpec
 from attnkit.methods.base import Method, MethodConfig
 from attnkit.registry import register
 from attnkit.sinks import at_positions, calibrate, column_mean, select_sinks
 
-NEG = torch.finfo(torch.float32).min
 
 
 class ACTConfig(MethodConfig):
@@ -103,7 +102,7 @@ class ACT(Method):
             key_valid = valid_keys(call, probs.shape[-1])
             sinks = self._recall(call, probs.shape[-1]) if call.state.phase != "prefill" else None
             if sinks is None:
-                allowed = call.mask > NEG / 2 if call.mask is not None else causal(probs, call)
+                allowed = call.mask > MASKED / 2 if call.mask is not None else causal(probs, call)
                 means = column_mean(chosen, allowed, query_valid(call, key_valid, probs.shape[-2]))
                 sinks = self._find(means, key_valid)
                 self._remember(call, sinks)
@@ -168,9 +167,9 @@ def mask_rows(call: AttentionCall, rows: slice, keys: int, device) -> torch.Tens
     if raw is None:
         q_pos = torch.arange(rows.start, rows.stop, device=device)[:, None] + offset
         keep = (q_pos >= torch.arange(keys, device=device)[None, :])[None, None]
-        return torch.where(keep, 0.0, NEG)
+        return torch.where(keep, 0.0, MASKED)
     chunk = raw[:, :, rows, :keys]
-    return torch.where(chunk, 0.0, NEG) if chunk.dtype == torch.bool else chunk.float()
+    return torch.where(chunk, 0.0, MASKED) if chunk.dtype == torch.bool else float_mask(chunk)
 
 
 def chunk_logits(call: AttentionCall, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -219,7 +218,7 @@ def chunked_stats(
         if not with_means:
             continue
         probs = scores.sub_(chunk_lse[..., None]).exp_()
-        voters = mask > NEG / 2
+        voters = mask > MASKED / 2
         if q_valid is not None:
             voters = voters & q_valid[:, None, rows, None]
             probs.mul_(q_valid[:, None, rows, None])
@@ -271,7 +270,7 @@ def correct_output(
     key_s, value_s = key.gather(2, gather), value.gather(2, gather)
     scores = call.logits(query, key_s)  # [b, h, q, m]
     mask = sink_mask(call, cols, q, key.shape[-2])
-    scores = scores + mask + torch.where(present, 0.0, NEG)[:, :, None, :]
+    scores = scores + mask + torch.where(present, 0.0, MASKED)[:, :, None, :]
     attn = torch.exp(scores - lse[..., None])
     mass = attn.sum(-1, keepdim=True)
     part = torch.matmul(attn, value_s.to(attn.dtype))
@@ -291,7 +290,7 @@ def sink_mask(call: AttentionCall, cols: torch.Tensor, queries: int, keys: int) 
     if raw is None:
         q_pos = torch.arange(queries, device=cols.device)[:, None] + (keys - queries)
         keep = q_pos[None, None] >= cols[:, :, None, :]
-        return torch.where(keep, 0.0, NEG)
+        return torch.where(keep, 0.0, MASKED)
     full = raw[..., :keys].expand(b, h, queries, keys)
     picked = full.gather(-1, cols[:, :, None, :].expand(b, h, queries, m))
-    return torch.where(picked, 0.0, NEG) if picked.dtype == torch.bool else picked.float()
+    return torch.where(picked, 0.0, MASKED) if picked.dtype == torch.bool else float_mask(picked)

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 
 import attnkit
+from attnkit import compat
 from attnkit.attention import layer_window
 from attnkit.heads import HeadArtifact, ModelShape, Selection
 from attnkit.methods.act import ACT
@@ -75,15 +76,10 @@ def last_logits(model: Any, batch: Batch, start: int | None, handle: attnkit.Han
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
             logits_to_keep=1,
         ).logits[:, -1]
-    from transformers.masking_utils import create_causal_mask
-
     decoder = model.model
     hidden = batch.hidden[start]
     with handle.call(batch.attention_mask, hidden.shape[1]) if handle else _nothing():
-        mask = create_causal_mask(
-            config=decoder.config, inputs_embeds=hidden, attention_mask=batch.attention_mask,
-            past_key_values=None, position_ids=batch.position_ids,
-        )
+        mask = compat.causal_mask(decoder.config, hidden, batch.attention_mask, batch.position_ids)
         rope = decoder.rotary_emb(hidden, position_ids=batch.position_ids)
         for layer in decoder.layers[start:]:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, position_ids=batch.position_ids)

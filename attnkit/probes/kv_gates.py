@@ -31,10 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.masking_utils import sdpa_mask
 
 import attnkit
+from attnkit import compat
 from attnkit.attention import compute_dtype, layer_window
 from attnkit.heads import HeadArtifact, ModelShape, Selection, text_config
 from attnkit.probes.razor_heads import top_count
@@ -116,7 +115,7 @@ def answer_nll(model: Any, gated: GatedAttention, item: dict[str, Any]) -> torch
     """NLL of the reply's tokens after the first, read after the prompt's (copied) cache."""
     gated.prompt_length = len(item["ids"])
     target = torch.tensor([item["target"]], device=model.device)
-    logits = model(input_ids=target[:, :-1], past_key_values=copy.deepcopy(item["cache"]), use_cache=True).logits
+    logits = model(input_ids=target[:, :-1], use_cache=True, **compat.cache_argument(model, copy.deepcopy(item["cache"]))).logits
     return F.cross_entropy(logits[0].float(), target[0, 1:], reduction="sum")
 
 
@@ -235,7 +234,7 @@ def needle_items(model, tokenizer, haystack, lengths, depths, needles, reply_tok
                 with torch.no_grad():
                     out = model(input_ids=torch.tensor([prompt.input_ids], device=model.device), use_cache=True)
                 items.append({"needle": i, "length": length, "depth": depth, "ids": prompt.input_ids,
-                              "target": target, "cache": out.past_key_values})  # fmt: skip
+                              "target": target, "cache": compat.output_cache(out)})  # fmt: skip
             advance(1)
     return items
 
@@ -247,9 +246,9 @@ class gated_model:
         self.model, self.gated = model, gated
 
     def __enter__(self) -> None:
-        self.previous = self.model.config._attn_implementation
-        AttentionInterface.register(NAME, self.gated)
-        AttentionMaskInterface.register(NAME, sdpa_mask)
+        self.previous = compat.attn_implementation(self.model.config)
+        compat.AttentionInterface.register(NAME, self.gated)
+        compat.AttentionMaskInterface.register(NAME, compat.sdpa_mask)
         self.model.set_attn_implementation(NAME)
 
     def __exit__(self, *exc: Any) -> None:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 import attnkit
+from attnkit import compat
 from attnkit.heads import HeadArtifact, ModelShape, Selection, text_config
 from attnkit.probes.attention_maps import attention_probabilities
 from attnkit.probes.razor_heads import kv_max
@@ -152,12 +153,12 @@ def sample_scores(
 
     with torch.no_grad():
         out = model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1)
-        cache, token = out.past_key_values, ids[:, -1:]
+        cache, token = compat.output_cache(out), ids[:, -1:]
         with attention_probabilities(model, grab):
             for _ in range(max_new_tokens):
                 rows.clear()
-                out = model(input_ids=token, past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = model(input_ids=token, use_cache=True, **compat.cache_argument(model, cache))
+                cache = compat.output_cache(out)
                 new = int(out.logits[0, -1].argmax())
                 argmax = torch.stack([rows[layer] for layer in range(shape.num_layers)])
                 scores += copy_paste_step(argmax, prompt_ids, prompt.answer_span, new)

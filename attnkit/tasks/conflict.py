@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from attnkit import compat
 from attnkit.tasks.choice import encode_choice, left_pad, wilson_interval
 from attnkit.tasks.config import ConflictTask
 from attnkit.tasks.generate import eos_ids
@@ -169,12 +170,13 @@ def pair_logprobs(model: Any, pad_id: int, pairs: list[tuple[list[int], list[int
     with torch.no_grad():
         out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                     use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = compat.output_cache(out)
         cache.batch_repeat_interleave(2)
         full_mask = torch.cat([mask.repeat_interleave(2, dim=0), tail_mask], dim=1)
         tail_positions = mask.sum(-1).repeat_interleave(2)[:, None] + torch.arange(width)[None]
         tail_logits = model(input_ids=tail_ids.to(device), attention_mask=full_mask.to(device),
-                            position_ids=tail_positions.to(device), past_key_values=cache, use_cache=True).logits
+                            position_ids=tail_positions.to(device), use_cache=True,
+                            **compat.cache_argument(model, cache)).logits
     first = out.logits[:, -1].float().log_softmax(-1).cpu().repeat_interleave(2, dim=0)
     rest = tail_logits.float().log_softmax(-1).cpu()
     # token j of a tail is predicted by the prefix's last logits (j = 0) or by tail position j - 1

@@ -1,0 +1,132 @@
+"""Every entry of attnkit.compat on the installed transformers (CI runs the floor and the newest).
+
+Each test uses the name the way attnkit uses it, so a rename in transformers fails here, at the
+entry, rather than deep inside a method.
+"""
+
+import warnings
+
+import pytest
+import torch
+from packaging.version import Version
+
+from attnkit import compat
+from tests.factory import tiny_config, tiny_inputs, tiny_model
+
+
+@pytest.fixture
+def model():
+    return tiny_model("llama-gqa")
+
+
+def test_installed_release_is_supported():
+    assert Version(compat.version()) >= Version(compat.FLOOR)
+
+
+def test_cache_keyword_is_the_forward_keyword_and_the_call_grows_that_cache(model):
+    keyword = compat.cache_keyword(model)
+    assert keyword in compat.CACHE_KEYWORDS
+    ids = tiny_inputs(model, length=8)["input_ids"]
+    cache = compat.DynamicCache(config=model.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the current keyword, not a deprecated one
+        out = model(input_ids=ids[:, :6], use_cache=True, **compat.cache_argument(model, cache))
+        out = model(input_ids=ids[:, 6:7], use_cache=True, **compat.cache_argument(model, cache))
+    assert cache.get_seq_length() == 7
+    assert compat.output_cache(out) is cache
+
+
+def test_cache_keyword_refuses_a_forward_without_one():
+    class NoCache(torch.nn.Module):
+        def forward(self, input_ids, kv=None):
+            return input_ids
+
+    with pytest.raises(compat.TransformersChanged, match="takes none of cache, past_key_values.*transformers 5"):
+        compat.cache_keyword(NoCache())
+
+
+def test_call_cache_reads_every_known_name_and_refuses_a_stray_cache(model):
+    cache = compat.DynamicCache(config=model.config)
+    for name in compat.CACHE_KEYWORDS:
+        assert compat.call_cache({"input_ids": None, name: cache}) is cache
+    assert compat.call_cache({"use_cache": True}) is None
+    with pytest.raises(compat.TransformersChanged, match="'kv_cache', a keyword attnkit does not know"):
+        compat.call_cache({"kv_cache": cache})
+
+
+def test_output_cache_of_forward_and_generate(model):
+    inputs = tiny_inputs(model, length=6)
+    forward = model(**inputs, use_cache=True)
+    assert isinstance(compat.output_cache(forward), compat.Cache)
+    assert compat.output_cache(model(**inputs, use_cache=False)) is None
+    generated = model.generate(**inputs, max_new_tokens=2, return_dict_in_generate=True)
+    assert compat.output_cache(generated).get_seq_length() == 7  # the last new token is not cached yet
+
+
+def test_eager_attention_forward_is_the_modeling_files_own(model):
+    module = model.model.layers[0].self_attn
+    function = compat.eager_attention_forward(module)
+    q = torch.randn(1, model.config.num_attention_heads, 3, model.config.head_dim)
+    k = v = torch.randn(1, model.config.num_key_value_heads, 3, model.config.head_dim)
+    output, weights = function(module, q, k, v, None, scaling=0.5, dropout=0.0)
+    assert output.shape == (1, 3, model.config.num_attention_heads, model.config.head_dim)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(1, model.config.num_attention_heads, 3))
+
+    class Stray(torch.nn.Module):
+        pass
+
+    with pytest.raises(compat.TransformersChanged, match="no eager_attention_forward"):
+        compat.eager_attention_forward(Stray())
+
+
+def test_attention_and_mask_function_tables():
+    assert {"sdpa", "flash_attention_2"} <= set(compat.ALL_ATTENTION_FUNCTIONS.keys())
+    assert {"sdpa", "eager"} <= set(compat.ALL_MASK_ATTENTION_FUNCTIONS.keys())
+    assert compat.AttentionInterface is not None and compat.AttentionMaskInterface is not None
+
+
+def test_sdpa_mask_and_causal_mask_keep_padding_out():
+    config = tiny_config("llama-gqa")
+    config._attn_implementation = "eager"
+    padding = torch.tensor([[0, 0, 1, 1, 1]])
+    embeds = torch.zeros(1, 5, config.hidden_size)
+    mask = compat.causal_mask(config, embeds, padding, torch.arange(5)[None])
+    assert mask.shape == (1, 1, 5, 5)
+    keep = mask == 0
+    assert not keep[0, 0, 4, :2].any() and keep[0, 0, 4, 2:].all() and not keep[0, 0, 2, 3]
+    boolean = compat.sdpa_mask(batch_size=1, q_length=5, kv_length=5, attention_mask=padding.bool(),
+                               allow_is_causal_skip=False)
+    assert torch.equal(boolean[0, 0, 4], torch.tensor([False, False, True, True, True]))
+
+
+def test_cache_layers():
+    model = tiny_model("gemma3-gqa")  # sliding and full layers
+    out = model(**tiny_inputs(model, length=6), use_cache=True)
+    layers = compat.output_cache(out).layers
+    assert all(isinstance(layer, compat.CacheLayerMixin) for layer in layers)
+    full = [layer for layer in layers if type(layer) is compat.DynamicLayer]
+    assert full and all(layer.is_initialized and layer.keys.shape[-2] == 6 for layer in full)
+    assert full[0].get_seq_length() == 6 and full[0].get_mask_sizes(1)[0] == 7
+
+
+def test_attn_implementation_of_a_sub_config():
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text = tiny_config("llama-gqa")
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=28, patch_size=14)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=5))
+    model.set_attn_implementation("sdpa")
+    text_config = model.config.get_text_config()
+    compat.set_attn_implementation(model, text_config, "eager")
+    assert compat.attn_implementation(text_config) == "eager"
+    assert compat.attn_implementation(model.config.vision_config) == "sdpa"
+    with pytest.raises(compat.TransformersChanged, match="not one of the model's sub_configs"):
+        compat.set_attn_implementation(model, tiny_config("llama-gqa"), "eager")
+
+
+def test_gguf_dequantized_drops_the_quantisation_flags(model):
+    model.config.quantization_config = {"quant_method": "gguf"}
+    model.hf_quantizer = object()
+    compat.gguf_dequantized(model.config, model)
+    assert not hasattr(model.config, "quantization_config") and model.hf_quantizer is None
