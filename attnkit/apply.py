@@ -294,6 +294,7 @@ class CallTracker:
         self.plan, self.methods, self.at = plan, methods, at
         self.sequences: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
         self.verified: set[Phase] = set()
+        self.keyword = "past_key_values"
 
     def begin(
         self, query_length: int, attention_mask: torch.Tensor | None, cache: Any = None, input_ids: Any = None
@@ -319,14 +320,17 @@ class CallTracker:
         returned: a renamed cache keyword or a cache transformers ignored would otherwise make every
         call look like a prefill, and decode-time methods would act wrongly without a sign.
 
-        Checked until one call of each phase agreed: the names do not change within a run.
+        A blind engine takes every call for a prefill, so every prefill is checked; a decode or
+        extend step only until one agreed (the names do not change within a run, and a decode step
+        should not pay for the check).
         """
         state = self.plan.state
         if returned is None or state is None or state.phase in self.verified:
             return
         if state.cache is not None and returned is not state.cache:
             raise compat.TransformersChanged(
-                "the model returned another KV cache than the one it was called with; attnkit read the wrong one"
+                f"the model returned another KV cache than the one attnkit read from the call; this model takes "
+                f"its cache as {self.keyword!r}: pass it under that name"
             )
         held = returned.get_seq_length()
         if held != state.total_length:
@@ -334,7 +338,8 @@ class CallTracker:
                 f"attnkit took this {state.query_length}-token call for a {state.phase} after {state.past_length} "
                 f"cached tokens, but the cache the model returned holds {held}: attnkit did not see the call's cache"
             )
-        self.verified.add(state.phase)
+        if state.phase != "prefill":
+            self.verified.add(state.phase)
 
     def end(self, cache: Any = None) -> None:
         state = self.plan.state
@@ -352,7 +357,7 @@ class CallTracker:
         """Model-level hooks that begin and end a call around every forward pass."""
 
         compresses = any(layer.compressor is not None for layer in self.plan.layers.values())
-        keyword = compat.cache_keyword(model)
+        keyword = self.keyword = compat.cache_keyword(model)
 
         def before(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             ids = kwargs.get("input_ids", args[0] if args else None)

@@ -1,11 +1,13 @@
 """The engine on every tiny architecture: identity, head_mask, removal, batching, caching, stages."""
 
+import warnings
+
 import pytest
 import torch
 
 import attnkit
-from attnkit import attention
-from attnkit.methods import HeadMask
+from attnkit import attention, compat
+from attnkit.methods import ACT, VAR, HeadMask, Razor, SnapKV, Streaming
 from attnkit.methods.base import Method, MethodConfig
 from tests.factory import ARCHS, SUPPORTED_ATTN, arch_attn_pairs, left_padded_batch, tiny_inputs, tiny_model
 
@@ -215,3 +217,103 @@ def test_two_models_keep_separate_plans():
         logits(a, **inputs)
         assert ha.stats()["head_mask"]["head_outputs_scaled"] == 1
         assert hb.stats() == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases: every method that acts at decode sees decode steps as decode, whatever the cache keyword
+# ---------------------------------------------------------------------------------------------
+
+PHASE_METHODS = {
+    "head_mask": lambda: HeadMask(heads={1: [0]}),
+    "act": lambda: ACT(heads={1: [0, 2]}, threshold=0.08),
+    "act_eager": lambda: ACT(heads={1: [0, 2]}, threshold=0.08, path="eager"),
+    "var": lambda: VAR(sink_dims=[0], tau=1.0, span={"start": 1, "end": 6}, first_layer=1),
+    "snapkv": lambda: SnapKV(budget=8, window=2, kernel=3),
+    "razor": lambda: Razor(heads={0: [0]}, sink=2, local=4, ratio=None),
+    "streaming": lambda: Streaming(budget=8, sink=2),
+}
+
+
+@pytest.mark.parametrize("name", PHASE_METHODS)
+def test_generate_steps_are_counted_per_phase(name):
+    model = tiny_model("llama-gqa")
+    inputs = tiny_inputs(model, length=14)
+    with torch.no_grad(), attnkit.apply(model, [PHASE_METHODS[name]()]) as handle:
+        model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        (label,) = handle.stats()
+        assert handle.stats()[label]["phase"] == "decode"
+        assert handle.stats(total=True)[label]["phases"] == {"prefill": 1, "decode": 3}
+
+
+def test_both_cache_keywords_are_read_as_the_same_cache():
+    """5.24 renamed the keyword to ``cache``; the old one still works there (deprecated) and attnkit
+    reads both. Before 5.24 ``cache=`` is swallowed by the forward's kwargs: attnkit says so."""
+    model = tiny_model("llama-gqa")
+    ids = tiny_inputs(model, length=9)["input_ids"]
+    with torch.no_grad(), attnkit.apply(model, [HeadMask(heads={1: [0]})]) as handle:
+        if compat.cache_keyword(model) == "past_key_values":
+            with pytest.raises(compat.TransformersChanged, match="takes its cache as 'past_key_values'"):
+                model(input_ids=ids, use_cache=True, cache=compat.DynamicCache(config=model.config))
+        for keyword in (compat.cache_keyword(model), "past_key_values"):
+            cache = compat.DynamicCache(config=model.config)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                model(input_ids=ids[:, :8], use_cache=True, **{keyword: cache})
+                model(input_ids=ids[:, 8:], use_cache=True, **{keyword: cache})
+            assert handle.stats()["head_mask"]["phase"] == "decode"
+        assert handle.stats(total=True)["head_mask"]["phases"]["decode"] == 2
+
+
+def test_a_cache_attnkit_cannot_see_raises_at_the_first_decode_step(monkeypatch):
+    model = tiny_model("llama-gqa")
+    inputs = tiny_inputs(model, length=10)
+    monkeypatch.setattr(compat, "call_cache", lambda kwargs: None)  # as if transformers renamed the keyword again
+    with torch.no_grad(), attnkit.apply(model, [HeadMask(heads={1: [0]})]) as handle:
+        with pytest.raises(compat.TransformersChanged, match=r"1-token call for a prefill after 0 cached tokens, but the cache the model returned holds 11.*transformers 5\.\d+.*Upgrade attnkit"):
+            model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert handle.stats(total=True)["head_mask"]["phases"] == {"prefill": 2}  # the second call was the first step
+
+
+def test_a_cache_under_an_unknown_keyword_or_a_swapped_cache_raises(monkeypatch):
+    model = tiny_model("llama-gqa")
+    ids = tiny_inputs(model, length=10)["input_ids"]
+    with torch.no_grad(), attnkit.apply(model, []):
+        cache = compat.DynamicCache(config=model.config)
+        with pytest.raises(compat.TransformersChanged, match="'kv_cache', a keyword attnkit does not know"):
+            model(input_ids=ids, kv_cache=cache)
+        decoy = compat.DynamicCache(config=model.config)
+        monkeypatch.setattr(compat, "call_cache", lambda kwargs: decoy)
+        with pytest.raises(compat.TransformersChanged, match="another KV cache"):
+            model(input_ids=ids, use_cache=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stats totals count from each apply
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [lambda: HeadMask(heads={1: [0, 2]}), lambda: SnapKV(budget=8, window=2, kernel=3)])
+def test_totals_restart_when_one_method_object_is_applied_again(make):
+    model = tiny_model("llama-gqa")
+    inputs = tiny_inputs(model, length=14)
+    method = make()
+    totals = []
+    for _ in range(2):
+        with torch.no_grad(), attnkit.apply(model, [method]) as handle:
+            model.generate(**inputs, max_new_tokens=3, do_sample=False)
+            totals.append(handle.stats(total=True)[method.label])
+    assert totals[0] == totals[1]
+    assert totals[0]["calls"] == 3 and totals[0]["phases"] == {"prefill": 1, "decode": 2}
+
+
+def test_one_method_object_serves_one_handle_at_a_time():
+    first, second = tiny_model("llama-gqa"), tiny_model("llama-gqa")
+    mask = HeadMask(heads={1: [0]})
+    with attnkit.apply(first, [mask]):
+        with pytest.raises(RuntimeError, match="already applied.*make a new method object"):
+            attnkit.apply(second, [mask])
+        assert second.config._attn_implementation == "sdpa" and not second._forward_hooks
+    with pytest.raises(RuntimeError, match="twice in this list"):
+        attnkit.apply(second, [mask, mask])
+    with attnkit.apply(second, [mask]) as handle:  # free again once its handle was removed
+        assert handle.active
