@@ -130,3 +130,22 @@ def test_gguf_dequantized_drops_the_quantisation_flags(model):
     model.hf_quantizer = object()
     compat.gguf_dequantized(model.config, model)
     assert not hasattr(model.config, "quantization_config") and model.hf_quantizer is None
+
+
+def test_the_floor_is_one_number_in_pyproject_ci_and_compat():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    assert f'"transformers>={Version(compat.FLOOR).base_version.rsplit(".", 1)[0]}"' in (root / "pyproject.toml").read_text()
+    assert f"ATTNKIT_TRANSFORMERS=transformers=={compat.FLOOR}" in (root / ".ci/run").read_text()
+
+
+def test_compressed_layer_implements_every_cache_layer_method():
+    """A cache-layer method a new release adds to DynamicLayer must be implemented by attnkit's
+    CompressedLayer too, or a compressed cache would run the plain layer's code on its groups."""
+    from attnkit.kvcache import CompressedLayer
+
+    assert not CompressedLayer.__abstractmethods__
+    plain = {name for name, value in vars(compat.DynamicLayer).items() if callable(value) and not name.startswith("_")}
+    ours = {name for name, value in vars(CompressedLayer).items() if callable(value)}
+    assert plain <= ours, f"CompressedLayer lacks {sorted(plain - ours)}"
