@@ -119,7 +119,7 @@ def inspect_sinks(
     output: Path = typer.Option(Path("runs/inspect-sinks"), "--output", "-o", help="Folder for sinks.png and sinks.json."),
 ) -> None:
     """Find the attention sinks of a text: which tokens every later query attends to, per layer and head."""
-    from attnkit.inspect import sink_stats
+    from attnkit.sink_report import sink_stats
     from attnkit.models import ModelLoadError, load_model
     from attnkit.plots import sink_heatmap
 

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from attnkit.inspect import SinkReport
+    from attnkit.sink_report import SinkReport
 
 __all__ = ["artifact_map", "draw_head_map", "draw_token_map", "head_map", "needle_heatmap", "sink_heatmap"]
 
@@ -140,7 +140,7 @@ def head_map(
 
 
 def sink_heatmap(report: SinkReport, path: str | Path | None = None) -> Figure:
-    """The sink overview of a :class:`~attnkit.inspect.SinkReport`, three panels side by side:
+    """The sink overview of a :class:`~attnkit.sink_report.SinkReport`, three panels side by side:
 
     (a) the initial token's column mean per head; (b) the largest column mean of any later token
     per head, with the number of later sinks written in the cells; (c) layers x tokens, the column

@@ -41,7 +41,7 @@ This module does that, with each choice spelled out:
 
 from __future__ import annotations
 
-import inspect as _inspect
+import inspect
 import math
 import time
 import warnings
@@ -415,7 +415,7 @@ def find_sink_dims(
         )
     device = getattr(model, "device", None) or next(model.parameters()).device
     kwargs: dict[str, Any] = {"output_attentions": True, "output_hidden_states": True, "use_cache": False}
-    if "logits_to_keep" in _inspect.signature(model.forward).parameters:
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1
 
     nl = len(layers)

@@ -1,4 +1,4 @@
-"""Sink inspection (``attnkit.inspect``, ``attnkit.plots``, ``attnkit inspect sinks``) on a tiny
+"""Sink inspection (``attnkit.sink_report``, ``attnkit.plots``, ``attnkit inspect sinks``) on a tiny
 random Llama with the offline character tokenizer."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import attnkit
 import attnkit.models
 from attnkit.cli import app
-from attnkit.inspect import SinkReport, sink_stats
+from attnkit.sink_report import SinkReport, sink_stats
 from attnkit.methods import HeadMask
 from attnkit.plots import head_map, sink_heatmap
 

@@ -1,6 +1,6 @@
 """Sink inspection: which tokens soak up attention, in which layers and heads.
 
-    from attnkit.inspect import sink_stats
+    from attnkit.sink_report import sink_stats
     report = sink_stats(model, tokenizer, "The cat sat on the mat.")
     print(report.table())          # sink tokens: position, text, heads, scores
     report.column_mean             # [layers, heads, tokens], the causal column mean
@@ -14,7 +14,7 @@ separately: it is a sink in most heads of most models, and ACT and VAR leave it 
 
 from __future__ import annotations
 
-import inspect as _inspect
+import inspect
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -237,7 +237,7 @@ def sink_stats(
     if ids.numel() == 0:
         raise ValueError(f"the tokenizer turned {text!r} into no tokens; pass some text it can encode")
     kwargs: dict[str, Any] = {"output_attentions": True, "use_cache": False}
-    if "logits_to_keep" in _inspect.signature(model.forward).parameters:
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1  # full-vocabulary logits are not needed
     if original != "eager":
         set_text_attention(model, "eager")
