@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from attnkit import compat
+from attnkit.primitives import additive_mask, logits, repeat_kv
 
 NAME = "attnkit"
 
@@ -46,10 +47,7 @@ class AttentionCall:
 
     def logits(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """Attention logits (at least float32) as this layer computes them (scale, softcap), unmasked."""
-        scores = torch.matmul(query, key.transpose(-1, -2)).to(compute_dtype(query)) * self.scaling
-        if self.softcap is not None:
-            scores = torch.tanh(scores / self.softcap) * self.softcap
-        return scores
+        return logits(query, key, self.scaling, self.softcap)
 
 
 @dataclass
@@ -176,65 +174,6 @@ def compress(call: AttentionCall, compressor: Callable[[AttentionCall, Any], Any
     if smaller is not None:
         cache.layers[index] = smaller
         call.state.sequence.setdefault("kv", {})[index] = smaller
-
-
-def layer_window(config: Any, layer: int) -> int | None:
-    """The sliding window of ``layer`` (query i sees keys j with i - j < window), None if full.
-
-    Read from the config as transformers builds its masks: ``layer_types`` where the config has
-    them, else one ``sliding_window`` for every layer unless ``use_sliding_window`` is off.
-    """
-    window = getattr(config, "sliding_window", None)
-    if not window:
-        return None
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        return window if layer_types[layer] == "sliding_attention" else None
-    return window if getattr(config, "use_sliding_window", True) else None
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float32 for half-precision inputs, the input's own type for float32 and float64."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
-    """Any backend's mask (None = causal, boolean keep-mask, additive float) as an additive float mask."""
-    q_len, k_len = query.shape[-2], key.shape[-2]
-    if mask is None:
-        if q_len == 1:
-            return None
-        rows = torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
-        keep = torch.arange(k_len, device=query.device)[None, :] <= rows
-        mask = keep[None, None]
-    if mask.dtype == torch.bool:
-        zero = torch.zeros((), dtype=torch.float32, device=mask.device)
-        return torch.where(mask, zero, MASKED)
-    if mask.dim() != 4:
-        raise RuntimeError(
-            f"attnkit got a {mask.dim()}-D attention mask (from a varlen backend); score and probability "
-            "edits need attn_implementation sdpa or eager"
-        )
-    return float_mask(mask[..., :k_len])
-
-
-MASKED = torch.finfo(torch.float32).min
-"""The additive mask value of a masked key: finite, so a row with every key masked (left padding)
-gives a uniform softmax rather than NaN, in every dtype the logits take (float32 or float64)."""
-
-
-def float_mask(mask: torch.Tensor) -> torch.Tensor:
-    """An additive mask in float32 with masked entries at :data:`MASKED`: a float64 model's
-    ``finfo(float64).min`` would become -inf in float32, and a fully masked row NaN."""
-    return mask.float().clamp(min=MASKED)
-
-
-def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """[b, kvh, k, d] -> [b, kvh * groups, k, d], each KV head repeated for its query heads."""
-    if groups == 1:
-        return x
-    b, kvh, k, d = x.shape
-    return x[:, :, None].expand(b, kvh, groups, k, d).reshape(b, kvh * groups, k, d)
 
 
 def edited_attention(call: AttentionCall, layer: LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnkit.compat import CacheLayerMixin, DynamicLayer
+from attnkit.primitives import repeat_kv
 
 
 NEG_INF = float("-inf")
@@ -251,11 +252,6 @@ def plain_layer(layer: Any, index: int) -> DynamicLayer:
     return layer
 
 
-def expand_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """[b, kv heads, ...] -> [b, kv heads * groups, ...], each KV head repeated for its query heads."""
-    return x.repeat_interleave(groups, dim=1) if groups > 1 else x
-
-
 def attend(call: Any, layer: CompressedLayer, backend: Callable[..., Any], **kwargs: Any) -> torch.Tensor:
     """Attention of ``call``'s queries over a compressed layer, group by group.
 
@@ -333,7 +329,7 @@ def masked_attention(call: Any, query: torch.Tensor, group: KVGroup, logical_len
     mask = torch.where(visible, bias[..., None, :], NEG_INF)  # [b, kv heads, q, slots]
     # finite in the query's dtype: a row with nothing visible (padding) must not turn into NaN
     mask = mask.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
-    mask = expand_heads(mask, query.shape[1] // group.keys.shape[1])
+    mask = repeat_kv(mask, query.shape[1] // group.keys.shape[1])
     output, _ = backend(call.module, query, group.keys, group.values, mask, scaling=call.scaling, dropout=0.0, **kwargs)
     return output
 

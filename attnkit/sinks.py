@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from attnkit.primitives import causal_keep
+
 
 def column_mean(probs: torch.Tensor, allowed: torch.Tensor, query_valid: torch.Tensor | None = None) -> torch.Tensor:
     """``s_j = sum_i A_ij / #{valid queries i allowed to attend to j}``, per batch row and head.
@@ -34,8 +36,7 @@ def causal_column_mean(
     """
     _, _, q, k = probs.shape
     offset = k - q if query_offset is None else query_offset
-    query_pos = torch.arange(q, device=probs.device) + offset
-    allowed = (query_pos[:, None] >= torch.arange(k, device=probs.device)[None, :])[None, None]
+    allowed = causal_keep(torch.arange(q, device=probs.device) + offset, k)
     query_valid = None
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, None, :]

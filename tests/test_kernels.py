@@ -7,7 +7,8 @@ import torch
 
 import attnkit
 from attnkit import kernels
-from attnkit.attention import AttentionCall, layer_window
+from attnkit.attention import AttentionCall
+from attnkit.primitives import layer_window
 from attnkit.methods import ACT
 from attnkit.methods.act import voter_counts
 from tests.factory import ARCHS, SUPPORTED_ATTN, left_padded_batch, tiny_model
@@ -15,7 +16,7 @@ from tests.factory import ARCHS, SUPPORTED_ATTN, left_padded_batch, tiny_model
 
 def captured_masks(model, **inputs):
     """The mask each layer's attention receives, as an additive float mask."""
-    from attnkit.attention import additive_mask
+    from attnkit.primitives import additive_mask
 
     masks = {}
 

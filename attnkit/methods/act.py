@@ -21,7 +21,8 @@ import torch
 from pydantic import Field
 
 from attnkit import kernels
-from attnkit.attention import MASKED, AttentionCall, compute_dtype, float_mask, layer_window
+from attnkit.attention import AttentionCall
+from attnkit.primitives import MASKED, as_additive, causal_keep, compute_dtype, last_queries, layer_window
 from attnkit.heads import HeadSetSpec
 from attnkit.methods.base import Method, MethodConfig
 from attnkit.registry import register
@@ -156,8 +157,7 @@ def query_valid(call: AttentionCall, key_valid: torch.Tensor | None, queries: in
 
 def causal(probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
     q, k = probs.shape[-2], probs.shape[-1]
-    rows = torch.arange(q, device=probs.device)[:, None] + (k - q)
-    return (rows >= torch.arange(k, device=probs.device)[None, :])[None, None]
+    return causal_keep(last_queries(q, k, probs.device), k)
 
 
 def mask_rows(call: AttentionCall, rows: slice, keys: int, device) -> torch.Tensor:
@@ -165,11 +165,8 @@ def mask_rows(call: AttentionCall, rows: slice, keys: int, device) -> torch.Tens
     raw = call.raw_mask
     offset = call.key.shape[-2] - call.query.shape[-2]
     if raw is None:
-        q_pos = torch.arange(rows.start, rows.stop, device=device)[:, None] + offset
-        keep = (q_pos >= torch.arange(keys, device=device)[None, :])[None, None]
-        return torch.where(keep, 0.0, MASKED)
-    chunk = raw[:, :, rows, :keys]
-    return torch.where(chunk, 0.0, MASKED) if chunk.dtype == torch.bool else float_mask(chunk)
+        return as_additive(causal_keep(torch.arange(rows.start, rows.stop, device=device) + offset, keys))
+    return as_additive(raw[:, :, rows, :keys])
 
 
 def chunk_logits(call: AttentionCall, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -288,9 +285,8 @@ def sink_mask(call: AttentionCall, cols: torch.Tensor, queries: int, keys: int) 
     raw = call.raw_mask
     b, h, m = cols.shape
     if raw is None:
-        q_pos = torch.arange(queries, device=cols.device)[:, None] + (keys - queries)
-        keep = q_pos[None, None] >= cols[:, :, None, :]
-        return torch.where(keep, 0.0, MASKED)
+        q_pos = last_queries(queries, keys, cols.device)[:, None]
+        return as_additive(q_pos[None, None] >= cols[:, :, None, :])
     full = raw[..., :keys].expand(b, h, queries, keys)
     picked = full.gather(-1, cols[:, :, None, :].expand(b, h, queries, m))
-    return torch.where(picked, 0.0, MASKED) if picked.dtype == torch.bool else float_mask(picked)
+    return as_additive(picked)

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from attnkit.attention import AttentionCall, layer_window
+from attnkit.attention import AttentionCall
+from attnkit.primitives import layer_window
 from attnkit.heads import text_config
 from attnkit.kvcache import CompressedLayer, KVGroup, layer_bytes, plain_layer, row_spans
 from attnkit.methods.base import Method, MethodConfig

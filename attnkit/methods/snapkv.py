@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from attnkit.attention import AttentionCall, additive_mask
+from attnkit.attention import AttentionCall
+from attnkit.primitives import additive_mask
 from attnkit.kvcache import KVGroup, keep, top_columns
 from attnkit.methods.kv import BudgetConfig, KVMethod, reduce_groups, row_budgets
 from attnkit.registry import register

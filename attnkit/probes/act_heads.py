@@ -23,7 +23,7 @@ import torch
 
 import attnkit
 from attnkit import compat
-from attnkit.attention import layer_window
+from attnkit.primitives import layer_window
 from attnkit.heads import HeadArtifact, ModelShape, Selection
 from attnkit.methods.act import ACT
 from attnkit.tasks.choice import label_word_items, left_pad, load_items

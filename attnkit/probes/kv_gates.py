@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 import attnkit
 from attnkit import compat
-from attnkit.attention import compute_dtype, layer_window
+from attnkit.primitives import MASKED, layer_window, logits as attention_logits
 from attnkit.heads import HeadArtifact, ModelShape, Selection, text_config
 from attnkit.probes.razor_heads import top_count
 from attnkit.probes.retrieval_heads import DEFAULT_NEEDLES, Needle, grid_problem
@@ -85,10 +85,7 @@ class GatedAttention:
         kv_heads, k_len = key.shape[1], key.shape[2]
         group = heads // kv_heads
         folded = query.reshape(b, kv_heads, group * q_len, -1)
-        logits = torch.matmul(folded, key.transpose(-1, -2)).to(compute_dtype(query)) * scaling
-        if kwargs.get("softcap") is not None:
-            logits = torch.tanh(logits / kwargs["softcap"]) * kwargs["softcap"]
-        logits = logits.view(b, kv_heads, group, q_len, k_len)
+        logits = attention_logits(folded, key, scaling, kwargs.get("softcap")).view(b, kv_heads, group, q_len, k_len)
         column = torch.arange(k_len, device=query.device)
         visible = column <= torch.arange(k_len - q_len, k_len, device=query.device)[:, None]  # None: plain causal
         if attention_mask is not None:
@@ -106,7 +103,7 @@ class GatedAttention:
     def read(logits: torch.Tensor, visible: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Softmax over the visible keys, times the values -> [b, q, heads, d]."""
         b, kv_heads, group, q_len, k_len = logits.shape
-        probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).to(value.dtype)
+        probs = torch.softmax(logits.masked_fill(~visible, MASKED), dim=-1).to(value.dtype)
         out = torch.matmul(probs.view(b, kv_heads, group * q_len, k_len), value)
         return out.view(b, kv_heads * group, q_len, -1).transpose(1, 2)
 
