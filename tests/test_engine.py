@@ -9,6 +9,7 @@ import attnkit
 from attnkit import attention, compat
 from attnkit.methods import ACT, VAR, HeadMask, Razor, SnapKV, Streaming
 from attnkit.methods.base import Method, MethodConfig
+from attnkit.tasks.report import describe_stats
 from tests.factory import ARCHS, SUPPORTED_ATTN, arch_attn_pairs, left_padded_batch, tiny_inputs, tiny_model
 
 
@@ -304,6 +305,7 @@ def test_totals_restart_when_one_method_object_is_applied_again(make):
             totals.append(handle.stats(total=True)[method.label])
     assert totals[0] == totals[1]
     assert totals[0]["calls"] == 3 and totals[0]["phases"] == {"prefill": 1, "decode": 2}
+    assert "calls=3 (prefill 1, decode 2)" in describe_stats(totals[0])
 
 
 def test_one_method_object_serves_one_handle_at_a_time():
