@@ -294,7 +294,7 @@ class CallTracker:
         self.plan, self.methods, self.at = plan, methods, at
         self.sequences: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
         self.verified: set[Phase] = set()
-        self.keyword = "past_key_values"
+        self.keyword = compat.cache_keyword(at.model)
 
     def begin(
         self, query_length: int, attention_mask: torch.Tensor | None, cache: Any = None, input_ids: Any = None
@@ -357,7 +357,6 @@ class CallTracker:
         """Model-level hooks that begin and end a call around every forward pass."""
 
         compresses = any(layer.compressor is not None for layer in self.plan.layers.values())
-        keyword = self.keyword = compat.cache_keyword(model)
 
         def before(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             ids = kwargs.get("input_ids", args[0] if args else None)
@@ -367,7 +366,7 @@ class CallTracker:
                 # The model would make its cache inside; KV methods need to see it, so make it here.
                 for name in compat.CACHE_KEYWORDS:
                     kwargs.pop(name, None)
-                cache = kwargs[keyword] = DynamicCache(config=text_config(model.config))
+                cache = kwargs[self.keyword] = DynamicCache(config=text_config(model.config))
             self.begin(query_length, kwargs.get("attention_mask"), cache, ids)
             return args, kwargs
 

@@ -99,6 +99,17 @@ def register(backend: str) -> str:
     return name
 
 
+def untouched_implementation(config: Any, doing: str) -> str:
+    """The attention implementation of a model that no attnkit handle is applied to, for code that
+    switches it itself (profilers, inspection); raises if a handle is applied."""
+    original = compat.attn_implementation(config)
+    if original.startswith(NAME):
+        raise RuntimeError(
+            f"model attention is {original!r}: an attnkit handle is applied; remove it (handle.remove()) before {doing}"
+        )
+    return original
+
+
 def backend_function(name: str) -> Callable[..., Any] | None:
     """The backend's attention function; None for eager, which is resolved per module."""
     return None if name == "eager" else compat.ALL_ATTENTION_FUNCTIONS[name]

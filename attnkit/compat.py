@@ -128,9 +128,12 @@ def eager_attention_forward(module: torch.nn.Module) -> Callable[..., Any]:
 def causal_mask(config: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
                 position_ids: torch.Tensor | None, cache: Cache | None = None) -> Any:
     """The mask the decoder builds for its full-attention layers (``masking_utils.create_causal_mask``)."""
-    keyword = next(name for name in CACHE_KEYWORDS if name in inspect.signature(_create_causal_mask).parameters)
     return _create_causal_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                               position_ids=position_ids, **{keyword: cache})
+                               position_ids=position_ids, **{_CAUSAL_MASK_CACHE: cache})
+
+
+_CAUSAL_MASK_CACHE = next(name for name in CACHE_KEYWORDS if name in inspect.signature(_create_causal_mask).parameters)
+"""The keyword ``create_causal_mask`` takes its cache under (renamed with the model's in 5.24)."""
 
 
 def attn_implementation(config: Any) -> str:

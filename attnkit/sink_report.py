@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnkit import attention, compat
+from attnkit import attention
 from attnkit.apply import set_text_attention
 from attnkit.heads import text_config
 from attnkit.sinks import causal_column_mean, select_sinks
@@ -227,12 +227,7 @@ def sink_stats(
     if not text:
         raise ValueError("text is empty; pass at least one token of text")
     config = text_config(model.config)
-    original = compat.attn_implementation(config)
-    if original.startswith(attention.NAME):
-        raise RuntimeError(
-            f"model attention is {original!r}: an attnkit handle is applied; remove it (handle.remove()) "
-            f"before inspecting sinks"
-        )
+    original = attention.untouched_implementation(config, "inspecting sinks")
     ids = tokenizer(text, return_tensors="pt")["input_ids"].to(model.device)
     if ids.numel() == 0:
         raise ValueError(f"the tokenizer turned {text!r} into no tokens; pass some text it can encode")

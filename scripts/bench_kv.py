@@ -124,9 +124,9 @@ def prefill(model, ids):
 
 def decode(model, cache, token, steps: int, device: str) -> list[float]:
     """Greedy decode ``steps`` tokens from ``cache``; the time of each step in ms."""
-    times = []
+    times, with_cache = [], cache_argument(model, cache)
     for _ in range(steps):
-        ms, out = timed(lambda: model(input_ids=token, **cache_argument(model, cache), use_cache=True), device)
+        ms, out = timed(lambda: model(input_ids=token, **with_cache, use_cache=True), device)
         token = out.logits[:, -1:].argmax(-1)
         times.append(ms)
     return times

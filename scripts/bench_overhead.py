@@ -81,9 +81,11 @@ def decode_steps(model, context: int):
     model(input_ids=ids, **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
     token = ids[:, -1:]
 
+    with_cache = cache_argument(model, cache)
+
     def steps():
         for _ in range(DECODE_BLOCK):
-            model(input_ids=token, **cache_argument(model, cache), use_cache=True)
+            model(input_ids=token, **with_cache, use_cache=True)
             cache.crop(-1)
 
     return steps

@@ -36,24 +36,25 @@ for name, methods in configs.items():
     handle = attnkit.apply(model, methods) if methods else None
     with torch.no_grad(), sdpa_without_cudnn():
         cache, token = prefill(model, ids)
+        with_cache = cache_argument(model, cache)
         for _ in range(5):
-            model(input_ids=token, **cache_argument(model, cache), use_cache=True)
+            model(input_ids=token, **with_cache, use_cache=True)
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(20):
-            model(input_ids=token, **cache_argument(model, cache), use_cache=True)
+            model(input_ids=token, **with_cache, use_cache=True)
         torch.cuda.synchronize()
         step_ms = (time.perf_counter() - start) / 20 * 1e3
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(STEPS):
-                model(input_ids=token, **cache_argument(model, cache), use_cache=True)
+                model(input_ids=token, **with_cache, use_cache=True)
             torch.cuda.synchronize()
     profiler = cProfile.Profile()
     with torch.no_grad(), sdpa_without_cudnn():
         profiler.enable()
         for _ in range(STEPS):
-            model(input_ids=token, **cache_argument(model, cache), use_cache=True)
+            model(input_ids=token, **with_cache, use_cache=True)
         torch.cuda.synchronize()
         profiler.disable()
     top_level = [e for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]

@@ -82,7 +82,14 @@ def test_eager_attention_forward_is_the_modeling_files_own(model):
 def test_attention_and_mask_function_tables():
     assert {"sdpa", "flash_attention_2"} <= set(compat.ALL_ATTENTION_FUNCTIONS.keys())
     assert {"sdpa", "eager"} <= set(compat.ALL_MASK_ATTENTION_FUNCTIONS.keys())
-    assert compat.AttentionInterface is not None and compat.AttentionMaskInterface is not None
+
+    def attend(*args, **kwargs):
+        return None
+
+    compat.AttentionInterface.register("attnkit_compat_probe", attend)
+    compat.AttentionMaskInterface.register("attnkit_compat_probe", compat.sdpa_mask)
+    assert compat.ALL_ATTENTION_FUNCTIONS["attnkit_compat_probe"] is attend
+    assert compat.ALL_MASK_ATTENTION_FUNCTIONS["attnkit_compat_probe"] is compat.sdpa_mask
 
 
 def test_sdpa_mask_and_causal_mask_keep_padding_out():

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from attnkit import attention, compat
+from attnkit import attention
 from attnkit.apply import attention_modules, set_text_attention
 from attnkit.heads import text_config
 
@@ -26,12 +26,7 @@ def eager_attention(model: Any) -> Iterator[None]:
     """Run ``model`` with eager attention inside the block (so attention modules return their
     probabilities); its own implementation is restored afterwards, also on errors."""
     config = text_config(model.config)
-    original = compat.attn_implementation(config)
-    if original.startswith(attention.NAME):
-        raise RuntimeError(
-            f"model attention is {original!r}: an attnkit handle is applied; remove it (handle.remove()) "
-            "before profiling heads"
-        )
+    original = attention.untouched_implementation(config, "profiling heads")
     if original != "eager":
         set_text_attention(model, "eager")
     try:

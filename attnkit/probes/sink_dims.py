@@ -55,7 +55,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 import attnkit
-from attnkit import attention, compat
+from attnkit import attention
 from attnkit.apply import set_text_attention
 from attnkit.heads import config_fingerprint, text_config
 from attnkit.sinks import causal_column_mean
@@ -407,12 +407,7 @@ def find_sink_dims(
     keep = min(KEEP, hidden)
     if per_token_top > keep:
         raise SinkDimsError(f"per_token_top {per_token_top} is more than the {keep} values kept per token")
-    original = compat.attn_implementation(config)
-    if original.startswith(attention.NAME):
-        raise RuntimeError(
-            f"model attention is {original!r}: an attnkit handle is applied; remove it (handle.remove()) "
-            "before profiling sink dims"
-        )
+    original = attention.untouched_implementation(config, "profiling sink dims")
     device = getattr(model, "device", None) or next(model.parameters()).device
     kwargs: dict[str, Any] = {"output_attentions": True, "output_hidden_states": True, "use_cache": False}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
