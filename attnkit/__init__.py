@@ -3,28 +3,38 @@
     with attnkit.apply(model, "recipes/quickstart.yaml") as handle:
         model.generate(...)
         handle.stats()
+
+The names below load on first use, so ``import attnkit`` (and the CLI's ``--help``) does not
+import torch or transformers.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
-from attnkit import methods
-from attnkit.apply import Handle
-from attnkit.apply import apply as _apply
-from attnkit.recipe import Recipe, RecipeError, load_recipe
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "apply": "attnkit.handle",
+    "Handle": "attnkit.handle",
+    "Recipe": "attnkit.recipe",
+    "RecipeError": "attnkit.recipe",
+    "load_recipe": "attnkit.recipe",
+}
 
-def apply(model: Any, recipe: Any = None, *, allow_foreign_heads: bool = False) -> Handle:
-    """Apply a recipe (a Recipe, a YAML path, a dict) or methods to a loaded model."""
-    if isinstance(recipe, (str, Path, dict)):
-        recipe = load_recipe(recipe)
-    if isinstance(recipe, Recipe):
-        allow_foreign_heads = allow_foreign_heads or recipe.allow_foreign_heads
-    return _apply(model, recipe, allow_foreign_heads=allow_foreign_heads)
+if TYPE_CHECKING:
+    from attnkit import methods
+    from attnkit.handle import Handle, apply
+    from attnkit.recipe import Recipe, RecipeError, load_recipe
+
+
+def __getattr__(name: str) -> Any:
+    if name == "methods":
+        return importlib.import_module("attnkit.methods")
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'attnkit' has no attribute {name!r}")
 
 
 __all__ = ["Handle", "Recipe", "RecipeError", "apply", "load_recipe", "methods", "__version__"]

@@ -82,7 +82,7 @@ def validate(
 @app.command("list")
 def list_methods() -> None:
     """List the methods, their parameters and defaults, one line each."""
-    from attnkit.registry import METHODS, get_method
+    from attnkit.methods import METHODS, get_method
 
     get_method("head_mask")  # imports the built-in methods
     for name, cls in sorted(METHODS.items()):
@@ -119,9 +119,8 @@ def inspect_sinks(
     output: Path = typer.Option(Path("runs/inspect-sinks"), "--output", "-o", help="Folder for sinks.png and sinks.json."),
 ) -> None:
     """Find the attention sinks of a text: which tokens every later query attends to, per layer and head."""
-    from attnkit.sink_report import sink_stats
     from attnkit.models import ModelLoadError, load_model
-    from attnkit.plots import sink_heatmap
+    from attnkit.sink_report import sink_heatmap, sink_stats
 
     if (text is None) == (file is None):
         fail(f"pass {'either' if text is None else 'only one of'} --text \"...\" or --file PATH, e.g. --text \"The cat sat on the mat.\"")
@@ -253,7 +252,10 @@ def profile_conflict_heads_cmd(
 ) -> None:
     """Find memory heads and context heads (PH3) by path patching; writes the artifact and an effect map."""
     from attnkit.models import ModelLoadError, load_model
-    from attnkit.probes.conflict_heads import plot_conflict_heads, profile_conflict_heads
+    from attnkit.probes.conflict_heads import (
+        plot_conflict_heads,
+        profile_conflict_heads,
+    )
     from attnkit.tasks import TaskDataError
 
     if corruption not in ("removed", "swapped"):
@@ -397,7 +399,12 @@ def profile_retrieval_heads_cmd(
     """Find retrieval heads (Wu et al. 2024): heads whose strongest attention copies needle tokens while decoding."""
     from attnkit.data import DataError
     from attnkit.models import ModelLoadError, load_model
-    from attnkit.probes.retrieval_heads import DEFAULT_NEEDLES, RetrievalProfileError, profile_retrieval_heads, read_needles
+    from attnkit.probes.retrieval_heads import (
+        DEFAULT_NEEDLES,
+        RetrievalProfileError,
+        profile_retrieval_heads,
+        read_needles,
+    )
     from attnkit.tasks import TaskDataError
     from attnkit.tasks.needle import read_haystack
     from attnkit.tasks.result import uses_chat_template
@@ -463,7 +470,11 @@ def profile_kv_gates_cmd(
     from attnkit.data import DataError
     from attnkit.models import ModelLoadError, load_model
     from attnkit.probes.kv_gates import KVGatesError, profile_kv_gates
-    from attnkit.probes.retrieval_heads import DEFAULT_NEEDLES, RetrievalProfileError, read_needles
+    from attnkit.probes.retrieval_heads import (
+        DEFAULT_NEEDLES,
+        RetrievalProfileError,
+        read_needles,
+    )
     from attnkit.tasks import TaskDataError
     from attnkit.tasks.needle import read_haystack
     from attnkit.tasks.result import uses_chat_template

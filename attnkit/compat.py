@@ -20,7 +20,11 @@ import torch
 import transformers
 from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    AttentionMaskInterface,
+    sdpa_mask,
+)
 from transformers.masking_utils import create_causal_mask as _create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 

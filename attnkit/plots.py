@@ -12,15 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import LogNorm, Normalize, PowerNorm
+from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from attnkit.sink_report import SinkReport
-
-__all__ = ["artifact_map", "draw_head_map", "draw_token_map", "head_map", "needle_heatmap", "sink_heatmap"]
+__all__ = ["artifact_map", "draw_head_map", "draw_token_map", "head_map", "needle_heatmap", "new_figure", "save_figure", "ticks"]
 
 #: Cells up to which a head map writes its ``annotate`` values into the cells.
 MAX_ANNOTATED_CELLS = 600
@@ -28,7 +26,7 @@ MAX_ANNOTATED_CELLS = 600
 MAX_LABELLED_TOKENS = 64
 
 
-def _ticks(n: int, most: int = 40) -> np.ndarray:
+def ticks(n: int, most: int = 40) -> np.ndarray:
     """Tick positions 0..n-1, thinned to at most about ``most``."""
     return np.arange(0, n, max(1, int(np.ceil(n / most))))
 
@@ -58,8 +56,8 @@ def draw_head_map(
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    ax.set_xticks(_ticks(heads, 32))
-    ax.set_yticks(_ticks(layers))
+    ax.set_xticks(ticks(heads, 32))
+    ax.set_yticks(ticks(layers))
     ax.tick_params(labelsize=7)
     cbar = ax.figure.colorbar(image, ax=ax, pad=0.03, aspect=40)
     cbar.set_label(cbar_label, fontsize=8)
@@ -94,13 +92,13 @@ def draw_token_map(
     image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm)
     ax.set_title(title, fontsize=10)
     ax.set_ylabel("layer")
-    ax.set_yticks(_ticks(layers))
+    ax.set_yticks(ticks(layers))
     if count <= MAX_LABELLED_TOKENS:
         ax.set_xticks(np.arange(count))
         ax.set_xticklabels([f"{j} {tok!r}" for j, tok in enumerate(tokens)], rotation=90, fontsize=7)
         ax.set_xlabel("token (position, text)")
     else:
-        ax.set_xticks(_ticks(count))
+        ax.set_xticks(ticks(count))
         ax.set_xlabel("token position")
     ax.tick_params(labelsize=7)
     cbar = ax.figure.colorbar(image, ax=ax, pad=0.02, aspect=40)
@@ -109,14 +107,14 @@ def draw_token_map(
     return image
 
 
-def _save(fig: Figure, path: str | Path | None) -> Figure:
+def save_figure(fig: Figure, path: str | Path | None) -> Figure:
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=130)
     return fig
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -134,57 +132,9 @@ def head_map(
 ) -> Figure:
     """A layers x heads score map (one head score per cell) as a figure; a PNG at ``path``."""
     layers, heads = np.shape(scores)
-    fig = _new_figure(max(4.0, 0.32 * heads + 2.2), max(3.5, 0.22 * layers + 1.4))
+    fig = new_figure(max(4.0, 0.32 * heads + 2.2), max(3.5, 0.22 * layers + 1.4))
     draw_head_map(fig.add_subplot(), scores, title, cbar_label=cbar_label, annotate=annotate, norm=norm, cmap=cmap)
-    return _save(fig, path)
-
-
-def sink_heatmap(report: SinkReport, path: str | Path | None = None) -> Figure:
-    """The sink overview of a :class:`~attnkit.sink_report.SinkReport`, three panels side by side:
-
-    (a) the initial token's column mean per head; (b) the largest column mean of any later token
-    per head, with the number of later sinks written in the cells; (c) layers x tokens, the column
-    mean averaged over heads. Color scales run 0-1; (c) uses a square-root scale so that small
-    column means stay visible next to the initial token's.
-    """
-    layers, heads, count = report.column_mean.shape
-    head_width = max(2.4, 0.28 * heads + 1.6)
-    token_width = min(12.0, max(4.0, 0.3 * min(count, MAX_LABELLED_TOKENS) + 2.0))
-    fig = _new_figure(2 * head_width + token_width, max(4.5, 0.2 * layers + 2.6))
-    grid = fig.add_gridspec(1, 3, width_ratios=[head_width, head_width, token_width])
-    unit = Normalize(0.0, 1.0)
-    initial = report.tokens[0] if report.tokens else ""
-    draw_head_map(
-        fig.add_subplot(grid[0]),
-        report.column_mean[..., 0],
-        f"(a) initial token {initial!r}:\ncolumn mean per head",
-        cbar_label="column mean",
-        norm=unit,
-        mark=report.threshold,
-    )
-    draw_head_map(
-        fig.add_subplot(grid[1]),
-        report.later_max,
-        "(b) later tokens: max column mean\nper head (cells: # later sinks)",
-        cbar_label="max column mean, tokens 1..T-1",
-        annotate=report.later_sink_counts,
-        norm=unit,
-        mark=report.threshold,
-    )
-    draw_token_map(
-        fig.add_subplot(grid[2]),
-        report.column_mean.mean(1),
-        report.tokens,
-        "(c) column mean per token, averaged over heads",
-        cbar_label="column mean (sqrt scale)",
-        norm=PowerNorm(0.5, 0.0, 1.0),
-    )
-    name = f"{report.model}: " if report.model else ""
-    fig.suptitle(
-        f"{name}attention sinks (causal column mean > {report.threshold:g}, red line on the colorbars)",
-        fontsize=11,
-    )
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def needle_heatmap(rows: list[dict[str, Any]], path: str | Path | None = None, *, metric: str = "recall",
@@ -200,7 +150,7 @@ def needle_heatmap(rows: list[dict[str, Any]], path: str | Path | None = None, *
     grid = np.full((len(depths), len(lengths)), np.nan)
     for r in rows:
         grid[depths.index(float(r["depth"])), lengths.index(int(r["length"]))] = float(r[metric])
-    fig = _new_figure(max(4.0, 0.9 * len(lengths) + 2.2), max(3.0, 0.45 * len(depths) + 1.6))
+    fig = new_figure(max(4.0, 0.9 * len(lengths) + 2.2), max(3.0, 0.45 * len(depths) + 1.6))
     ax = fig.add_subplot()
     image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="RdYlGn", norm=Normalize(0.0, 1.0))
     ax.set_xticks(np.arange(len(lengths)), [str(n) for n in lengths])
@@ -215,7 +165,7 @@ def needle_heatmap(rows: list[dict[str, Any]], path: str | Path | None = None, *
     cbar = fig.colorbar(image, ax=ax, pad=0.03)
     cbar.set_label(metric, fontsize=8)
     cbar.ax.tick_params(labelsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def artifact_map(artifact: Any, path: str | Path | None = None, title: str | None = None) -> Figure:
@@ -229,7 +179,7 @@ def artifact_map(artifact: Any, path: str | Path | None = None, title: str | Non
     count = sum(len(h) for h in artifact.selected.values())
     if title is None:
         title = f"{artifact.method} heads, {artifact.model_id}\n{count} of {scores.size} {level} selected (outlined)"
-    fig = _new_figure(max(4.0, 0.32 * heads + 2.4), max(3.5, 0.22 * layers + 1.6))
+    fig = new_figure(max(4.0, 0.32 * heads + 2.4), max(3.5, 0.22 * layers + 1.6))
     ax = fig.add_subplot()
     finite = scores[np.isfinite(scores)]
     norm: Normalize | None = None
@@ -246,4 +196,4 @@ def artifact_map(artifact: Any, path: str | Path | None = None, title: str | Non
     for layer, chosen in artifact.selected.items():
         for head in chosen:
             ax.add_patch(Rectangle((head - 0.5, int(layer) - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.4))
-    return _save(fig, path)
+    return save_figure(fig, path)

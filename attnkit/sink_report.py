@@ -23,10 +23,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.colors import Normalize, PowerNorm
+from matplotlib.figure import Figure
 
-from attnkit import attention
-from attnkit.apply import set_text_attention
+from attnkit.engine import attention
+from attnkit.engine.attach import set_text_attention
 from attnkit.heads import text_config
+from attnkit.plots import (
+    MAX_LABELLED_TOKENS,
+    draw_head_map,
+    draw_token_map,
+    new_figure,
+    save_figure,
+)
 from attnkit.sinks import causal_column_mean, select_sinks
 
 __all__ = ["SinkReport", "SinkToken", "sink_stats"]
@@ -255,3 +264,51 @@ def sink_stats(
         model=name or str(getattr(config, "_name_or_path", "") or type(model).__name__),
         meta={"text": text, "attn_implementation": original, "dtype": str(next(model.parameters()).dtype)},
     )
+
+
+def sink_heatmap(report: SinkReport, path: str | Path | None = None) -> Figure:
+    """The sink overview of a :class:`SinkReport`, three panels side by side:
+
+    (a) the initial token's column mean per head; (b) the largest column mean of any later token
+    per head, with the number of later sinks written in the cells; (c) layers x tokens, the column
+    mean averaged over heads. Color scales run 0-1; (c) uses a square-root scale so that small
+    column means stay visible next to the initial token's.
+    """
+    layers, heads, count = report.column_mean.shape
+    head_width = max(2.4, 0.28 * heads + 1.6)
+    token_width = min(12.0, max(4.0, 0.3 * min(count, MAX_LABELLED_TOKENS) + 2.0))
+    fig = new_figure(2 * head_width + token_width, max(4.5, 0.2 * layers + 2.6))
+    grid = fig.add_gridspec(1, 3, width_ratios=[head_width, head_width, token_width])
+    unit = Normalize(0.0, 1.0)
+    initial = report.tokens[0] if report.tokens else ""
+    draw_head_map(
+        fig.add_subplot(grid[0]),
+        report.column_mean[..., 0],
+        f"(a) initial token {initial!r}:\ncolumn mean per head",
+        cbar_label="column mean",
+        norm=unit,
+        mark=report.threshold,
+    )
+    draw_head_map(
+        fig.add_subplot(grid[1]),
+        report.later_max,
+        "(b) later tokens: max column mean\nper head (cells: # later sinks)",
+        cbar_label="max column mean, tokens 1..T-1",
+        annotate=report.later_sink_counts,
+        norm=unit,
+        mark=report.threshold,
+    )
+    draw_token_map(
+        fig.add_subplot(grid[2]),
+        report.column_mean.mean(1),
+        report.tokens,
+        "(c) column mean per token, averaged over heads",
+        cbar_label="column mean (sqrt scale)",
+        norm=PowerNorm(0.5, 0.0, 1.0),
+    )
+    name = f"{report.model}: " if report.model else ""
+    fig.suptitle(
+        f"{name}attention sinks (causal column mean > {report.threshold:g}, red line on the colorbars)",
+        fontsize=11,
+    )
+    return save_figure(fig, path)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import attnkit  # noqa: E402
 from attnkit.methods import Razor, SnapKV, Streaming  # noqa: E402
 from attnkit.models import load_model  # noqa: E402
-from attnkit.tasks.config import NeedleTask  # noqa: E402
+from attnkit.recipe.tasks import NeedleTask  # noqa: E402
 from attnkit.tasks.needle import run_needle  # noqa: E402
 
 RAZOR = dict(sink=4, local=128, ratio=8.0)

@@ -16,10 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import attnkit  # noqa: E402
 from attnkit.compat import output_cache  # noqa: E402
-from attnkit.kvcache import CompressedLayer  # noqa: E402
+from attnkit.engine.kvcache import CompressedLayer  # noqa: E402
 from attnkit.methods import SnapKV  # noqa: E402
 from attnkit.models import load_model  # noqa: E402
-from attnkit.tasks.config import NeedleTask  # noqa: E402
+from attnkit.recipe.tasks import NeedleTask  # noqa: E402
 from attnkit.tasks.needle import PromptBuilder, load_haystack, uses_chat_template  # noqa: E402
 
 

@@ -32,10 +32,10 @@ sys.path.insert(0, str(ROOT))
 import attnkit  # noqa: E402
 from attnkit.heads import ModelShape, load_artifact  # noqa: E402
 from attnkit.methods import PH3, HeadMask  # noqa: E402
-from attnkit.methods.ph3 import ph3_heads  # noqa: E402
+from attnkit.recipe.methods import ph3_heads  # noqa: E402
 from attnkit.models import load_model  # noqa: E402
 from attnkit.tasks.choice import paired_comparison  # noqa: E402
-from attnkit.tasks.config import ConflictTask  # noqa: E402
+from attnkit.recipe.tasks import ConflictTask  # noqa: E402
 from attnkit.tasks.conflict import run_conflict  # noqa: E402
 
 

@@ -170,7 +170,8 @@ def label_word_tokens(tok: Any, prompt_end: str, choices: list[str]) -> dict[str
 
 def check(paths: dict[str, Path], n: int) -> dict[str, dict]:
     from attnkit.models import load_model
-    from attnkit.tasks import ChoiceTask, run_choice
+    from attnkit.recipe.tasks import ChoiceTask
+    from attnkit.tasks import run_choice
 
     t0 = time.perf_counter()
     model, tok = load_model()
@@ -210,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_tokens:
         from transformers import AutoTokenizer
 
-        from attnkit.models import DEFAULT_MODEL, prepare_embedded
+        from attnkit.catalog import DEFAULT_MODEL
+        from attnkit.models import prepare_embedded
 
         tok = AutoTokenizer.from_pretrained(prepare_embedded(DEFAULT_MODEL))
 

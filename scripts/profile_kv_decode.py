@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import attnkit  # noqa: E402
 from attnkit.compat import cache_argument  # noqa: E402
-from attnkit.kvcache import sdpa_without_cudnn  # noqa: E402
+from attnkit.engine.kvcache import sdpa_without_cudnn  # noqa: E402
 from attnkit.methods import Razor, SnapKV  # noqa: E402
 from bench_kv import build, prefill, retrieval_heads  # noqa: E402
 from bench_overhead import LLAMA3_8B  # noqa: E402

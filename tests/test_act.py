@@ -6,7 +6,8 @@ import torch
 import attnkit
 from attnkit.compat import cache_argument
 from attnkit.methods import ACT, HeadMask
-from attnkit.methods.base import Method, MethodConfig
+from attnkit.methods import Method
+from attnkit.recipe.methods import MethodConfig
 from attnkit.sinks import calibrate, causal_column_mean
 from tests.factory import SUPPORTED_ATTN, left_padded_batch, position_ids_from_mask, tiny_inputs, tiny_model
 

@@ -73,7 +73,8 @@ def test_single_head_scores_equal_a_direct_evaluation(setup, tmp_path):
     model, tokenizer, data = setup
     artifact = profile_act_heads(model, tokenizer, data, model_id="tiny", output=tmp_path / "h.json", limit=12,
                                  threshold=0.05, search="full", batch_size=4, progress=False)
-    from attnkit.tasks import ChoiceTask, run_choice
+    from attnkit.recipe.tasks import ChoiceTask
+    from attnkit.tasks import run_choice
 
     baseline = run_choice(model, tokenizer, ChoiceTask(data=data, scoring="label_word"), progress=False)
     assert artifact.parameters["baseline_accuracy"] == pytest.approx(baseline.metrics["accuracy"])

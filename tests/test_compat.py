@@ -150,7 +150,7 @@ def test_the_floor_is_one_number_in_pyproject_ci_and_compat():
 def test_compressed_layer_implements_every_cache_layer_method():
     """A cache-layer method a new release adds to DynamicLayer must be implemented by attnkit's
     CompressedLayer too, or a compressed cache would run the plain layer's code on its groups."""
-    from attnkit.kvcache import CompressedLayer
+    from attnkit.engine.kvcache import CompressedLayer
 
     assert not CompressedLayer.__abstractmethods__
     plain = {name for name, value in vars(compat.DynamicLayer).items() if callable(value) and not name.startswith("_")}

@@ -11,9 +11,9 @@ import yaml
 
 import attnkit
 import attnkit.methods  # noqa: F401  (registers the built-in methods)
-from attnkit import attention
+from attnkit.engine import plan
 from attnkit.recipe import load_recipe
-from attnkit.registry import METHODS
+from attnkit.methods import METHODS
 from tests.factory import PAD_ID, left_padded_batch, position_ids_from_mask, single_threaded
 from tests.method_examples import EXAMPLES, MethodExample
 
@@ -117,7 +117,7 @@ def test_remove_restores_the_model_exactly(name):
     assert not torch.equal(changed, before), "the example must change the logits"
     assert model.config._attn_implementation == backend
     assert hooked(model) == [], "hooks left on these modules"
-    assert not attention.PLANS
+    assert not plan.PLANS
     assert torch.equal(entry.logits(model, inputs), before)
 
 

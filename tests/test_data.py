@@ -13,7 +13,7 @@ import pytest
 from attnkit import data
 from attnkit.data import DataError, Example, fewshot_items, make_splits
 from attnkit.tasks.choice import load_items
-from attnkit.tasks.config import ChoiceTask
+from attnkit.recipe.tasks import ChoiceTask
 
 LABELS3 = ["a", "b", "c"]
 

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import attnkit
-from attnkit import attention, compat
-from attnkit.methods import ACT, VAR, HeadMask, Razor, SnapKV, Streaming
-from attnkit.methods.base import Method, MethodConfig
+from attnkit import compat
+from attnkit.engine import attention, plan
+from attnkit.methods import ACT, HeadMask, Razor, SinkRedistribute, SnapKV, Streaming
+from attnkit.methods import Method
+from attnkit.recipe.methods import MethodConfig
 from attnkit.tasks.report import describe_stats
 from tests.factory import ARCHS, SUPPORTED_ATTN, arch_attn_pairs, left_padded_batch, tiny_inputs, tiny_model
 
@@ -45,7 +47,7 @@ def test_empty_recipe_is_bit_identical_and_removal_restores(arch, backend):
         assert torch.equal(logits(model, **inputs), before)
         assert handle.stats() == {}
     assert model.config._attn_implementation == backend
-    assert not attention.PLANS
+    assert not plan.PLANS
     assert torch.equal(logits(model, **inputs), before)
 
 
@@ -181,7 +183,7 @@ def test_failed_attach_leaves_model_untouched():
     with pytest.raises(Exception, match="layer 7 does not exist, model has 3 layers"):
         attnkit.apply(model, [HeadMask(heads={0: [1]}), HeadMask(heads={7: [0]})])
     assert model.config._attn_implementation == "sdpa"
-    assert not attention.PLANS
+    assert not plan.PLANS
     assert all(not m.self_attn.o_proj._forward_pre_hooks for m in model.model.layers)
     assert not model._forward_pre_hooks and not model._forward_hooks
     assert torch.equal(logits(model, **inputs), before)
@@ -228,7 +230,7 @@ PHASE_METHODS = {
     "head_mask": lambda: HeadMask(heads={1: [0]}),
     "act": lambda: ACT(heads={1: [0, 2]}, threshold=0.08),
     "act_eager": lambda: ACT(heads={1: [0, 2]}, threshold=0.08, path="eager"),
-    "var": lambda: VAR(sink_dims=[0], tau=1.0, span={"start": 1, "end": 6}, first_layer=1),
+    "var": lambda: SinkRedistribute(sink_dims=[0], tau=1.0, span={"start": 1, "end": 6}, first_layer=1),
     "snapkv": lambda: SnapKV(budget=8, window=2, kernel=3),
     "razor": lambda: Razor(heads={0: [0]}, sink=2, local=4, ratio=None),
     "streaming": lambda: Streaming(budget=8, sink=2),

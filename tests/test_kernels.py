@@ -7,10 +7,11 @@ import torch
 
 import attnkit
 from attnkit import kernels
-from attnkit.attention import AttentionCall
+from attnkit.engine.plan import AttentionCall
 from attnkit.primitives import layer_window
 from attnkit.methods import ACT
 from attnkit.methods.act import voter_counts
+from attnkit.recipe.methods import MethodConfig
 from tests.factory import ARCHS, SUPPORTED_ATTN, left_padded_batch, tiny_model
 
 
@@ -21,10 +22,10 @@ def captured_masks(model, **inputs):
     masks = {}
 
     class Capture(attnkit.methods.Method):
-        name, config_class = "capture", attnkit.methods.MethodConfig
+        name, config_class = "capture", MethodConfig
 
         def __init__(self):
-            super().__init__(attnkit.methods.MethodConfig(method="capture"))
+            super().__init__(MethodConfig(method="capture"))
 
         def attach(self, at):
             for layer in range(model.config.num_hidden_layers):

@@ -20,7 +20,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import attnkit
 from attnkit.compat import cache_argument, output_cache
-from attnkit.kvcache import CompressedLayer, KVCacheError, cache_bytes, compensation, compensation_bias
+from attnkit.engine.kvcache import CompressedLayer, KVCacheError, cache_bytes, compensation, compensation_bias
 from attnkit.methods import HeadMask, Razor, SnapKV, Streaming
 from attnkit.recipe import RecipeError, load_recipe
 from tests.factory import left_padded_batch, position_ids_from_mask, tiny_inputs, tiny_model

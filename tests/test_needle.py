@@ -16,7 +16,7 @@ from tests.test_tasks import CHAT_TEMPLATE, char_tokenizer
 
 from attnkit.recipe import RecipeError, load_recipe
 from attnkit.tasks import TaskDataError, run_recipe
-from attnkit.tasks.config import NeedleTask, PasskeyTask, parse_task
+from attnkit.recipe.tasks import NeedleTask, PasskeyTask, parse_task
 from attnkit.tasks.haystack import sentence_boundaries
 from attnkit.tasks.needle import (
     PromptBuilder,

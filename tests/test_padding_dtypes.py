@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import attnkit
-from attnkit.methods import ACT, VAR
+from attnkit.methods import ACT, SinkRedistribute
 from tests.factory import left_padded_batch, position_ids_from_mask, tiny_model
 
 PAD = 20
@@ -18,7 +18,7 @@ ALL_LAYERS = {"layers": "0-2", "heads": "all"}
 METHODS = {  # name -> (method on some heads, the same method on every layer)
     "act_eager": lambda heads: ACT(heads=heads, threshold=0.08, path="eager"),  # probability edit, eager math
     "act_fast": lambda heads: ACT(heads=heads, threshold=0.08, path="fast"),  # exact correction of the kernel output
-    "var": lambda heads: VAR(sink_dims=[0], tau=1.0, span={"start": 1, "end": 5},
+    "var": lambda heads: SinkRedistribute(sink_dims=[0], tau=1.0, span={"start": 1, "end": 5},
                              first_layer=1 if heads is HEADS else 0, except_last_layer=False),
 }
 # float64: the fast path's correction divides the kernel output's rounding error by the non-sink

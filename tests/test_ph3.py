@@ -9,17 +9,17 @@ import pytest
 import torch
 
 import attnkit
-from attnkit.apply import attention_modules
+from attnkit.engine.attach import attention_modules
 from attnkit.heads import HeadSetError, ModelShape
 from attnkit.methods import PH3, HeadMask
 from attnkit.probes.act_heads import tail_supported
 from attnkit.probes.conflict_heads import frozen_logit_diffs, profile_conflict_heads
 from attnkit.probes.ph3_sweep import ph3_sweep
 from attnkit.recipe import RecipeError, check_against_model, load_recipe
-from attnkit.registry import METHODS
+from attnkit.methods import METHODS
 from attnkit.tasks import TaskDataError
 from attnkit.tasks.choice import score_batch
-from attnkit.tasks.config import ConflictTask
+from attnkit.recipe.tasks import ConflictTask
 from attnkit.tasks.conflict import (
     bigbench_conflict_rows,
     build_prompt,

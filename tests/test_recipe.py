@@ -5,7 +5,7 @@ import json
 import pytest
 
 from attnkit.heads import HeadArtifact, HeadSetError, ModelShape, Selection, config_fingerprint, resolve_heads
-from attnkit.methods import HeadMaskConfig
+from attnkit.recipe.methods import HeadMaskConfig
 from attnkit.recipe import RecipeError, check_against_model, load_recipe
 from tests.factory import tiny_config
 

@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 import attnkit
 import attnkit.models
 from attnkit.cli import app
-from attnkit.sink_report import SinkReport, sink_stats
+from attnkit.sink_report import SinkReport, sink_heatmap, sink_stats
 from attnkit.methods import HeadMask
-from attnkit.plots import head_map, sink_heatmap
+from attnkit.plots import head_map
 
 TEXT = "The cat sat on the mat."
 

@@ -13,9 +13,8 @@ from transformers import PreTrainedTokenizerFast
 
 from attnkit.recipe import RecipeError, load_recipe
 from attnkit.tasks.choice import encode_choice
+from attnkit.recipe.tasks import ChoiceTask, GenerateTask
 from attnkit.tasks import (
-    ChoiceTask,
-    GenerateTask,
     TaskDataError,
     run_choice,
     run_generate,

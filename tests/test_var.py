@@ -11,9 +11,10 @@ import torch
 
 import attnkit
 from attnkit.compat import cache_argument
-from attnkit.methods import VAR
-from attnkit.methods.base import Method, MethodConfig
-from attnkit.methods.var import redistribute
+from attnkit.methods import SinkRedistribute
+from attnkit.methods import Method
+from attnkit.recipe.methods import MethodConfig
+from attnkit.methods.sink_redistribute import redistribute
 from tests.factory import SUPPORTED_ATTN, left_padded_batch, position_ids_from_mask, tiny_model
 
 SINK_DIM = 5
@@ -160,7 +161,7 @@ def run(model, methods, **inputs):
 
 
 def var(**params):
-    return VAR(**{"sink_dims": [SINK_DIM], "tau": TAU, "span": SPAN, **params})
+    return SinkRedistribute(**{"sink_dims": [SINK_DIM], "tau": TAU, "span": SPAN, **params})
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,7 +352,7 @@ def test_span_markers_equal_the_declared_span():
     batch["position_ids"] = position_ids_from_mask(batch["attention_mask"])
     by_span, s_span = run(model, [var(span={"start": 4, "end": 9})], input_ids=torch.tensor([seq]))
     by_ids, s_ids = run(model, [var(span=None, span_markers=[[90, 91], 92])], **batch)
-    by_text, _ = run(model, [VAR(sink_dims=[SINK_DIM], tau=TAU, span_markers=["<ctx>", "</ctx>"], tokenizer=StubTokenizer())], **batch)
+    by_text, _ = run(model, [SinkRedistribute(sink_dims=[SINK_DIM], tau=TAU, span_markers=["<ctx>", "</ctx>"], tokenizer=StubTokenizer())], **batch)
     assert s_ids["sink_redistribute"]["rows_without_span"] == 1 and s_ids["sink_redistribute"]["span_tokens"] == 5
     assert s_span["sink_redistribute"]["rows_redistributed"] == s_ids["sink_redistribute"]["rows_redistributed"] > 0
     torch.testing.assert_close(by_ids[0], by_span[0], rtol=1e-12, atol=1e-12)
@@ -370,7 +371,7 @@ def test_default_layers_are_2_to_l_minus_2():
 
 
 def test_untouched_layers_keep_their_backend():
-    from attnkit import attention
+    from attnkit.engine import attention
 
     model = text_model("llama-gqa")
     used = []
@@ -402,11 +403,11 @@ def test_config_and_apply_errors():
 
     model = text_model("llama-gqa")
     with pytest.raises(ValueError, match=r"sink_dims \[64\] out of range"):
-        attnkit.apply(model, [VAR(sink_dims=[64], span=SPAN)])
+        attnkit.apply(model, [SinkRedistribute(sink_dims=[64], span=SPAN)])
     with pytest.raises(ValueError, match="no target span"):
-        attnkit.apply(model, [VAR(sink_dims=[5])])
+        attnkit.apply(model, [SinkRedistribute(sink_dims=[5])])
     with pytest.raises(ValueError, match="no tokenizer"):
-        attnkit.apply(model, [VAR(sink_dims=[5], span_markers=["<a>", "</a>"])])
+        attnkit.apply(model, [SinkRedistribute(sink_dims=[5], span_markers=["<a>", "</a>"])])
     with pytest.raises(ValueError, match="no layer to edit"):
         attnkit.apply(text_model("llama-gqa", layers=3), [var()])
     assert model.config._attn_implementation == "sdpa", "a failed apply leaves nothing behind"
@@ -464,7 +465,7 @@ def test_llava_end_to_end():
     image = [set(range(3, 3 + PATCHES))]
     reference_method = ReferenceVAR(image, tau=5.7)
     reference, _ = run(model, [reference_method], **inputs)
-    handle = attnkit.apply(model, [VAR(sink_dims=[SINK_DIM], tau=5.7)])
+    handle = attnkit.apply(model, [SinkRedistribute(sink_dims=[SINK_DIM], tau=5.7)])
     assert model.config.text_config._attn_implementation == "attnkit"
     assert model.config.vision_config._attn_implementation == "sdpa", "the vision tower keeps its backend"
     with torch.no_grad():
@@ -490,7 +491,7 @@ def test_llava_p_one_is_bit_identical():
     model = tiny_llava()
     inputs = llava_inputs()
     before = model(**inputs).logits
-    logits, stats = run(model, [VAR(sink_dims=[SINK_DIM], tau=5.7, p=1.0)], **inputs)
+    logits, stats = run(model, [SinkRedistribute(sink_dims=[SINK_DIM], tau=5.7, p=1.0)], **inputs)
     assert torch.equal(logits, before) and stats["sink_redistribute"]["target"] == f"image tokens (id {IMAGE})"
 
 

@@ -1,15 +1,25 @@
-"""Built-in methods. Importing this package registers them."""
+"""The built-in methods, one module each; importing this package registers them.
 
-from attnkit.methods.act import ACT, ACTConfig
-from attnkit.methods.base import Method, MethodConfig
-from attnkit.methods.head_mask import HeadMask, HeadMaskConfig
-from attnkit.methods.ph3 import PH3, PH3Config
-from attnkit.methods.razor import Razor, RazorConfig
-from attnkit.methods.snapkv import SnapKV, SnapKVConfig
-from attnkit.methods.streaming import Streaming, StreamingConfig
-from attnkit.methods.var import VAR, VARConfig
+Their configs (the parameters and the papers' defaults) are in :mod:`attnkit.recipe.methods`.
+"""
 
-__all__ = [
-    "ACT", "ACTConfig", "Method", "MethodConfig", "HeadMask", "HeadMaskConfig", "PH3", "PH3Config", "Razor", "RazorConfig",
-    "SnapKV", "SnapKVConfig", "Streaming", "StreamingConfig", "VAR", "VARConfig",
-]
+from attnkit.methods.act import ACT
+from attnkit.methods.base import METHODS, Method
+from attnkit.methods.head_mask import HeadMask
+from attnkit.methods.ph3 import PH3
+from attnkit.methods.razor import Razor
+from attnkit.methods.sink_redistribute import SinkRedistribute
+from attnkit.methods.snapkv import SnapKV
+from attnkit.methods.streaming import Streaming
+
+
+def get_method(name: str) -> type[Method]:
+    """The class registered under ``name``, or an error listing the known names."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        known = ", ".join(sorted(METHODS))
+        raise KeyError(f"unknown method {name!r}; known methods: {known} (see `attnkit list`)") from None
+
+
+__all__ = ["ACT", "METHODS", "HeadMask", "Method", "PH3", "Razor", "SinkRedistribute", "SnapKV", "Streaming", "get_method"]

@@ -15,31 +15,21 @@ the column statistic is accumulated over query chunks, so no N x N matrix is hel
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 
 from attnkit import kernels
-from attnkit.attention import AttentionCall
-from attnkit.primitives import MASKED, as_additive, causal_keep, compute_dtype, last_queries, layer_window
-from attnkit.heads import HeadSetSpec
-from attnkit.methods.base import Method, MethodConfig
-from attnkit.registry import register
+from attnkit.engine.plan import AttentionCall
+from attnkit.methods.base import Method, register
+from attnkit.primitives import (
+    MASKED,
+    as_additive,
+    causal_keep,
+    compute_dtype,
+    last_queries,
+    layer_window,
+)
+from attnkit.recipe.methods import ACTConfig
 from attnkit.sinks import at_positions, calibrate, column_mean, select_sinks
-
-
-
-class ACTConfig(MethodConfig):
-    """ACT's parameters; defaults from the reference code (beta 0.4, threshold 0.1, layers 2 to L-2)."""
-
-    method: str = "act"
-    beta: float = Field(0.4, ge=0.0, le=1.0, description="factor kept on sink columns; 1 = identity")
-    threshold: float = Field(0.1, gt=0.0, lt=1.0, description="sink if column mean > threshold")
-    alpha: float | None = Field(None, gt=0.0, description="paper form: sink if column mean > alpha / N")
-    heads: HeadSetSpec | None = Field(None, description="heads to calibrate; default all heads of layers 2 to L-2")
-    path: Literal["fast", "eager"] = Field("fast", description="fast: kernel output + exact correction")
-    chunk_mb: int = Field(256, ge=1, description="memory for the chunked column statistic (fast path)")
 
 
 @register

@@ -1,22 +1,12 @@
-"""The base classes every method builds on: a typed config and a small class with one job."""
+"""The base class every method builds on, and the registry of method classes."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict
-
+from attnkit.engine.attach import Attachment
+from attnkit.recipe.methods import MethodConfig
 from attnkit.stats import Stats
-
-if TYPE_CHECKING:
-    from attnkit.apply import Attachment
-
-
-class MethodConfig(BaseModel):
-    """A method's parameters; field defaults are the paper's published defaults."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    method: str
 
 
 class Method:
@@ -35,7 +25,7 @@ class Method:
         self.config = config if config is not None else self.config_class(method=self.name, **params)
         self.stats = Stats()
 
-    def attach(self, at: "Attachment") -> None:
+    def attach(self, at: Attachment) -> None:
         """Install this method's hooks on the model behind ``at``."""
         raise NotImplementedError
 
@@ -46,3 +36,17 @@ class Method:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.config.model_dump().items() if k != "method")
         return f"{type(self).__name__}({fields})"
+
+
+M = TypeVar("M", bound=type[Method])
+
+METHODS: dict[str, type[Method]] = {}
+"""Method name -> method class; the built-in methods register when ``attnkit.methods`` is imported."""
+
+
+def register(cls: M) -> M:
+    """Class decorator: make a method available to recipes under ``cls.name``."""
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} is already registered by {METHODS[cls.name].__name__}")
+    METHODS[cls.name] = cls
+    return cls

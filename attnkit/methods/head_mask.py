@@ -7,19 +7,9 @@ output projection's input, so scaling that slice scales the head, on any attenti
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 
-from attnkit.heads import HeadSetSpec
-from attnkit.methods.base import Method, MethodConfig
-from attnkit.registry import register
-
-
-class HeadMaskConfig(MethodConfig):
-    """``heads`` to scale by ``scale`` (0 removes them, 1 is the identity)."""
-
-    method: str = "head_mask"
-    heads: HeadSetSpec = Field(description="heads whose output is scaled")
-    scale: float = Field(0.0, description="factor on each listed head's output; 0 removes it")
+from attnkit.methods.base import Method, register
+from attnkit.recipe.methods import HeadMaskConfig
 
 
 @register

@@ -8,34 +8,22 @@ measured from the cache tensors and reported in ``handle.stats()``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, field_validator
 
-from attnkit.attention import AttentionCall
-from attnkit.primitives import layer_window
+from attnkit.engine.attach import Attachment
+from attnkit.engine.kvcache import (
+    CompressedLayer,
+    KVGroup,
+    layer_bytes,
+    plain_layer,
+    row_spans,
+)
+from attnkit.engine.plan import AttentionCall
 from attnkit.heads import text_config
-from attnkit.kvcache import CompressedLayer, KVGroup, layer_bytes, plain_layer, row_spans
-from attnkit.methods.base import Method, MethodConfig
-
-if TYPE_CHECKING:
-    from attnkit.apply import Attachment
-
-class KVConfig(MethodConfig):
-    """Fields common to KV methods."""
-
-    reduction: Literal["mean", "max", "sum"] = Field(
-        "mean", description="how a KV head's score is made from the scores of its query heads (GQA)"
-    )
-
-
-def check_budget(value: float) -> float:
-    if value <= 0:
-        raise ValueError(f"budget {value} must be positive: a token count (e.g. 1024) or a fraction of the prompt (e.g. 0.2)")
-    if value >= 1 and value != int(value):
-        raise ValueError(f"budget {value} is neither a whole token count nor a fraction below 1")
-    return value
+from attnkit.methods.base import Method
+from attnkit.primitives import layer_window
 
 
 def row_budgets(budget: float, lengths: torch.Tensor) -> torch.Tensor:
@@ -109,14 +97,3 @@ class KVMethod(Method):
         row's first real column and real token count (left padding).
         """
         raise NotImplementedError
-
-
-class BudgetConfig(KVConfig):
-    """A KV method whose cache size is a token budget."""
-
-    budget: float = Field(description="tokens kept per KV head: a count (1024) or a fraction of the prompt (0.2)")
-
-    @field_validator("budget")
-    @classmethod
-    def _budget(cls, value: float) -> float:
-        return check_budget(value)

@@ -15,33 +15,20 @@ memory saving is real.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 
-from attnkit.heads import HeadSetSpec
-from attnkit.kvcache import KVGroup, compensation, compensation_bias, keep, top_columns, with_token
-from attnkit.methods.kv import KVConfig, KVMethod
+from attnkit.engine.kvcache import (
+    KVGroup,
+    compensation,
+    compensation_bias,
+    keep,
+    top_columns,
+    with_token,
+)
+from attnkit.methods.base import register
+from attnkit.methods.kv import KVMethod
 from attnkit.methods.streaming import sink_and_recent
-from attnkit.registry import register
-
-
-class RazorConfig(KVConfig):
-    """RazorAttention's parameters; defaults from the paper (4 sinks, buffer max(4000, N/5))."""
-
-    method: str = "razor"
-    heads: HeadSetSpec = Field(
-        description="retrieval heads that keep the full cache: a head-list artifact (`attnkit profile razor-heads`, "
-        "`retrieval-heads` or `kv-gates`) or an inline set; query-level sets keep a KV head when any of its query heads is listed"
-    )
-    sink: int = Field(4, ge=0, description="initial tokens every head keeps (N0)")
-    local: int = Field(4000, ge=1, description="minimum recent window of non-retrieval heads (S0)")
-    ratio: float | None = Field(5.0, gt=1, description="compression ratio C: the recent window is max(local, N / C); null: always `local`")
-    compensation: Literal["weighted", "plain", "none"] = Field(
-        "weighted", description="weighted: the paper's compensation token counted as the N_d tokens it replaces; "
-        "plain: counted once; none: dropped tokens are simply gone"
-    )
+from attnkit.recipe.methods import RazorConfig
 
 
 @register

@@ -9,42 +9,15 @@ their KV head (``reduction``), so the cache keeps KV heads.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 
-from attnkit.attention import AttentionCall
+from attnkit.engine.kvcache import KVGroup, keep, top_columns
+from attnkit.engine.plan import AttentionCall
+from attnkit.methods.base import register
+from attnkit.methods.kv import KVMethod, reduce_groups, row_budgets
 from attnkit.primitives import additive_mask
-from attnkit.kvcache import KVGroup, keep, top_columns
-from attnkit.methods.kv import BudgetConfig, KVMethod, reduce_groups, row_budgets
-from attnkit.registry import register
-
-
-class SnapKVConfig(BudgetConfig):
-    """SnapKV's parameters; defaults from the paper's LongBench configs (window 32, kernel 7, max pooling)."""
-
-    method: str = "snapkv"
-    window: int = Field(32, ge=1, description="observation window: the prompt's last tokens, always kept")
-    kernel: int = Field(7, ge=1, description="1-D pooling kernel over the summed window attention (odd)")
-    pooling: Literal["max", "avg"] = "max"
-    schedule: Literal["uniform", "pyramid"] = Field(
-        "uniform", description="uniform: every layer keeps `budget`; pyramid: PyramidKV's schedule, "
-        "more in lower layers, fewer in upper ones, the same total"
-    )
-    pyramid_beta: int = Field(20, ge=1, description="PyramidKV's beta: the top layer keeps (budget - window) / beta")
-
-    @model_validator(mode="after")
-    def _fits(self) -> "SnapKVConfig":
-        if self.budget >= 1 and self.budget <= self.window:
-            raise ValueError(
-                f"budget {int(self.budget)} must be larger than window {self.window}: the window alone "
-                "is kept whole, and the budget adds the prefix tokens on top"
-            )
-        if self.kernel % 2 == 0:
-            raise ValueError(f"kernel {self.kernel} must be odd so the pooled scores stay aligned with their tokens")
-        return self
+from attnkit.recipe.methods import SnapKVConfig
 
 
 @register

@@ -8,24 +8,11 @@ selection buys; on a needle far from the end it is expected to fail.
 from __future__ import annotations
 
 import torch
-from pydantic import Field, model_validator
 
-from attnkit.kvcache import KVGroup, keep, top_columns
-from attnkit.methods.kv import BudgetConfig, KVMethod, row_budgets
-from attnkit.registry import register
-
-
-class StreamingConfig(BudgetConfig):
-    """``budget`` tokens per head: ``sink`` first tokens plus ``budget - sink`` most recent."""
-
-    method: str = "streaming"
-    sink: int = Field(4, ge=0, description="initial tokens always kept (attention sinks)")
-
-    @model_validator(mode="after")
-    def _fits(self) -> "StreamingConfig":
-        if self.budget >= 1 and self.budget <= self.sink:
-            raise ValueError(f"budget {int(self.budget)} must be larger than sink {self.sink} to keep any recent token")
-        return self
+from attnkit.engine.kvcache import KVGroup, keep, top_columns
+from attnkit.methods.base import register
+from attnkit.methods.kv import KVMethod, row_budgets
+from attnkit.recipe.methods import StreamingConfig
 
 
 def sink_and_recent(length: int, starts: torch.Tensor, sink: int, recent: torch.Tensor) -> torch.Tensor:

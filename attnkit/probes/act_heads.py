@@ -23,12 +23,13 @@ import torch
 
 import attnkit
 from attnkit import compat
-from attnkit.primitives import layer_window
+from attnkit.handle import Handle, apply
 from attnkit.heads import HeadArtifact, ModelShape, Selection
 from attnkit.methods.act import ACT
-from attnkit.tasks.choice import label_word_items, left_pad, load_items
-from attnkit.tasks.config import ChoiceTask
+from attnkit.primitives import layer_window
 from attnkit.probes.progress import Progress
+from attnkit.recipe.tasks import ChoiceTask
+from attnkit.tasks.choice import label_word_items, left_pad, load_items
 from attnkit.tasks.result import progress_bar
 
 
@@ -69,7 +70,7 @@ def tail_supported(model: Any) -> bool:
     )
 
 
-def last_logits(model: Any, batch: Batch, start: int | None, handle: attnkit.Handle | None) -> torch.Tensor:
+def last_logits(model: Any, batch: Batch, start: int | None, handle: Handle | None) -> torch.Tensor:
     """Last-position logits, from layer ``start`` on (its cached input) or the whole model."""
     if start is None:
         return model(
@@ -149,7 +150,7 @@ def profile_act_heads(
                 return record.done[key]["accuracy"]
             start = min(heads) if tail else None
             hits, sinks = 0, 0
-            with attnkit.apply(model, [ACT(heads=heads, beta=beta, threshold=threshold)]) as handle:
+            with apply(model, [ACT(heads=heads, beta=beta, threshold=threshold)]) as handle:
                 for batch in subset:
                     hits += correct(last_logits(model, batch, start, handle), batch)
                     sinks += handle.stats()["act"].get("sinks_found", 0)

@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 import torch
 
-from attnkit import attention
-from attnkit.apply import attention_modules, set_text_attention
+from attnkit.engine import attention
+from attnkit.engine.attach import attention_modules, set_text_attention
 from attnkit.heads import text_config
 
 __all__ = ["attention_probabilities", "eager_attention"]

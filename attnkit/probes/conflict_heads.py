@@ -39,11 +39,12 @@ from typing import Any, Literal
 import torch
 
 import attnkit
-from attnkit.apply import attention_modules
+from attnkit.engine.attach import attention_modules
 from attnkit.heads import HeadArtifact, ModelShape, Selection
 from attnkit.probes.act_heads import tail_supported
+from attnkit.probes.progress import Progress
+from attnkit.recipe.tasks import ConflictTask
 from attnkit.tasks.choice import left_pad
-from attnkit.tasks.config import ConflictTask
 from attnkit.tasks.conflict import (
     ConflictItem,
     build_prompt,
@@ -52,7 +53,6 @@ from attnkit.tasks.conflict import (
     prompt_text,
     swapped_context,
 )
-from attnkit.probes.progress import Progress
 from attnkit.tasks.result import TaskDataError, progress_bar
 
 Corruption = Literal["removed", "swapped"]
@@ -310,7 +310,6 @@ def profile_conflict_heads(
     record = Progress(output.with_suffix(".progress.jsonl"), setup)
     todo = sorted((p for p in prepared if str(p.index) not in record.done), key=lambda p: len(p.clean))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    hd = shape.num_heads * shape.head_dim
     timings = {"clean_and_corrupted_forwards": 0.0, "patched_forwards": 0.0}
     tail = tail and tail_supported(model)
     with progress_bar("conflict-heads", len(prepared), progress) as advance:

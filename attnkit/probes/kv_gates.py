@@ -34,8 +34,9 @@ import torch.nn.functional as F
 
 import attnkit
 from attnkit import compat
-from attnkit.primitives import MASKED, layer_window, logits as attention_logits
 from attnkit.heads import HeadArtifact, ModelShape, Selection, text_config
+from attnkit.primitives import MASKED, layer_window
+from attnkit.primitives import logits as attention_logits
 from attnkit.probes.razor_heads import top_count
 from attnkit.probes.retrieval_heads import DEFAULT_NEEDLES, Needle, grid_problem
 from attnkit.tasks.needle import PromptBuilder, generate_replies, recall

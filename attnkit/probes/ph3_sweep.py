@@ -14,17 +14,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import attnkit
+from attnkit.handle import apply
 from attnkit.heads import HeadArtifact, ModelShape, load_artifact
-from attnkit.methods.ph3 import PH3, RANKING, SWEEP_KS, ph3_heads
-from attnkit.tasks.config import ConflictTask
+from attnkit.methods import PH3
+from attnkit.recipe.methods import RANKING, SWEEP_KS, ph3_heads
+from attnkit.recipe.tasks import ConflictTask
 from attnkit.tasks.conflict import load_conflict_items, run_conflict
 from attnkit.tasks.result import progress_bar
 
 
 def evaluate(model: Any, tokenizer: Any, task: ConflictTask, methods: list[Any]) -> dict[str, float]:
     """Log-likelihood context/memory rates and mean margin (context minus memory log-prob) under ``methods``."""
-    with attnkit.apply(model, methods):
+    with apply(model, methods):
         result = run_conflict(model, tokenizer, task, progress=False)
     margins = [row["loglik"]["context"] - row["loglik"]["memory"] for row in result.rows]
     return {"context_rate": result.metrics["context_rate"], "memory_rate": result.metrics["memory_rate"],

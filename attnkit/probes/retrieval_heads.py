@@ -30,11 +30,11 @@ import attnkit
 from attnkit import compat
 from attnkit.heads import HeadArtifact, ModelShape, Selection, text_config
 from attnkit.probes.attention_maps import attention_probabilities
+from attnkit.probes.progress import Progress
 from attnkit.probes.razor_heads import kv_max
 from attnkit.tasks.generate import eos_ids
 from attnkit.tasks.needle import NeedlePrompt, PromptBuilder, recall
-from attnkit.probes.progress import Progress
-from attnkit.tasks.result import progress_bar
+from attnkit.tasks.result import progress_bar, read_jsonl
 
 __all__ = [
     "DEFAULT_NEEDLES",
@@ -84,8 +84,6 @@ DEFAULT_NEEDLES: tuple[Needle, ...] = (
 
 def read_needles(path: str | Path) -> list[Needle]:
     """Needles from JSONL, one ``{"needle", "question", "answer"}`` per line (answer inside the needle)."""
-    from attnkit.tasks.result import read_jsonl
-
     needles = []
     for number, item in read_jsonl(path, "--needles"):
         if not all(isinstance(item.get(k), str) and item[k].strip() for k in ("needle", "question", "answer")):

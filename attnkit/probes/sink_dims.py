@@ -36,7 +36,7 @@ This module does that, with each choice spelled out:
     print(result.summary())
     result.save("heads/sink-dims-smollm2.json")              # + result.plot("....png")
     artifact = load_sink_dims("heads/sink-dims-smollm2.json", model.config)
-    VAR(sink_dims=artifact.dims, tau=artifact.recommended_tau, ...)
+    SinkRedistribute(sink_dims=artifact.dims, tau=artifact.recommended_tau, ...)
 """
 
 from __future__ import annotations
@@ -55,9 +55,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 import attnkit
-from attnkit import attention
-from attnkit.apply import set_text_attention
+from attnkit.engine import attention
+from attnkit.engine.attach import set_text_attention
 from attnkit.heads import config_fingerprint, text_config
+from attnkit.plots import new_figure, save_figure, ticks
 from attnkit.sinks import causal_column_mean
 from attnkit.tasks.result import progress_bar
 
@@ -625,14 +626,12 @@ def plot_sink_dims(a: SinkDimsArtifact, path: str | Path | None = None) -> "Figu
     other tokens, same color scale; (c) precision, recall and F1 of the chosen dims against tau."""
     from matplotlib.colors import Normalize
 
-    from attnkit.plots import _new_figure, _save, _ticks
-
     sink = np.asarray(a.sink_mean, dtype=float)
     other = np.asarray(a.ordinary_mean, dtype=float)
     dims = [r.dim for r in a.ranked]
     labels = [f"{d}*" if d in a.dims else str(d) for d in dims]
     width = max(3.5, 0.3 * len(dims) + 1.8)
-    fig = _new_figure(2 * width + 4.5, max(4.0, 0.16 * len(a.layers) + 2.4))
+    fig = new_figure(2 * width + 4.5, max(4.0, 0.16 * len(a.layers) + 2.4))
     grid = fig.add_gridspec(1, 3, width_ratios=[width, width, 4.5])
     norm = Normalize(0.0, max(float(sink.max(initial=0)), float(other.max(initial=0)), 1e-6))
     for k, (values, title) in enumerate(((sink, "(a) sink tokens"), (other, "(b) other tokens"))):
@@ -642,7 +641,7 @@ def plot_sink_dims(a: SinkDimsArtifact, path: str | Path | None = None) -> "Figu
         ax.set_xticks(np.arange(len(dims)))
         ax.set_xticklabels(labels, rotation=90, fontsize=7)
         ax.set_xlabel("dim (ranked; * chosen)")
-        rows = _ticks(len(a.layers))
+        rows = ticks(len(a.layers))
         ax.set_yticks(rows)
         ax.set_yticklabels([str(a.layers[i]) for i in rows], fontsize=7)
         ax.set_ylabel("layer (input hidden state)")
@@ -661,4 +660,4 @@ def plot_sink_dims(a: SinkDimsArtifact, path: str | Path | None = None) -> "Figu
     ax.legend(fontsize=7)
     ax.tick_params(labelsize=7)
     fig.suptitle(f"{a.model_id}: sink dims ({a.samples} texts)", fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -1,19 +1,15 @@
-"""Tasks a recipe can run (generation, log-likelihood multiple choice) and the runner that reports them."""
+"""Tasks a recipe can run (generation, multiple choice, knowledge conflicts, needle and passkey retrieval) and the
+runner that reports them; their configs are in :mod:`attnkit.recipe.tasks`."""
 
 from attnkit.tasks.choice import run_choice, wilson_interval
-from attnkit.tasks.config import ChoiceTask, GenerateTask, TaskConfig, parse_task
 from attnkit.tasks.generate import run_generate
 from attnkit.tasks.report import summarize
 from attnkit.tasks.result import TaskDataError, TaskResult
 from attnkit.tasks.runner import run_recipe
 
 __all__ = [
-    "ChoiceTask",
-    "GenerateTask",
-    "TaskConfig",
     "TaskDataError",
     "TaskResult",
-    "parse_task",
     "run_choice",
     "run_generate",
     "run_recipe",

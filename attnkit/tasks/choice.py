@@ -15,8 +15,15 @@ from typing import Any
 
 import torch
 
-from attnkit.tasks.config import ChoiceTask
-from attnkit.tasks.result import TaskDataError, TaskResult, chat_prompt, checked_rows, progress_bar, uses_chat_template
+from attnkit.recipe.tasks import ChoiceTask
+from attnkit.tasks.result import (
+    TaskDataError,
+    TaskResult,
+    chat_prompt,
+    checked_rows,
+    progress_bar,
+    uses_chat_template,
+)
 
 EXAMPLE = '{"prompt": "The capital of France is", "choices": [" Paris", " Rome"], "answer": 0}'
 

@@ -26,10 +26,16 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from attnkit import compat
+from attnkit.recipe.tasks import ConflictTask
 from attnkit.tasks.choice import encode_choice, left_pad, wilson_interval
-from attnkit.tasks.config import ConflictTask
 from attnkit.tasks.generate import eos_ids
-from attnkit.tasks.result import TaskDataError, TaskResult, chat_prompt, checked_rows, progress_bar
+from attnkit.tasks.result import (
+    TaskDataError,
+    TaskResult,
+    chat_prompt,
+    checked_rows,
+    progress_bar,
+)
 
 EXAMPLE = (
     '{"question": "What is the capital of France?", "context": "The capital of France is Rome.", '

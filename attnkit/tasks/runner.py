@@ -7,24 +7,22 @@ import resource
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 import transformers
 
 import attnkit
-from attnkit.apply import apply
+from attnkit.handle import apply
 from attnkit.heads import ModelShape
 from attnkit.models import load_model
-from attnkit.tasks.choice import run_choice
-from attnkit.tasks.conflict import run_conflict
+from attnkit.recipe import Recipe, RecipeError, check_against_model
+from attnkit.tasks.choice import paired_comparison, run_choice
+from attnkit.tasks.conflict import context_rows, run_conflict
 from attnkit.tasks.generate import run_generate
 from attnkit.tasks.needle import run_needle, run_passkey
 from attnkit.tasks.report import summarize, write_report
 from attnkit.tasks.result import TaskResult
-
-if TYPE_CHECKING:
-    from attnkit.recipe import Recipe
 
 __all__ = ["run_recipe", "summarize"]
 
@@ -91,9 +89,6 @@ def run_recipe(
     ``out_dir`` (default: the recipe's ``output``) and returns the report dict. The attnkit handle
     is removed afterwards, also when the task fails, so the model is left as it was.
     """
-    # attnkit.recipe imports attnkit.tasks, so it is imported here rather than at module load.
-    from attnkit.recipe import RecipeError, check_against_model
-
     if recipe.task is None:
         problem = "task: this recipe has no task to run; add a `task:` section (kind: generate or choice)"
         raise RecipeError([problem], recipe.name)
@@ -120,13 +115,8 @@ def run_recipe(
             runs[name]["files"] = result.write_files(out_dir, name)
     comparison = None
     if recipe.task.kind == "choice" and "baseline" in rows:
-        from attnkit.tasks.choice import paired_comparison
-
         comparison = paired_comparison(rows["baseline"], rows["attnkit"])
     elif recipe.task.kind == "conflict" and "baseline" in rows:
-        from attnkit.tasks.choice import paired_comparison
-        from attnkit.tasks.conflict import context_rows
-
         metric, baseline_rows = context_rows(rows["baseline"])
         comparison = {"metric": metric, **paired_comparison(baseline_rows, context_rows(rows["attnkit"])[1])}
     report = {

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from attnkit.recipe.errors import RecipeError, pydantic_errors
 
 
 class TaskBase(BaseModel):
@@ -190,8 +200,6 @@ _ADAPTER: TypeAdapter[Any] = TypeAdapter(TaskConfig)
 
 def parse_task(value: Any) -> GenerateTask | ChoiceTask | NeedleTask | PasskeyTask | ConflictTask:
     """Validate a recipe's ``task`` section; errors are RecipeError lines under ``task``."""
-    from attnkit.recipe import RecipeError, pydantic_errors
-
     if isinstance(value, BaseModel):
         return value
     try:

@@ -25,7 +25,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from attnkit.compat import CacheLayerMixin, DynamicLayer
 from attnkit.primitives import repeat_kv
 
-
 NEG_INF = float("-inf")
 
 

@@ -1,4 +1,8 @@
-"""YAML recipes: parsed with a safe loader into typed configs, every error naming its recipe path."""
+"""YAML recipes: parsed with a safe loader into typed configs, every error naming its recipe path.
+
+The package is the recipe's whole schema (model, :mod:`.methods` configs, :mod:`.tasks` configs)
+and imports neither torch nor transformers.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +13,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
 
+from attnkit.catalog import DEFAULT_MODEL
 from attnkit.heads import HeadSetError, ModelShape, resolve_heads
-from attnkit.methods.base import MethodConfig
-from attnkit.models import DEFAULT_MODEL
-from attnkit.tasks.config import TaskConfig, parse_task
+from attnkit.recipe.errors import RecipeError, pydantic_errors
+from attnkit.recipe.methods import MethodConfig, config_for
+from attnkit.recipe.tasks import TaskConfig, parse_task
 
-class RecipeError(ValueError):
-    """A recipe that cannot be used; ``errors`` holds one ``path: problem`` line per mistake."""
-
-    def __init__(self, errors: list[str], source: str = "recipe"):
-        self.errors = errors
-        super().__init__(f"{source} is invalid:\n" + "\n".join(f"  {e}" for e in errors))
 
 class ModelSpec(BaseModel):
     """Which model to load and how."""
@@ -54,8 +53,6 @@ class Recipe(BaseModel):
 
 def parse_methods(value: Any) -> list[MethodConfig]:
     """Each entry validated by its own method's config class; errors carry ``methods[i]``."""
-    from attnkit.registry import get_method
-
     if not isinstance(value, list):
         raise RecipeError([f"methods: expected a list of methods, got {type(value).__name__}"])
     configs, errors = [], []
@@ -67,8 +64,7 @@ def parse_methods(value: Any) -> list[MethodConfig]:
             errors.append(f"methods[{i}]: each method needs a `method:` name, e.g. `- method: head_mask`")
             continue
         try:
-            cls = get_method(entry["method"])
-            configs.append(cls.config_class.model_validate(entry))
+            configs.append(config_for(entry["method"]).model_validate(entry))
         except KeyError as err:
             errors.append(f"methods[{i}].method: {err.args[0]}")
         except ValidationError as err:
@@ -76,22 +72,6 @@ def parse_methods(value: Any) -> list[MethodConfig]:
     if errors:
         raise RecipeError(errors)
     return configs
-
-def pydantic_errors(err: ValidationError, prefix: str = "") -> list[str]:
-    """pydantic's errors as ``path: message`` lines, with list indices written ``[i]``."""
-    lines = []
-    for item in err.errors():
-        path = prefix
-        for part in item["loc"]:
-            if isinstance(part, int):
-                path += f"[{part}]"
-            elif not str(part).startswith(("function-", "tagged-union")):
-                path += f".{part}" if path else str(part)
-        message = item["msg"]
-        if item["type"] == "extra_forbidden":
-            message = "unknown key; remove it or check its spelling (`attnkit list` shows the parameters)"
-        lines.append(f"{path}: {message}")
-    return lines
 
 def set_override(data: dict[str, Any], assignment: str) -> None:
     """Apply ``methods.0.scale=0.5`` to the raw recipe dict; the value is read as YAML."""

@@ -1,4 +1,4 @@
-"""``var``: visual attention sink redistribution (Kang et al., "See What You Are Told", ICLR 2025).
+"""``sink_redistribute``: visual attention sink redistribution, VAR (Kang et al., "See What You Are Told", ICLR 2025).
 
 VAR moves attention that a head wastes on sink tokens onto the non-sink tokens of a target span
 (the image in a LLaVA-style model, a declared span in a text model), only in the heads and query
@@ -42,7 +42,7 @@ The target span:
   first real token (so a left-padded row and the same prompt alone agree); or
   ``span_markers: [open, close]`` -- the tokens strictly between the first occurrence of ``open``
   and the next occurrence of ``close`` (markers excluded). A marker is a token id, a list of token
-  ids, or a string encoded without special tokens by the tokenizer (``VAR(..., tokenizer=tok)``,
+  ids, or a string encoded without special tokens by the tokenizer (``SinkRedistribute(..., tokenizer=tok)``,
   else the one saved beside the model); pick markers that tokenize the same in context (special
   tokens, or tags on their own line). A row whose span is not found is never edited and is counted
   in ``rows_without_span``.
@@ -62,65 +62,24 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from attnkit.attention import AttentionCall
+from attnkit.engine.plan import AttentionCall
 from attnkit.heads import text_config
-from attnkit.methods.base import Method, MethodConfig
-from attnkit.registry import register
+from attnkit.methods.base import Method, register
+from attnkit.recipe.methods import Marker, SinkRedistributeConfig
 from attnkit.sinks import at_positions, massive_activation
 
 PORTION_EPS = 1e-6
 """The reference adds this to every span weight in the portion's denominator."""
 
-Marker = str | int | list[int]
-
-
-class Span(BaseModel):
-    """Token positions ``[start, end)`` counted from the first real (non-padding) token."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    start: int = Field(ge=0)
-    end: int = Field(gt=0)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "Span":
-        if self.end <= self.start:
-            raise ValueError(f"span end ({self.end}) must be greater than start ({self.start})")
-        return self
-
-
-class VARConfig(MethodConfig):
-    """VAR's parameters; defaults from the reference's experiment config (tau 20, rho 0.5, summ 0.2, p 0.6)."""
-
-    method: str = "sink_redistribute"
-    sink_dims: list[int] = Field(min_length=1, description="hidden dims of massive activations (model-specific)")
-    tau: float = Field(20.0, gt=0.0, description="sink if max over sink dims of |x_d / rms(x)| > tau")
-    rho: float = Field(0.5, ge=0.0, le=1.0, description="keep a row if the span's sink share <= rho")
-    summ: float = Field(0.2, ge=0.0, le=1.0, description="keep a row if its attention on the span >= summ")
-    p: float = Field(0.6, ge=0.0, le=1.0, description="fraction of sink attention kept; 1 = identity")
-    first_layer: int = Field(2, ge=0, description="first edited layer (the reference skips layers 0-1)")
-    except_last_layer: bool = Field(True, description="leave the last layer alone, as the reference does")
-    span: Span | None = Field(None, description="text models: target positions {start, end} from the first real token")
-    span_markers: list[Marker] | None = Field(
-        None, min_length=2, max_length=2, description="text models: [open, close] markers around the target"
-    )
-
-    @model_validator(mode="after")
-    def _one_target(self) -> "VARConfig":
-        if self.span is not None and self.span_markers is not None:
-            raise ValueError("give either span or span_markers, not both")
-        return self
-
-
 @register
-class VAR(Method):
+class SinkRedistribute(Method):
     """Redistributes sink attention to a target span's non-sink tokens (VAR, Kang et al. 2025)."""
 
     name = "sink_redistribute"
-    config_class = VARConfig
+    config_class = SinkRedistributeConfig
 
-    def __init__(self, config: VARConfig | None = None, *, tokenizer: Any = None, **params: Any) -> None:
+    def __init__(self, config: SinkRedistributeConfig | None = None, *, tokenizer: Any = None, **params: Any) -> None:
         super().__init__(config, **params)
         self.tokenizer = tokenizer
 
@@ -184,7 +143,7 @@ class VAR(Method):
         tokenizer = self.tokenizer or saved_tokenizer(at.model)
         if tokenizer is None:
             raise ValueError(
-                f"sink_redistribute: span marker {marker!r} is a string but no tokenizer was found; pass VAR(..., tokenizer=tok) "
+                f"sink_redistribute: span marker {marker!r} is a string but no tokenizer was found; pass SinkRedistribute(..., tokenizer=tok) "
                 "or give the marker as token ids"
             )
         ids = tokenizer.encode(marker, add_special_tokens=False)

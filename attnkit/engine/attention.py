@@ -2,84 +2,23 @@
 
 Both dispatch through a plan looked up by the attention module's config: layers no method
 touches call the model's own backend (sdpa, eager, flash) with exactly the arguments they were
-given, so they stay bit-identical and fast. Touched layers run the stages of DESIGN.md in a fixed
-order: decode-step edits of what is read -> scores -> score edits -> softmax -> probability edits
--> values.
+given, so they stay bit-identical and fast. Touched layers run their stages in the fixed order
+that ``docs/architecture.md`` tabulates: decode-step reads -> scores -> score edits -> softmax ->
+probability edits -> values -> output corrections -> KV compression.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from attnkit import compat
-from attnkit.primitives import additive_mask, logits, repeat_kv
+from attnkit.engine.kvcache import attend
+from attnkit.engine.plan import AttentionCall, LayerPlan, plan_for
+from attnkit.primitives import additive_mask, repeat_kv
 
 NAME = "attnkit"
-
-ScoreEdit = Callable[[torch.Tensor, "AttentionCall"], torch.Tensor]
-"""(scores or probabilities [batch, heads, queries, keys], call) -> edited tensor of the same shape."""
-
-OutputEdit = Callable[["AttentionCall", torch.Tensor], torch.Tensor]
-"""(call, attention output [batch, queries, heads, head_dim]) -> corrected output of the same shape."""
-
-
-@dataclass
-class AttentionCall:
-    """What a stage hook sees of one attention call: the layer, its inputs, and the forward call."""
-
-    module: torch.nn.Module
-    layer: int
-    query: torch.Tensor
-    key: torch.Tensor
-    value: torch.Tensor
-    mask: torch.Tensor | None
-    """Additive float mask [batch, 1, queries, keys] (0 = attend, -inf = masked) or None.
-    Only built on layers that run eager edits or decode steps; see ``raw_mask`` otherwise."""
-    state: Any
-    """The forward call's :class:`attnkit.apply.CallState` (phase, padding, scratch space)."""
-    raw_mask: torch.Tensor | None = None
-    """The mask exactly as the backend received it (None, boolean keep-mask, or additive)."""
-    scaling: float = 1.0
-    softcap: float | None = None
-
-    def logits(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        """Attention logits (at least float32) as this layer computes them (scale, softcap), unmasked."""
-        return logits(query, key, self.scaling, self.softcap)
-
-
-@dataclass
-class LayerPlan:
-    """The stage hooks of one layer, in recipe order."""
-
-    score_edits: list[ScoreEdit] = field(default_factory=list)
-    prob_edits: list[ScoreEdit] = field(default_factory=list)
-    decode_steps: list[Callable[[AttentionCall], AttentionCall]] = field(default_factory=list)
-    output_edits: list[OutputEdit] = field(default_factory=list)
-    compressor: Callable[[AttentionCall, Any], Any] | None = None
-    """After this layer's prefill attention: (call, its cache layer) -> a compressed layer or None."""
-
-    @property
-    def needs_eager(self) -> bool:
-        return bool(self.score_edits or self.prob_edits)
-
-
-@dataclass
-class ModelPlan:
-    """Everything the attention and mask functions need to know about one patched model."""
-
-    backend_name: str
-    backend: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None
-    mask_fn: Callable[..., Any]
-    layers: dict[int, LayerPlan] = field(default_factory=dict)
-    state: Any = None
-    calls: int = 0
-
-
-PLANS: dict[int, ModelPlan] = {}
-"""id(text config) -> plan of the model whose attention is routed through attnkit."""
 
 
 def registered_name(backend: str) -> str:
@@ -115,16 +54,6 @@ def backend_function(name: str) -> Callable[..., Any] | None:
     return None if name == "eager" else compat.ALL_ATTENTION_FUNCTIONS[name]
 
 
-def plan_for(config: Any) -> ModelPlan:
-    plan = PLANS.get(id(config))
-    if plan is None:
-        raise RuntimeError(
-            "this model's attention is set to attnkit but no attnkit handle is active on it; "
-            "use attnkit.apply(model, recipe), or set the model's attn_implementation back to sdpa"
-        )
-    return plan
-
-
 def attnkit_mask(*args: Any, config: Any = None, **kwargs: Any) -> Any:
     """Build the mask the model's own backend expects, so untouched layers get exactly their input."""
     return plan_for(config).mask_fn(*args, config=config, **kwargs)
@@ -156,8 +85,6 @@ def attnkit_attention(
         module, module.layer_idx, query, key, value, None, state, attention_mask, scaling, kwargs.get("softcap")
     )
     if compressed is not None:
-        from attnkit.kvcache import attend
-
         return attend(call, compressed, backend, **kwargs), None
     if decoding or layer.needs_eager:
         call.mask = additive_mask(attention_mask, query, key)

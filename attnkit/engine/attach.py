@@ -1,0 +1,107 @@
+"""Attachment points: where a method registers its stage hooks on one model."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import torch
+
+from attnkit import compat
+from attnkit.engine.plan import (
+    PLANS,
+    AttentionCall,
+    LayerPlan,
+    ModelPlan,
+    OutputEdit,
+    ScoreEdit,
+)
+from attnkit.engine.state import CallState
+from attnkit.heads import HeadSet, HeadSetSpec, ModelShape, resolve_heads, text_config
+
+
+def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """The language model's self-attention modules by layer index."""
+    config = text_config(model.config)
+    found: dict[int, torch.nn.Module] = {}
+    for module in model.modules():
+        if getattr(module, "config", None) is config and hasattr(module, "o_proj") and hasattr(module, "layer_idx"):
+            found[module.layer_idx] = module
+    if len(found) != config.num_hidden_layers:
+        raise TypeError(
+            f"{type(model).__name__}: found {len(found)} attention modules with o_proj and layer_idx, "
+            f"expected {config.num_hidden_layers}; this architecture is not supported by attnkit yet"
+        )
+    return found
+
+
+def set_text_attention(model: torch.nn.Module, name: str) -> None:
+    """Set the language model's attention implementation (the vision tower keeps its own)."""
+    compat.set_attn_implementation(model, text_config(model.config), name)
+
+
+class Attachment:
+    """What a method sees while attaching: the model's shape and the stage registration points."""
+
+    def __init__(self, model: torch.nn.Module, plan: ModelPlan, shape: ModelShape, allow_foreign_heads: bool):
+        self.model = model
+        self.plan = plan
+        self.shape = shape
+        self.modules = attention_modules(model)
+        self.allow_foreign_heads = allow_foreign_heads
+        self.hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self.post_prefill_fns: list[Callable[[Any, CallState], None]] = []
+        self.begin_call_fns: list[Callable[[CallState], None]] = []
+
+    def heads(self, spec: HeadSetSpec, level: Literal["query", "kv"] = "query") -> HeadSet:
+        """Resolve and validate a head set against this model."""
+        return resolve_heads(spec, self.shape, level=level, allow_foreign=self.allow_foreign_heads)
+
+    def _layer(self, layer: int) -> LayerPlan:
+        return self.plan.layers.setdefault(layer, LayerPlan())
+
+    def head_output(self, layer: int, fn: Callable[[torch.Tensor, CallState], torch.Tensor]) -> None:
+        """Edit the per-head outputs [batch, seq, heads * head_dim] before the output projection."""
+        plan = self.plan
+
+        def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            return (fn(args[0], plan.state), *args[1:])
+
+        self.hooks.append(self.modules[layer].o_proj.register_forward_pre_hook(pre_hook))
+
+    def score_edit(self, layer: int, fn: ScoreEdit) -> None:
+        """Edit the masked attention logits [batch, heads, queries, keys] before the softmax."""
+        self._layer(layer).score_edits.append(fn)
+
+    def prob_edit(self, layer: int, fn: ScoreEdit) -> None:
+        """Edit the attention probabilities after the softmax (keep rows summing to 1)."""
+        self._layer(layer).prob_edits.append(fn)
+
+    def output_edit(self, layer: int, fn: OutputEdit) -> None:
+        """Correct the backend kernel's output [batch, queries, heads, head_dim] exactly, without
+        materialising the attention matrix (e.g. a probability edit on a few key columns)."""
+        self._layer(layer).output_edits.append(fn)
+
+    def decode_step(self, layer: int, fn: Callable[[AttentionCall], AttentionCall]) -> None:
+        """Change what a decode step reads (keys, values, mask) before the kernel runs."""
+        self._layer(layer).decode_steps.append(fn)
+
+    def post_prefill(self, fn: Callable[[Any, CallState], None]) -> None:
+        """Called after a prefill call with the model's cache (per layer keys/values, KV heads)."""
+        self.post_prefill_fns.append(fn)
+
+    def compress_kv(self, layer: int, fn: Callable[[AttentionCall, Any], Any]) -> None:
+        """After ``layer``'s prefill attention, replace its cache layer by ``fn(call, cache_layer)``
+        (a :class:`attnkit.kvcache.CompressedLayer`, or None to keep it). One compressor per layer."""
+        plan = self._layer(layer)
+        if plan.compressor is not None:
+            raise ValueError(f"layer {layer} already has a KV-compression method; use one KV method per layer")
+        plan.compressor = fn
+
+    def owns(self) -> Callable[[], bool]:
+        """A check that this attachment's handle is still active (compressed caches need it)."""
+        config, plan = text_config(self.model.config), self.plan
+        return lambda: PLANS.get(id(config)) is plan
+
+    def begin_call(self, fn: Callable[[CallState], None]) -> None:
+        """Called at the start of every forward call with its fresh state."""
+        self.begin_call_fns.append(fn)

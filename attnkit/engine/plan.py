@@ -1,0 +1,101 @@
+"""Plans: which stage hooks each layer of a patched model runs, and what one attention call sees."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from attnkit.engine.state import CallState
+from attnkit.primitives import logits
+
+ScoreEdit = Callable[[torch.Tensor, "AttentionCall"], torch.Tensor]
+"""(scores or probabilities [batch, heads, queries, keys], call) -> edited tensor of the same shape."""
+
+OutputEdit = Callable[["AttentionCall", torch.Tensor], torch.Tensor]
+"""(call, attention output [batch, queries, heads, head_dim]) -> corrected output of the same shape."""
+
+
+@dataclass
+class AttentionCall:
+    """What a stage hook sees of one attention call: the layer, its inputs, and the forward call."""
+
+    module: torch.nn.Module
+    layer: int
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+    """Additive float mask [batch, 1, queries, keys] (0 = attend, -inf = masked) or None.
+    Only built on layers that run eager edits or decode steps; see ``raw_mask`` otherwise."""
+    state: CallState | None
+    """The forward call's state (phase, padding, scratch space); None outside a tracked call."""
+    raw_mask: torch.Tensor | None = None
+    """The mask exactly as the backend received it (None, boolean keep-mask, or additive)."""
+    scaling: float = 1.0
+    softcap: float | None = None
+
+    def logits(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """Attention logits (at least float32) as this layer computes them (scale, softcap), unmasked."""
+        return logits(query, key, self.scaling, self.softcap)
+
+
+@dataclass
+class LayerPlan:
+    """The stage hooks of one layer, in recipe order."""
+
+    score_edits: list[ScoreEdit] = field(default_factory=list)
+    prob_edits: list[ScoreEdit] = field(default_factory=list)
+    decode_steps: list[Callable[[AttentionCall], AttentionCall]] = field(default_factory=list)
+    output_edits: list[OutputEdit] = field(default_factory=list)
+    compressor: Callable[[AttentionCall, Any], Any] | None = None
+    """After this layer's prefill attention: (call, its cache layer) -> a compressed layer or None."""
+
+    @property
+    def needs_eager(self) -> bool:
+        return bool(self.score_edits or self.prob_edits)
+
+
+@dataclass
+class ModelPlan:
+    """Everything the attention and mask functions need to know about one patched model."""
+
+    backend_name: str
+    backend: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None
+    mask_fn: Callable[..., Any]
+    layers: dict[int, LayerPlan] = field(default_factory=dict)
+    state: CallState | None = None
+    calls: int = 0
+
+
+PLANS: dict[int, ModelPlan] = {}
+"""id(text config) -> plan of the model whose attention is routed through attnkit."""
+
+
+def plan_for(config: Any) -> ModelPlan:
+    plan = PLANS.get(id(config))
+    if plan is None:
+        raise RuntimeError(
+            "this model's attention is set to attnkit but no attnkit handle is active on it; "
+            "use attnkit.apply(model, recipe), or set the model's attn_implementation back to sdpa"
+        )
+    return plan
+
+
+def check_plan(plan: ModelPlan) -> None:
+    """Refuse combinations the engine cannot run exactly (named, with the fix)."""
+    for index, layer in sorted(plan.layers.items()):
+        if layer.compressor is None:
+            continue
+        if "flash" in plan.backend_name:
+            raise ValueError(
+                f"KV compression reads per-head masks, which {plan.backend_name} cannot take; "
+                "load the model with attn_implementation='sdpa' or 'eager'"
+            )
+        if layer.needs_eager or layer.decode_steps or layer.output_edits:
+            raise ValueError(
+                f"layer {index}: a KV-compression method and an attention-score/probability edit (ACT, VAR) "
+                "act on the same layer; this combination is not supported yet, restrict one method's heads "
+                "or layers so they do not overlap"
+            )

@@ -1,0 +1,160 @@
+"""Attach methods to a loaded model and take them off again.
+
+``apply(model, recipe)`` routes the model's attention through attnkit's function, installs each
+method's hooks in recipe order and returns a :class:`Handle`. ``handle.remove()`` (or leaving the
+``with`` block) restores the attention implementation and removes every hook, leaving no state.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from attnkit import compat
+from attnkit.engine import attention
+from attnkit.engine.attach import Attachment, set_text_attention
+from attnkit.engine.calls import CallTracker
+from attnkit.engine.plan import PLANS, ModelPlan, check_plan
+from attnkit.engine.state import CallState
+from attnkit.heads import ModelShape, text_config
+from attnkit.methods import Method, get_method
+from attnkit.recipe import Recipe, load_recipe
+from attnkit.recipe.methods import MethodConfig
+
+ATTACHED: "weakref.WeakSet[Method]" = weakref.WeakSet()
+"""Method objects applied through an active handle: one object serves one handle at a time."""
+
+
+def as_methods(spec: Any) -> list[Method]:
+    """Methods from a Recipe, a list of configs or Method objects, a single Method, or None."""
+    if spec is None:
+        return []
+    if isinstance(spec, Recipe):
+        spec = spec.methods
+    if isinstance(spec, (Method, MethodConfig)):
+        spec = [spec]
+    methods = []
+    for item in spec:
+        if isinstance(item, Method):
+            methods.append(item)
+        elif isinstance(item, MethodConfig):
+            methods.append(get_method(item.method)(item))
+        else:
+            raise TypeError(f"cannot apply {item!r}: pass a Recipe, Method objects or method configs")
+    return methods
+
+
+class Handle:
+    """The methods applied to one model. A context manager; ``remove()`` undoes everything."""
+
+    def __init__(self, model: torch.nn.Module, methods: list[Method], attachment: Attachment, original: str):
+        self.model = model
+        self.methods = methods
+        self._attachment = attachment
+        self._original = original
+        self._labels = unique_labels(methods)
+        self.active = True
+        self.tracker: CallTracker | None = None
+
+    def stats(self, total: bool = False) -> dict[str, dict[str, Any]]:
+        """What each method did on the last forward call (``total=True``: summed since apply)."""
+        return {label: m.stats.snapshot(total) for label, m in zip(self._labels, self.methods)}
+
+    @contextmanager
+    def call(self, attention_mask: torch.Tensor | None, query_length: int) -> Iterator[CallState]:
+        """Treat what runs inside as one prefill call, for code that drives some layers itself
+        (a profiler running only the layers after the one it changes)."""
+        state = self.tracker.begin(query_length, attention_mask)
+        try:
+            yield state
+        finally:
+            self.tracker.end()
+
+    def remove(self) -> None:
+        """Restore the model exactly: attention implementation, hooks, plan. Safe to call twice."""
+        if not self.active:
+            return
+        for hook in self._attachment.hooks:
+            hook.remove()
+        for method in self.methods:
+            ATTACHED.discard(method)
+        config = text_config(self.model.config)
+        PLANS.pop(id(config), None)
+        set_text_attention(self.model, self._original)
+        self.active = False
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        body = ", ".join(repr(m) for m in self.methods) or "no methods"
+        return f"<attnkit.Handle {state} on {type(self.model).__name__}: {body}>"
+
+
+def unique_labels(methods: Iterable[Method]) -> list[str]:
+    """``head_mask``, ``head_mask#2``... so two instances of one method keep separate stats."""
+    seen: dict[str, int] = {}
+    labels = []
+    for method in methods:
+        seen[method.label] = seen.get(method.label, 0) + 1
+        labels.append(method.label if seen[method.label] == 1 else f"{method.label}#{seen[method.label]}")
+    return labels
+
+
+def apply(model: torch.nn.Module, recipe: Any = None, *, allow_foreign_heads: bool = False) -> Handle:
+    """Apply a recipe (a Recipe, a YAML path, a dict) or methods to ``model``; returns a handle that
+    removes them again.
+
+    Nothing is half-applied: if any method fails to attach, everything attached so far is removed
+    and the error is raised.
+    """
+    if isinstance(recipe, (str, Path, dict)):
+        recipe = load_recipe(recipe)
+    if isinstance(recipe, Recipe):
+        allow_foreign_heads = allow_foreign_heads or recipe.allow_foreign_heads
+    methods = as_methods(recipe)
+    check_methods_free(methods)
+    config = text_config(model.config)
+    if id(config) in PLANS:
+        raise RuntimeError(
+            "attnkit is already applied to this model; remove that handle first, "
+            "or put all methods in one recipe"
+        )
+    original = compat.attn_implementation(config)
+    if original.startswith(attention.NAME):
+        raise RuntimeError(f"model attention is {original!r}, left by an attnkit handle that was never removed")
+    plan = ModelPlan(original, attention.backend_function(original), attention.mask_function(original))
+    at = Attachment(model, plan, ModelShape.from_config(model.config), allow_foreign_heads)
+    PLANS[id(config)] = plan
+    handle = Handle(model, methods, at, original)
+    try:
+        for method in methods:
+            ATTACHED.add(method)
+            method.stats.reset()  # totals count from this apply
+            method.attach(at)
+        check_plan(plan)
+        handle.tracker = CallTracker(plan, [m.stats for m in methods], at)
+        at.hooks.extend(handle.tracker.hooks(model))
+        set_text_attention(model, attention.register(original))
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def check_methods_free(methods: list[Method]) -> None:
+    """One method object serves one handle at a time, once: its stats count that handle's calls."""
+    for i, method in enumerate(methods):
+        if method in ATTACHED or any(method is other for other in methods[:i]):
+            raise RuntimeError(
+                f"this {type(method).__name__} object is already applied (by another active handle, or twice in "
+                "this list); remove that handle first, or make a new method object for each use"
+            )

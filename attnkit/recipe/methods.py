@@ -1,0 +1,256 @@
+"""Every method's parameters: one typed config per method, field defaults the paper's defaults.
+
+The configs live apart from the methods so that reading a recipe, ``attnkit list`` and every
+``--help`` need neither torch nor transformers. A config names its method in ``method``; the
+method class (``attnkit.methods``) names its config in ``config_class``, and the contract test
+checks that the two registries match.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from attnkit.heads import (
+    HeadArtifact,
+    HeadSetError,
+    HeadSetSpec,
+    ModelShape,
+    load_artifact,
+)
+
+
+class MethodConfig(BaseModel):
+    """A method's parameters; field defaults are the paper's published defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    method: str
+
+
+class ACTConfig(MethodConfig):
+    """ACT's parameters; defaults from the reference code (beta 0.4, threshold 0.1, layers 2 to L-2)."""
+
+    method: str = "act"
+    beta: float = Field(0.4, ge=0.0, le=1.0, description="factor kept on sink columns; 1 = identity")
+    threshold: float = Field(0.1, gt=0.0, lt=1.0, description="sink if column mean > threshold")
+    alpha: float | None = Field(None, gt=0.0, description="paper form: sink if column mean > alpha / N")
+    heads: HeadSetSpec | None = Field(None, description="heads to calibrate; default all heads of layers 2 to L-2")
+    path: Literal["fast", "eager"] = Field("fast", description="fast: kernel output + exact correction")
+    chunk_mb: int = Field(256, ge=1, description="memory for the chunked column statistic (fast path)")
+
+
+class HeadMaskConfig(MethodConfig):
+    """``heads`` to scale by ``scale`` (0 removes them, 1 is the identity)."""
+
+    method: str = "head_mask"
+    heads: HeadSetSpec = Field(description="heads whose output is scaled")
+    scale: float = Field(0.0, description="factor on each listed head's output; 0 removes it")
+
+
+class KVConfig(MethodConfig):
+    """Fields common to KV methods."""
+
+    reduction: Literal["mean", "max", "sum"] = Field(
+        "mean", description="how a KV head's score is made from the scores of its query heads (GQA)"
+    )
+
+
+def check_budget(value: float) -> float:
+    if value <= 0:
+        raise ValueError(f"budget {value} must be positive: a token count (e.g. 1024) or a fraction of the prompt (e.g. 0.2)")
+    if value >= 1 and value != int(value):
+        raise ValueError(f"budget {value} is neither a whole token count nor a fraction below 1")
+    return value
+
+
+class BudgetConfig(KVConfig):
+    """A KV method whose cache size is a token budget."""
+
+    budget: float = Field(description="tokens kept per KV head: a count (1024) or a fraction of the prompt (0.2)")
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, value: float) -> float:
+        return check_budget(value)
+
+
+PROFILER = "conflict-heads"
+SWEEP_KS = (1, 3, 5, 7, 9, 15)
+RANKING = {"context": "memory_heads", "memory": "context_heads"}
+"""Which ranking each steering direction prunes."""
+
+
+class PH3Config(MethodConfig):
+    """``heads``: a conflict-heads artifact; ``steer`` toward context or memory; prune the top ``k``."""
+
+    method: str = "ph3"
+    heads: str = Field(description="path of a `attnkit profile conflict-heads` artifact")
+    steer: Literal["context", "memory"] = Field(
+        description="context: prune the top-k memory heads; memory: prune the top-k context heads"
+    )
+    k: int | Literal["auto"] = Field(
+        "auto", description="heads to prune (0 = none), or auto: the k chosen by `attnkit profile ph3-sweep`"
+    )
+
+    def check_against_model(self, shape: ModelShape, allow_foreign: bool = False) -> list[str]:
+        """Problems with ``k`` for this artifact, as ``field: message`` lines (empty when fine)."""
+        try:
+            artifact = load_artifact(self.heads, shape, allow_foreign=allow_foreign)
+            ph3_heads(artifact, self.steer, self.k, self.heads)
+        except HeadSetError as err:
+            return [f"{getattr(err, 'field', 'heads')}: {err}"]
+        return []
+
+
+class PH3Error(HeadSetError):
+    """A ``ph3`` setting that does not fit its artifact; ``field`` names the recipe field."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
+def ph3_heads(artifact: HeadArtifact, steer: str, k: int | str, path: Any = "the artifact") -> tuple[list[tuple[int, int]], int, str]:
+    """The heads to prune, the k used, and where k came from (the recipe or the validation sweep)."""
+    if artifact.method != PROFILER:
+        raise PH3Error(f"{path} was written by the {artifact.method!r} profiler, not {PROFILER!r}; "
+                       f"run `attnkit profile {PROFILER}` for ph3", "heads")
+    key = RANKING[steer]
+    ranking = artifact.parameters.get(key)
+    if not isinstance(ranking, list):
+        raise PH3Error(f"{path} has no {key} ranking; profile again with `attnkit profile {PROFILER}`", "heads")
+    kind = key.split("_")[0]
+    source = "recipe"
+    if k == "auto":
+        sweep = artifact.parameters.get("sweep") or {}
+        chosen = (sweep.get("chosen") or {}).get(steer)
+        if chosen is None:
+            raise PH3Error(f"k: auto needs the validation sweep's choice, and {path} has none for steer: {steer}; "
+                           f"run `attnkit profile ph3-sweep --heads {path} --data VALIDATION.jsonl`, or give k as a number",
+                           "k")
+        k = int(chosen)
+        source = f"validation sweep on {sweep.get('data')} (n={sweep.get('n')})"
+    if k > len(ranking):
+        raise PH3Error(f"k={k} but {path} ranks only {len(ranking)} {kind} heads (steer: {steer} prunes {kind} "
+                       f"heads); use k <= {len(ranking)}", "k")
+    return [(int(layer), int(head)) for layer, head, _ in ranking[:k]], k, source
+
+
+class RazorConfig(KVConfig):
+    """RazorAttention's parameters; defaults from the paper (4 sinks, buffer max(4000, N/5))."""
+
+    method: str = "razor"
+    heads: HeadSetSpec = Field(
+        description="retrieval heads that keep the full cache: a head-list artifact (`attnkit profile razor-heads`, "
+        "`retrieval-heads` or `kv-gates`) or an inline set; query-level sets keep a KV head when any of its query heads is listed"
+    )
+    sink: int = Field(4, ge=0, description="initial tokens every head keeps (N0)")
+    local: int = Field(4000, ge=1, description="minimum recent window of non-retrieval heads (S0)")
+    ratio: float | None = Field(5.0, gt=1, description="compression ratio C: the recent window is max(local, N / C); null: always `local`")
+    compensation: Literal["weighted", "plain", "none"] = Field(
+        "weighted", description="weighted: the paper's compensation token counted as the N_d tokens it replaces; "
+        "plain: counted once; none: dropped tokens are simply gone"
+    )
+
+
+class SnapKVConfig(BudgetConfig):
+    """SnapKV's parameters; defaults from the paper's LongBench configs (window 32, kernel 7, max pooling)."""
+
+    method: str = "snapkv"
+    window: int = Field(32, ge=1, description="observation window: the prompt's last tokens, always kept")
+    kernel: int = Field(7, ge=1, description="1-D pooling kernel over the summed window attention (odd)")
+    pooling: Literal["max", "avg"] = "max"
+    schedule: Literal["uniform", "pyramid"] = Field(
+        "uniform", description="uniform: every layer keeps `budget`; pyramid: PyramidKV's schedule, "
+        "more in lower layers, fewer in upper ones, the same total"
+    )
+    pyramid_beta: int = Field(20, ge=1, description="PyramidKV's beta: the top layer keeps (budget - window) / beta")
+
+    @model_validator(mode="after")
+    def _fits(self) -> "SnapKVConfig":
+        if self.budget >= 1 and self.budget <= self.window:
+            raise ValueError(
+                f"budget {int(self.budget)} must be larger than window {self.window}: the window alone "
+                "is kept whole, and the budget adds the prefix tokens on top"
+            )
+        if self.kernel % 2 == 0:
+            raise ValueError(f"kernel {self.kernel} must be odd so the pooled scores stay aligned with their tokens")
+        return self
+
+
+class StreamingConfig(BudgetConfig):
+    """``budget`` tokens per head: ``sink`` first tokens plus ``budget - sink`` most recent."""
+
+    method: str = "streaming"
+    sink: int = Field(4, ge=0, description="initial tokens always kept (attention sinks)")
+
+    @model_validator(mode="after")
+    def _fits(self) -> "StreamingConfig":
+        if self.budget >= 1 and self.budget <= self.sink:
+            raise ValueError(f"budget {int(self.budget)} must be larger than sink {self.sink} to keep any recent token")
+        return self
+
+
+Marker = str | int | list[int]
+
+
+class Span(BaseModel):
+    """Token positions ``[start, end)`` counted from the first real (non-padding) token."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    start: int = Field(ge=0)
+    end: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Span":
+        if self.end <= self.start:
+            raise ValueError(f"span end ({self.end}) must be greater than start ({self.start})")
+        return self
+
+
+class SinkRedistributeConfig(MethodConfig):
+    """Sink redistribution (VAR)'s parameters; defaults from the reference's experiment config (tau 20, rho 0.5, summ 0.2, p 0.6)."""
+
+    method: str = "sink_redistribute"
+    sink_dims: list[int] = Field(min_length=1, description="hidden dims of massive activations (model-specific)")
+    tau: float = Field(20.0, gt=0.0, description="sink if max over sink dims of |x_d / rms(x)| > tau")
+    rho: float = Field(0.5, ge=0.0, le=1.0, description="keep a row if the span's sink share <= rho")
+    summ: float = Field(0.2, ge=0.0, le=1.0, description="keep a row if its attention on the span >= summ")
+    p: float = Field(0.6, ge=0.0, le=1.0, description="fraction of sink attention kept; 1 = identity")
+    first_layer: int = Field(2, ge=0, description="first edited layer (the reference skips layers 0-1)")
+    except_last_layer: bool = Field(True, description="leave the last layer alone, as the reference does")
+    span: Span | None = Field(None, description="text models: target positions {start, end} from the first real token")
+    span_markers: list[Marker] | None = Field(
+        None, min_length=2, max_length=2, description="text models: [open, close] markers around the target"
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "SinkRedistributeConfig":
+        if self.span is not None and self.span_markers is not None:
+            raise ValueError("give either span or span_markers, not both")
+        return self
+
+
+def method_configs() -> dict[str, type[MethodConfig]]:
+    """Method name -> its config class, for every config that names a method."""
+    found: dict[str, type[MethodConfig]] = {}
+    pending = list(MethodConfig.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        name = cls.model_fields["method"].default
+        if isinstance(name, str):
+            if name in found and found[name] is not cls:
+                raise ValueError(f"method name {name!r} has two configs: {found[name].__name__} and {cls.__name__}")
+            found[name] = cls
+    return dict(sorted(found.items()))
+
+
+def config_for(name: str) -> type[MethodConfig]:
+    """The config class of method ``name``, or an error listing the known names."""
+    configs = method_configs()
+    try:
+        return configs[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; known methods: {', '.join(configs)} (see `attnkit list`)") from None
