@@ -71,3 +71,68 @@ def test_help_everywhere(command):
 def test_run_missing_recipe_is_a_clear_error(tmp_path):
     result = invoke("run", tmp_path / "nope.yaml")
     assert result.exit_code == 2 and "not found" in result.output
+
+
+def test_help_and_list_import_neither_torch_nor_transformers():
+    """`attnkit --help`, `list` and every command's --help answer without the heavy imports."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from typer.testing import CliRunner
+from attnkit.cli import app
+runner = CliRunner()
+group_commands = {"inspect": ["sinks", "heads"], "profile": sorted(c.name for c in __import__("attnkit.cli.profile", fromlist=["app"]).app.registered_commands)}
+calls = [["--help"], ["list"], ["run", "--help"], ["validate", "--help"], ["list", "--help"]]
+for group, names in group_commands.items():
+    calls.append([group, "--help"])
+    calls += [[group, name, "--help"] for name in names]
+for args in calls:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, (args, result.output)
+heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)
+print(len(calls), "heavy:", heavy)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("heavy: []"), done.stdout
+    assert int(done.stdout.split()[0]) >= 14
+
+
+def test_model_option_is_the_same_everywhere():
+    """-m/--model exists on every command that loads a model, with one default and one help text."""
+    from attnkit.catalog import DEFAULT_MODEL
+    from attnkit.cli import inspection, profile
+
+    commands = [*inspection.app.registered_commands, *profile.app.registered_commands]
+    seen = 0
+    for command in commands:
+        for param in typer_params(command.callback):
+            if param.name == "model":
+                seen += 1
+                assert param.default == DEFAULT_MODEL, command.name
+                assert {"--model", "-m"} <= set(param.opts), command.name
+    assert seen >= 7
+
+
+def typer_params(callback):
+    import typer.main
+
+    return typer.main.get_command_from_info(
+        typer.models.CommandInfo(callback=callback), pretty_exceptions_short=True, rich_markup_mode=None
+    ).params
+
+
+def all_commands():
+    from attnkit.cli import app, inspection, profile
+
+    yield from ((c.callback.__name__, c.callback) for c in app.registered_commands)
+    for group in (inspection.app, profile.app):
+        yield from ((c.name, c.callback) for c in group.registered_commands)
+
+
+def test_every_option_has_help_text():
+    missing = [f"{name} {param.opts[0]}" for name, callback in all_commands() for param in typer_params(callback)
+               if not getattr(param, "help", None)]
+    assert not missing, missing

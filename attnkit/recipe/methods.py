@@ -29,7 +29,10 @@ class MethodConfig(BaseModel):
 
 
 class ACTConfig(MethodConfig):
-    """ACT's parameters; defaults from the reference code (beta 0.4, threshold 0.1, layers 2 to L-2)."""
+    """ACT: calibrates hidden attention sinks in selected heads.
+
+    Defaults from the reference code (beta 0.4, threshold 0.1, layers 2 to L-2).
+    """
 
     method: str = "act"
     beta: float = Field(0.4, ge=0.0, le=1.0, description="factor kept on sink columns; 1 = identity")
@@ -41,7 +44,7 @@ class ACTConfig(MethodConfig):
 
 
 class HeadMaskConfig(MethodConfig):
-    """``heads`` to scale by ``scale`` (0 removes them, 1 is the identity)."""
+    """Scales listed heads' outputs before the output projection (0 removes them, 1 is the identity)."""
 
     method: str = "head_mask"
     heads: HeadSetSpec = Field(description="heads whose output is scaled")
@@ -82,7 +85,10 @@ RANKING = {"context": "memory_heads", "memory": "context_heads"}
 
 
 class PH3Config(MethodConfig):
-    """``heads``: a conflict-heads artifact; ``steer`` toward context or memory; prune the top ``k``."""
+    """PH3: prunes the top-k memory heads (steer toward context) or context heads (toward memory).
+
+    ``heads`` is a conflict-heads artifact.
+    """
 
     method: str = "ph3"
     heads: str = Field(description="path of a `attnkit profile conflict-heads` artifact")
@@ -138,7 +144,10 @@ def ph3_heads(artifact: HeadArtifact, steer: str, k: int | str, path: Any = "the
 
 
 class RazorConfig(KVConfig):
-    """RazorAttention's parameters; defaults from the paper (4 sinks, buffer max(4000, N/5))."""
+    """RazorAttention: full cache on retrieval heads, sinks + recent window + a compensation token on the rest.
+
+    Defaults from the paper (4 sinks, buffer max(4000, N/5)).
+    """
 
     method: str = "razor"
     heads: HeadSetSpec = Field(
@@ -155,7 +164,10 @@ class RazorConfig(KVConfig):
 
 
 class SnapKVConfig(BudgetConfig):
-    """SnapKV's parameters; defaults from the paper's LongBench configs (window 32, kernel 7, max pooling)."""
+    """SnapKV: keeps, per KV head, the prefix tokens the observation window attends to most.
+
+    Defaults from the paper's LongBench configs (window 32, kernel 7, max pooling).
+    """
 
     method: str = "snapkv"
     window: int = Field(32, ge=1, description="observation window: the prompt's last tokens, always kept")
@@ -180,7 +192,10 @@ class SnapKVConfig(BudgetConfig):
 
 
 class StreamingConfig(BudgetConfig):
-    """``budget`` tokens per head: ``sink`` first tokens plus ``budget - sink`` most recent."""
+    """StreamingLLM: keeps attention sinks and a recent window in every head.
+
+    ``budget`` tokens per head: ``sink`` first tokens plus ``budget - sink`` most recent.
+    """
 
     method: str = "streaming"
     sink: int = Field(4, ge=0, description="initial tokens always kept (attention sinks)")
@@ -210,7 +225,10 @@ class Span(BaseModel):
 
 
 class SinkRedistributeConfig(MethodConfig):
-    """Sink redistribution (VAR)'s parameters; defaults from the reference's experiment config (tau 20, rho 0.5, summ 0.2, p 0.6)."""
+    """VAR: redistributes sink attention to a target span's non-sink tokens.
+
+    Defaults from the reference's experiment config (tau 20, rho 0.5, summ 0.2, p 0.6).
+    """
 
     method: str = "sink_redistribute"
     sink_dims: list[int] = Field(min_length=1, description="hidden dims of massive activations (model-specific)")

