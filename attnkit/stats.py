@@ -42,6 +42,13 @@ class Stats:
             old = table.get(index, [0] * len(amounts))
             table[index] = [a + b for a, b in zip(old, amounts)]
 
+    def ratio(self, key: str, numerator: str, denominator: str) -> None:
+        """Record ``numerator / denominator`` of two counters (0 when the denominator is 0) under
+        ``key``, for the last call and for the totals alike (a mean per row, say)."""
+        for record in (self.last, self.total):
+            count = record.get(denominator, 0)
+            record[key] = record.get(numerator, 0) / count if count else 0.0
+
     def describe(self, key: str, value: Any) -> None:
         """Record a fixed fact about the method as applied (heads targeted), shown with every snapshot."""
         self.info[key] = value

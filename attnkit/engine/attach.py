@@ -34,6 +34,20 @@ def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     return found
 
 
+def decoder_layers(model: torch.nn.Module, attention: dict[int, torch.nn.Module]) -> dict[int, torch.nn.Module]:
+    """The decoder layer holding each attention module (its direct parent), by layer index."""
+    parents: dict[int, torch.nn.Module] = {}
+    wanted = {id(module): layer for layer, module in attention.items()}
+    for module in model.modules():
+        for child in module.children():
+            if id(child) in wanted:
+                parents[wanted[id(child)]] = module
+    missing = sorted(set(attention) - set(parents))
+    if missing:
+        raise TypeError(f"no decoder layer found around the attention modules of layers {missing}")
+    return parents
+
+
 def set_text_attention(model: torch.nn.Module, name: str) -> None:
     """Set the language model's attention implementation (the vision tower keeps its own)."""
     compat.set_attn_implementation(model, text_config(model.config), name)
@@ -51,6 +65,7 @@ class Attachment:
         self.hooks: list[torch.utils.hooks.RemovableHandle] = []
         self.post_prefill_fns: list[Callable[[Any, CallState], None]] = []
         self.begin_call_fns: list[Callable[[CallState], None]] = []
+        self._decoder_layers: dict[int, torch.nn.Module] | None = None
 
     def heads(self, spec: HeadSetSpec, level: Literal["query", "kv"] = "query") -> HeadSet:
         """Resolve and validate a head set against this model."""
@@ -67,6 +82,21 @@ class Attachment:
             return (fn(args[0], plan.state), *args[1:])
 
         self.hooks.append(self.modules[layer].o_proj.register_forward_pre_hook(pre_hook))
+
+    def layer_input(self, layer: int, fn: Callable[[torch.Tensor, CallState | None], None]) -> None:
+        """Read the decoder layer's input hidden state [batch, seq, hidden] (the residual stream before
+        the layer's norm) on every call; ``fn`` observes, it does not change the input."""
+        plan, module = self.plan, self._decoder_layer(layer)
+
+        def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            fn(kwargs.get("hidden_states", args[0] if args else None), plan.state)
+
+        self.hooks.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+
+    def _decoder_layer(self, layer: int) -> torch.nn.Module:
+        if self._decoder_layers is None:
+            self._decoder_layers = decoder_layers(self.model, self.modules)
+        return self._decoder_layers[layer]
 
     def score_edit(self, layer: int, fn: ScoreEdit) -> None:
         """Edit the masked attention logits [batch, heads, queries, keys] before the softmax."""

@@ -9,9 +9,10 @@ chose on a validation set and recorded in the artifact; ``k: 0`` is the identity
 
 from __future__ import annotations
 
+from attnkit.engine.attach import Attachment
 from attnkit.heads import load_artifact
 from attnkit.methods.base import Method, register
-from attnkit.methods.head_mask import HeadMask
+from attnkit.methods.head_mask import scale_heads
 from attnkit.recipe.methods import PH3Config, ph3_heads
 
 
@@ -22,16 +23,16 @@ class PH3(Method):
     name = "ph3"
     config_class = PH3Config
 
-    def attach(self, at) -> None:
+    def attach(self, at: Attachment) -> None:
         artifact = load_artifact(self.config.heads, at.shape, allow_foreign=at.allow_foreign_heads)
         heads, k, source = ph3_heads(artifact, self.config.steer, self.config.k, self.config.heads)
         self.stats.describe("steer", self.config.steer)
         self.stats.describe("k", k)
         self.stats.describe("k_source", source)
         self.stats.describe("pruned", ", ".join(f"L{layer}H{head}" for layer, head in heads) or "none")
-        if not heads:
-            self.stats.describe("heads", 0)
-            return
-        mask = HeadMask(heads=[list(pair) for pair in heads], scale=0.0)
-        mask.stats = self.stats  # one set of counters: heads, head_outputs_scaled per call
-        mask.attach(at)
+        self.stats.describe("heads", len(heads))
+        by_layer: dict[int, list[int]] = {}
+        for layer, head in heads:
+            by_layer.setdefault(layer, []).append(head)
+        for layer, indices in sorted(by_layer.items()):
+            scale_heads(at, layer, sorted(indices), 0.0, self.stats)

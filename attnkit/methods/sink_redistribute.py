@@ -62,8 +62,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer
 
 from attnkit.engine.plan import AttentionCall
+from attnkit.engine.state import CallState
 from attnkit.heads import text_config
 from attnkit.methods.base import Method, register
 from attnkit.recipe.methods import Marker, SinkRedistributeConfig
@@ -103,13 +105,9 @@ class SinkRedistribute(Method):
             return  # the identity: nothing attached, so the model keeps its exact logits and speed
 
         key = f"{self.name}@{id(self)}"
-        plan = at.plan
         at.begin_call(lambda state: self._begin(state, key, state.input_ids, finder))
-        layer_modules = decoder_layers(at.model, at.modules)
         for layer in layers:
-            at.hooks.append(
-                layer_modules[layer].register_forward_pre_hook(self._detector(layer, key, plan), with_kwargs=True)
-            )
+            at.layer_input(layer, self._detector(layer, key))
             at.prob_edit(layer, self._edit(layer, key))
 
     # -- the target span -------------------------------------------------------------------
@@ -176,17 +174,15 @@ class SinkRedistribute(Method):
 
     # -- sinks: massive activations on the layer input -------------------------------------
 
-    def _detector(self, layer: int, key: str, plan):
+    def _detector(self, layer: int, key: str):
         dims, tau = list(self.config.sink_dims), self.config.tau
 
-        def detect(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            state = plan.state
+        def detect(hidden: torch.Tensor, state: CallState | None) -> None:
             if state is None or state.phase != "prefill":
                 return  # decode steps reuse the prefill's sinks, as the reference does
             store = state.sequence.get(key)
             if store is None:
                 return
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
             sinks = massive_activation(hidden, dims) > tau
             mask = state.attention_mask
             if mask is not None and mask.dim() == 2:
@@ -243,9 +239,7 @@ class SinkRedistribute(Method):
         stats.add("rows_redistributed", rows)
         stats.add("heads_redistributed", heads)
         stats.add("budget_moved", budget)
-        for counters in (stats.last, stats.total):
-            n = counters.get("rows_redistributed", 0)
-            counters["mean_budget_moved"] = counters["budget_moved"] / n if n else 0.0
+        stats.ratio("mean_budget_moved", "budget_moved", "rows_redistributed")
 
 
 def redistribute(
@@ -319,28 +313,12 @@ def find(tokens: list[int | None], pattern: list[int], start: int) -> int | None
     return None
 
 
-def decoder_layers(model: torch.nn.Module, attention: dict[int, torch.nn.Module]) -> dict[int, torch.nn.Module]:
-    """The decoder layer holding each attention module (its direct parent), by layer index."""
-    parents: dict[int, torch.nn.Module] = {}
-    wanted = {id(module): layer for layer, module in attention.items()}
-    for module in model.modules():
-        for child in module.children():
-            if id(child) in wanted:
-                parents[wanted[id(child)]] = module
-    missing = sorted(set(attention) - set(parents))
-    if missing:
-        raise TypeError(f"sink_redistribute: no decoder layer found around the attention of layers {missing}")
-    return parents
-
-
 def saved_tokenizer(model: torch.nn.Module) -> Any:
     """The tokenizer saved beside a model loaded from a local folder, if any (no downloads)."""
     path = getattr(model.config, "_name_or_path", "") or ""
     if not path:
         return None
     try:
-        from transformers import AutoTokenizer
-
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception:
         return None
