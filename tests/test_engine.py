@@ -321,3 +321,37 @@ def test_one_method_object_serves_one_handle_at_a_time():
         attnkit.apply(second, [mask, mask])
     with attnkit.apply(second, [mask]) as handle:  # free again once its handle was removed
         assert handle.active
+
+
+class InputReader(Method):
+    """Records what the layer-input stage hands over, per layer and phase."""
+
+    name, config_class = "input_reader", MethodConfig
+
+    def __init__(self, layers):
+        super().__init__(MethodConfig(method="input_reader"))
+        self.layers, self.seen = layers, []
+
+    def attach(self, at):
+        for layer in self.layers:
+            at.layer_input(layer, lambda hidden, state, layer=layer: self.seen.append((layer, state.phase, hidden.clone())))
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "gemma3-gqa", "qwen3-gqa"])
+def test_layer_input_stage_reads_each_layers_input_hidden_state(arch):
+    """The stage sees exactly the residual stream entering the layer (hidden_states[layer]), at
+    prefill and at decode steps, and changes nothing."""
+    model = model_of(arch)
+    inputs = tiny_inputs(model, length=10)
+    with torch.no_grad():
+        expected = model(**inputs, output_hidden_states=True)
+    reader = InputReader([0, 2])
+    with torch.no_grad(), attnkit.apply(model, [reader]):
+        out = model(**inputs)
+        model(input_ids=inputs["input_ids"][:, -1:], past_key_values=out.past_key_values)
+    assert torch.equal(out.logits, expected.logits)
+    prefill = [(layer, hidden) for layer, phase, hidden in reader.seen if phase == "prefill"]
+    assert [layer for layer, _ in prefill] == [0, 2]
+    for layer, hidden in prefill:
+        assert torch.equal(hidden, expected.hidden_states[layer])
+    assert [(layer, phase) for layer, phase, _ in reader.seen[2:]] == [(0, "decode"), (2, "decode")]
