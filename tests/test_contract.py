@@ -200,3 +200,13 @@ def test_equals_its_float64_reference(name):
     assert expected.dtype == torch.float64 and expected.shape == got.shape
     assert (expected - untouched).abs().max() > 1e-3, "the example must visibly change the logits"
     torch.testing.assert_close(got, expected, rtol=entry.tolerance, atol=entry.tolerance)
+
+
+def test_config_registry_and_method_registry_match():
+    """Every method class names a config whose ``method`` is its name, and every config has a class."""
+    from attnkit.recipe.methods import method_configs
+
+    configs = method_configs()
+    assert sorted(configs) == NAMES
+    for name, cls in METHODS.items():
+        assert cls.config_class is configs[name], name
