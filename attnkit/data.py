@@ -19,6 +19,7 @@ Cache layout (``<cache>`` is :func:`attnkit.catalog.cache_dir`, i.e. ``$ATTNKIT_
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -51,6 +52,8 @@ __all__ = [
     "truncate_words",
     "write_jsonl",
 ]
+
+log = logging.getLogger(__name__)
 
 BIGBENCH_VERSION = "1.0.0"
 _ARCHIVE_NAME = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
@@ -100,8 +103,7 @@ def bigbench_archive(cache: str | Path | None = None) -> Path:
     data.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".bigbench-dl-", dir=data) as tmp:
         cmd = download_command(tmp)
-        print(f"attnkit: downloading the bigbench {BIGBENCH_VERSION} sdist (358 MB, once) into {data}",
-              file=sys.stderr, flush=True)  # fmt: skip
+        log.info(f"downloading the bigbench {BIGBENCH_VERSION} sdist (358 MB, once) into {data}")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         got = Path(tmp) / _ARCHIVE_NAME
         if proc.returncode != 0 or not got.is_file():

@@ -16,10 +16,10 @@ import datetime as _dt
 import importlib
 import importlib.metadata as _md
 import json
+import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -40,6 +40,8 @@ from transformers import (
 
 from attnkit import compat
 from attnkit.catalog import DEFAULT_MODEL, EMBEDDED, EmbeddedModel, cache_dir
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DTYPES",
@@ -120,10 +122,6 @@ def _missing_package_error(entry: EmbeddedModel) -> ModelLoadError:
         f"embedded model {entry.alias!r} needs the package {entry.package!r}, which is not installed.\n"
         f"Install it with:\n    {entry.install}"
     )
-
-
-def _say(msg: str) -> None:
-    print(f"attnkit: {msg}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- source resolution
@@ -210,7 +208,7 @@ def _align_eos_to_config(tok: PreTrainedTokenizerBase, config: PretrainedConfig)
     token = tok.convert_ids_to_tokens(ids[0])
     if token is None:
         raise ModelLoadError(f"model config eos id {ids[0]} is not in the tokenizer's vocabulary")
-    _say(f"tokenizer eos {tok.eos_token!r} differs from the model's eos id {ids[0]}; using {token!r}")
+    log.warning(f"tokenizer eos {tok.eos_token!r} differs from the model's eos id {ids[0]}; using {token!r}")
     tok.eos_token = token
 
 
@@ -322,7 +320,7 @@ def _convert_embedded(entry: EmbeddedModel, out: Path) -> None:
     """Build the float32 safetensors folder for ``entry`` in ``out`` (an empty temp dir)."""
     gguf = _locate_gguf(entry, out / "_gguf")
     version = _installed_version(entry.package)
-    _say(
+    log.info(
         f"converting embedded model {entry.alias!r} ({entry.package} {version}) to a float32 safetensors "
         f"cache; this happens once and takes about 30-90 s"
     )
@@ -371,7 +369,7 @@ def _convert_embedded(entry: EmbeddedModel, out: Path) -> None:
         "convert_seconds": round(time.perf_counter() - t0, 1),
     }
     (out / CACHE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-    _say(f"converted {entry.alias!r} in {marker['convert_seconds']} s")
+    log.info(f"converted {entry.alias!r} in {marker['convert_seconds']} s")
 
 
 def _relax_permissions(folder: Path) -> None:

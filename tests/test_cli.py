@@ -136,3 +136,25 @@ def test_every_option_has_help_text():
     missing = [f"{name} {param.opts[0]}" for name, callback in all_commands() for param in typer_params(callback)
                if not getattr(param, "help", None)]
     assert not missing, missing
+
+
+def test_notes_go_through_the_attnkit_logger_and_the_cli_shows_them(capsys):
+    """Library diagnostics are log records under "attnkit"; the CLI prints them as `attnkit: ...`,
+    and --quiet keeps only warnings."""
+    import logging
+
+    from attnkit.cli.common import configure_logging
+
+    logger = logging.getLogger("attnkit")
+    before = (list(logger.handlers), logger.level)
+    try:
+        configure_logging(quiet=False)
+        configure_logging(quiet=False)  # once per process, however often the app runs
+        logging.getLogger("attnkit.data").info("downloading something (once)")
+        configure_logging(quiet=True)
+        logging.getLogger("attnkit.models").info("converted")
+        logging.getLogger("attnkit.models").warning("tokenizer eos differs")
+    finally:
+        logger.handlers[:], logger.level = before
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["attnkit: downloading something (once)", "attnkit: tokenizer eos differs"]

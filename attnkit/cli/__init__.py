@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from attnkit.cli import inspection, profile, recipes
+from attnkit.cli.common import configure_logging
 
 app = typer.Typer(
     help="Training-free attention interventions for Hugging Face models, from YAML recipes.",
@@ -12,6 +13,14 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def main(quiet: bool = typer.Option(False, "--quiet", "-q", help="Print results and errors only, no notes on downloads or conversions.")) -> None:
+    """Training-free attention interventions for Hugging Face models, from YAML recipes."""
+    configure_logging(quiet)
+
+
 app.registered_commands.extend(recipes.app.registered_commands)
 app.add_typer(inspection.app, name="inspect")
 app.add_typer(profile.app, name="profile")

@@ -6,6 +6,8 @@ they run inside their bodies.
 
 from __future__ import annotations
 
+import logging
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
@@ -49,6 +51,30 @@ def output_option(default: str) -> Any:
 def default_output(output: Optional[Path], prefix: str, model: str) -> Path:
     """An artifact path: ``output`` if given, else ``heads/<prefix>-<model>.json``."""
     return output or Path("heads") / f"{prefix}-{Path(model).stem}.json"
+
+
+class CLIHandler(logging.StreamHandler):
+    """The handler the CLI adds to the "attnkit" logger (one per process); it writes to whatever
+    ``sys.stderr`` is when a record comes (a test runner swaps it per run)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+def configure_logging(quiet: bool) -> None:
+    """Show attnkit's notes (downloads, conversions) on stderr as ``attnkit: ...``; warnings only when quiet."""
+    logger = logging.getLogger("attnkit")
+    handler = next((h for h in logger.handlers if isinstance(h, CLIHandler)), None)
+    if handler is None:
+        handler = CLIHandler()
+        handler.setFormatter(logging.Formatter("attnkit: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 def fail(message: str) -> NoReturn:

