@@ -44,11 +44,8 @@ class Razor(KVMethod):
         self.stats.describe("retrieval_kv_heads", sum(map(len, retrieval.values())))
 
     def recent(self, lengths: torch.Tensor) -> torch.Tensor:
-        """L_h per row: max(local, ceil(N / ratio))."""
-        local = torch.full_like(lengths, self.config.local)
-        if self.config.ratio is None:
-            return local
-        return torch.maximum(local, torch.ceil(lengths.double() / self.config.ratio).long())
+        """L_h per row (the config's rule, once per prefill and layer)."""
+        return torch.tensor([self.config.recent(n) for n in lengths.tolist()], dtype=lengths.dtype, device=lengths.device)
 
     def select(self, call, keys, values, starts, lengths) -> list[KVGroup] | None:
         cfg = self.config

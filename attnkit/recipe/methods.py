@@ -8,6 +8,7 @@ checks that the two registries match.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -161,6 +162,15 @@ class RazorConfig(KVConfig):
         "weighted", description="weighted: the paper's compensation token counted as the N_d tokens it replaces; "
         "plain: counted once; none: dropped tokens are simply gone"
     )
+
+    def recent(self, length: int) -> int:
+        """The recent window a non-retrieval head keeps of a ``length``-token prompt."""
+        return razor_recent(length, self.local, self.ratio)
+
+
+def razor_recent(length: int, local: int, ratio: float | None) -> int:
+    """RazorAttention's recent window L_h = max(local, ceil(N / ratio)) (``local`` when no ratio)."""
+    return local if ratio is None else max(local, math.ceil(length / ratio))
 
 
 class SnapKVConfig(BudgetConfig):
