@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import attnkit
-from attnkit.heads import resolve_heads, ModelShape
+from attnkit.heads import ModelShape, resolve_heads
 from attnkit.methods import ACT
 from attnkit.probes import act_heads
 from attnkit.probes.act_heads import last_logits, make_batches, profile_act_heads, tail_supported
@@ -18,9 +18,7 @@ from tests.test_tasks import char_tokenizer
 def setup(tmp_path):
     model = tiny_model("llama-gqa", num_hidden_layers=5)
     tokenizer = char_tokenizer()
-    items = [
-        {"prompt": f"Text {i}: {'ab' * (i % 5)} so", "choices": [" x", " y"], "answer": i % 2} for i in range(12)
-    ]
+    items = [{"prompt": f"Text {i}: {'ab' * (i % 5)} so", "choices": [" x", " y"], "answer": i % 2} for i in range(12)]
     data = tmp_path / "dev.jsonl"
     data.write_text("\n".join(json.dumps(item) for item in items) + "\n")
     return model, tokenizer, str(data)
@@ -31,8 +29,12 @@ def test_layer_tail_equals_the_whole_model(setup):
     assert tail_supported(model)
     batch = make_batches(tokenizer, data, 12, 5)[1]
     with torch.no_grad():
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                    output_hidden_states=True)
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            output_hidden_states=True,
+        )
         batch.hidden = {layer: out.hidden_states[layer] for layer in range(5)}
         with attnkit.apply(model, [ACT(heads={2: [1, 3]}, threshold=0.05)]) as handle:
             whole = last_logits(model, batch, None, None)
@@ -45,10 +47,19 @@ def test_layer_tail_equals_the_whole_model(setup):
 def test_profile_selects_heads_that_beat_the_baseline_and_resumes(setup, tmp_path, monkeypatch):
     model, tokenizer, data = setup
     out = tmp_path / "heads.json"
-    artifact = profile_act_heads(model, tokenizer, data, model_id="tiny", output=out, limit=12, threshold=0.05,
-                                 fine_layers=2, batch_size=5, progress=False)
+    artifact = profile_act_heads(
+        model,
+        tokenizer,
+        data,
+        model_id="tiny",
+        output=out,
+        limit=12,
+        threshold=0.05,
+        fine_layers=2,
+        batch_size=5,
+        progress=False,
+    )
     params = artifact.parameters
-    baseline = params["baseline_accuracy"]
     assert sorted(params["layer_accuracy"]) == ["2", "3"]  # layers 2 to L-2 of 5
     assert artifact.samples == 12 and "beats the uncalibrated" in artifact.selection.rule
     for layer, heads in artifact.selected.items():
@@ -60,8 +71,18 @@ def test_profile_selects_heads_that_beat_the_baseline_and_resumes(setup, tmp_pat
                 assert artifact.scores[layer][head] <= 0
     # a second run reads every score from the progress file and evaluates nothing
     monkeypatch.setattr(act_heads.attnkit, "apply", lambda *a, **k: pytest.fail("re-evaluated a finished candidate"))
-    again = profile_act_heads(model, tokenizer, data, model_id="tiny", output=out, limit=12, threshold=0.05,
-                              fine_layers=2, batch_size=5, progress=False)
+    again = profile_act_heads(
+        model,
+        tokenizer,
+        data,
+        model_id="tiny",
+        output=out,
+        limit=12,
+        threshold=0.05,
+        fine_layers=2,
+        batch_size=5,
+        progress=False,
+    )
     assert again.scores == artifact.scores and again.selected == artifact.selected
     # the artifact is usable as a head set for this model
     shape = ModelShape.from_config(model.config, "tiny")
@@ -71,8 +92,18 @@ def test_profile_selects_heads_that_beat_the_baseline_and_resumes(setup, tmp_pat
 
 def test_single_head_scores_equal_a_direct_evaluation(setup, tmp_path):
     model, tokenizer, data = setup
-    artifact = profile_act_heads(model, tokenizer, data, model_id="tiny", output=tmp_path / "h.json", limit=12,
-                                 threshold=0.05, search="full", batch_size=4, progress=False)
+    artifact = profile_act_heads(
+        model,
+        tokenizer,
+        data,
+        model_id="tiny",
+        output=tmp_path / "h.json",
+        limit=12,
+        threshold=0.05,
+        search="full",
+        batch_size=4,
+        progress=False,
+    )
     from attnkit.recipe.tasks import ChoiceTask
     from attnkit.tasks import run_choice
 
@@ -92,8 +123,24 @@ def test_cli_writes_artifact_and_plot(setup, tmp_path, monkeypatch):
     model, tokenizer, data = setup
     monkeypatch.setattr(attnkit.models, "load_model", lambda name: (model, tokenizer))
     out = tmp_path / "act.json"
-    result = CliRunner().invoke(app, ["profile", "act-heads", "--data", data, "-o", str(out), "--limit", "12",
-                                      "--threshold", "0.05", "--batch-size", "4", "--no-progress"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "profile",
+            "act-heads",
+            "--data",
+            data,
+            "-o",
+            str(out),
+            "--limit",
+            "12",
+            "--threshold",
+            "0.05",
+            "--batch-size",
+            "4",
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert out.is_file() and out.with_suffix(".png").stat().st_size > 0
     assert "baseline accuracy" in result.output and "heads selected" in result.output

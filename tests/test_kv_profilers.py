@@ -8,8 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.factory import single_threaded, tiny_model
-from tests.test_tasks import char_tokenizer
 from typer.testing import CliRunner
 
 from attnkit.cli import app
@@ -23,6 +21,8 @@ from attnkit.probes.razor_heads import (
     top_count,
     top_union,
 )
+from tests.factory import single_threaded, tiny_model
+from tests.test_tasks import char_tokenizer
 
 runner = CliRunner()
 
@@ -122,7 +122,9 @@ def test_razor_input_layout(tokenizer, model):
 def test_razor_input_shrinks_to_the_model_positions(tokenizer, model):
     data = razor_input(tokenizer, model.config, block=2500, repeats=4, seed=0)  # 10,001 > 256 positions
     assert data.block == 63 and data.block_requested == 2500 and data.input_ids.shape == (1, 253)
-    assert data.shrunk == "1 + 2500 x 4 = 10001 tokens exceed the model's max_position_embeddings 256; block shrunk to 63"
+    assert (
+        data.shrunk == "1 + 2500 x 4 = 10001 tokens exceed the model's max_position_embeddings 256; block shrunk to 63"
+    )
 
 
 @pytest.mark.parametrize(
@@ -141,8 +143,17 @@ def test_razor_input_errors(tokenizer, model, kwargs, message):
 
 def test_razor_profile_matches_a_float64_loop_on_a_tiny_model(model, tokenizer, tmp_path):
     block, repeats = 16, 3
-    artifact = profile_razor_heads(model, tokenizer, model_id="tiny", output=tmp_path / "r.json", block=block,
-                                   repeats=repeats, induction_ratio=0.34, echo_ratio=0.17, progress=False)
+    artifact = profile_razor_heads(
+        model,
+        tokenizer,
+        model_id="tiny",
+        output=tmp_path / "r.json",
+        block=block,
+        repeats=repeats,
+        induction_ratio=0.34,
+        echo_ratio=0.17,
+        progress=False,
+    )
     assert model.config._attn_implementation == "sdpa", "eager only while profiling"
     ids = razor_input(tokenizer, model.config, block=block, repeats=repeats, seed=0).input_ids
     reference = tiny_model("llama-gqa", attn_implementation="eager", dtype=torch.float64)
@@ -179,11 +190,16 @@ def test_razor_profile_rejects_bad_ratios(model, tokenizer):
 
 def test_cli_profile_razor_heads_and_inspect(fake_load, tmp_path):
     out = tmp_path / "razor.json"
-    result = runner.invoke(app, ["profile", "razor-heads", "-m", "tiny", "-o", str(out), "--block", "100",
-                                 "--repeats", "4", "--no-progress"])
+    result = runner.invoke(
+        app,
+        ["profile", "razor-heads", "-m", "tiny", "-o", str(out), "--block", "100", "--repeats", "4", "--no-progress"],
+    )
     assert result.exit_code == 0, result.output
     assert fake_load == [("tiny", {"dtype": "float32", "attn_implementation": "eager"})]
-    assert "note: 1 + 100 x 4 = 401 tokens exceed the model's max_position_embeddings 256; block shrunk to 63" in result.output
+    assert (
+        "note: 1 + 100 x 4 = 401 tokens exceed the model's max_position_embeddings 256; block shrunk to 63"
+        in result.output
+    )
     assert "selected: 2 of 6 KV heads" in result.output and "method: razor" in result.output
     assert out.is_file() and out.with_suffix(".png").stat().st_size > 1000
     assert json.loads(out.read_text())["parameters"]["block"] == 63
@@ -195,8 +211,22 @@ def test_cli_profile_razor_heads_and_inspect(fake_load, tmp_path):
 
 
 def test_cli_razor_heads_bad_ratio(fake_load, tmp_path):
-    result = runner.invoke(app, ["profile", "razor-heads", "-m", "tiny", "-o", str(tmp_path / "r.json"),
-                                 "--echo-ratio", "-0.5", "--block", "8", "--no-progress"])
+    result = runner.invoke(
+        app,
+        [
+            "profile",
+            "razor-heads",
+            "-m",
+            "tiny",
+            "-o",
+            str(tmp_path / "r.json"),
+            "--echo-ratio",
+            "-0.5",
+            "--block",
+            "8",
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 2 and "echo_ratio=-0.5: use a fraction of all KV heads in [0, 1]" in result.output
 
 
@@ -285,8 +315,17 @@ def test_sample_scores_match_a_float64_full_forward_reference(tokenizer):
 
 
 def test_profile_retrieval_heads_artifact_levels_and_resume(model, tokenizer, tmp_path, monkeypatch):
-    kwargs = dict(model_id="tiny", lengths=[100, 150], depths=[0.0, 1.0], needles=NEEDLES, max_new_tokens=5,
-                  chat=False, progress=False, min_recall=None, threshold=0.0)
+    kwargs = dict(
+        model_id="tiny",
+        lengths=[100, 150],
+        depths=[0.0, 1.0],
+        needles=NEEDLES,
+        max_new_tokens=5,
+        chat=False,
+        progress=False,
+        min_recall=None,
+        threshold=0.0,
+    )
     out = tmp_path / "ret.json"
     query = profile_retrieval_heads(model, tokenizer, HAY, output=out, **kwargs)
     assert model.config._attn_implementation == "sdpa"
@@ -294,8 +333,8 @@ def test_profile_retrieval_heads_artifact_levels_and_resume(model, tokenizer, tm
     assert query.level == "query" and query.method == "retrieval" and np.shape(query.scores) == (3, 4)
     assert params["samples_total"] == 4 == params["samples_kept"] == query.samples
     assert "over all 4 needle prompts" in query.selection.rule
-    chosen = {(l, h) for l, hs in query.selected.items() for h in hs}
-    assert chosen == {(l, h) for (l, h), v in np.ndenumerate(np.array(query.scores)) if v > 0.0}
+    chosen = {(l, h) for l, hs in query.selected.items() for h in hs}  # noqa: E741
+    assert chosen == {(l, h) for (l, h), v in np.ndenumerate(np.array(query.scores)) if v > 0.0}  # noqa: E741
     assert (tmp_path / "ret.progress.jsonl").is_file() and out.is_file()
     # a second run (KV level) reads every sample from the progress file
     monkeypatch.setattr(retrieval_heads, "sample_scores", lambda *a, **k: pytest.fail("re-ran a finished prompt"))
@@ -306,7 +345,10 @@ def test_profile_retrieval_heads_artifact_levels_and_resume(model, tokenizer, tm
     # the paper's rule keeps only answered prompts; a random model answers none
     strict = profile_retrieval_heads(model, tokenizer, HAY, output=out, **{**kwargs, "min_recall": 0.5})
     assert strict.parameters["samples_kept"] == 0 and strict.selected == {}
-    assert "over the 0 of 4 needle prompts whose reply's ROUGE-1 recall of the answer is above 0.5" in strict.selection.rule
+    assert (
+        "over the 0 of 4 needle prompts whose reply's ROUGE-1 recall of the answer is above 0.5"
+        in strict.selection.rule
+    )
 
 
 @pytest.mark.parametrize(
@@ -320,8 +362,17 @@ def test_profile_retrieval_heads_artifact_levels_and_resume(model, tokenizer, tm
 )
 def test_profile_retrieval_heads_errors(model, tokenizer, kwargs, message):
     with pytest.raises(RetrievalProfileError, match=message):
-        profile_retrieval_heads(model, tokenizer, HAY, model_id="tiny", needles=NEEDLES, max_new_tokens=8,
-                                chat=False, progress=False, **{"lengths": [100], **kwargs})
+        profile_retrieval_heads(
+            model,
+            tokenizer,
+            HAY,
+            model_id="tiny",
+            needles=NEEDLES,
+            max_new_tokens=8,
+            chat=False,
+            progress=False,
+            **{"lengths": [100], **kwargs},
+        )
 
 
 def test_read_needles(tmp_path):
@@ -341,11 +392,34 @@ def test_cli_profile_retrieval_heads(fake_load, tmp_path):
     hay = tmp_path / "hay.txt"
     hay.write_text(HAY)
     needles = tmp_path / "needles.jsonl"
-    needles.write_text(json.dumps({"needle": "The key is red.", "question": "What is the key?", "answer": "red"}) + "\n")
+    needles.write_text(
+        json.dumps({"needle": "The key is red.", "question": "What is the key?", "answer": "red"}) + "\n"
+    )
     out = tmp_path / "ret.json"
-    result = runner.invoke(app, ["profile", "retrieval-heads", "-m", "tiny", "-o", str(out), "--lengths", "100,140",
-                                 "--depths", "0,1", "--haystack", str(hay), "--needles", str(needles),
-                                 "--max-new-tokens", "4", "--level", "kv", "--no-progress"])
+    result = runner.invoke(
+        app,
+        [
+            "profile",
+            "retrieval-heads",
+            "-m",
+            "tiny",
+            "-o",
+            str(out),
+            "--lengths",
+            "100,140",
+            "--depths",
+            "0,1",
+            "--haystack",
+            str(hay),
+            "--needles",
+            str(needles),
+            "--max-new-tokens",
+            "4",
+            "--level",
+            "kv",
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert fake_load == [("tiny", {})]
     assert "4 prompts in" in result.output and "warning: no reply reached recall 0.5" in result.output

@@ -8,8 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.factory import BOS_ID, HEAD_DIM, single_threaded, tiny_model
-from tests.test_tasks import char_tokenizer
 from typer.testing import CliRunner
 
 import attnkit
@@ -26,6 +24,8 @@ from attnkit.probes.sink_dims import (
     read_texts,
 )
 from attnkit.sinks import massive_activation
+from tests.factory import BOS_ID, HEAD_DIM, single_threaded, tiny_model
+from tests.test_tasks import char_tokenizer
 
 PLANTED = 41
 LAYERS = 6
@@ -95,14 +95,19 @@ def test_planted_dim_is_found(result, model):
     assert a.samples == SAMPLES and a.model_id == "planted" and "BUILTIN_TEXTS" in a.data
     assert result.hit_rate.shape == result.sink_mean.shape == (LAYERS - 2, model.config.hidden_size)
     assert np.asarray(a.sink_mean).shape == (LAYERS - 2, len(a.ranked))
-    assert "note: only 1 dim(s) consistent" in result.summary() and "no attention sinks and no detections" in result.summary()
+    assert (
+        "note: only 1 dim(s) consistent" in result.summary()
+        and "no attention sinks and no detections" in result.summary()
+    )
 
 
 @pytest.mark.parametrize("dim", [5, 60])
 def test_other_planted_dims_and_later_sinks(dim, tokenizer):
     """Plant on BOS and '.': later sinks appear, are counted per token, and are detected too."""
     dot = tokenizer.convert_tokens_to_ids(".")
-    result = find_sink_dims(planted_model(dim, (BOS_ID, dot), seed=1), tokenizer, None, samples=8, tau=5.0, progress=False)
+    result = find_sink_dims(
+        planted_model(dim, (BOS_ID, dot), seed=1), tokenizer, None, samples=8, tau=5.0, progress=False
+    )
     a = result.artifact
     assert a.dims == [dim]
     assert a.sink_tokens and a.sink_tokens[0][0] == "."
@@ -204,7 +209,19 @@ runner = CliRunner()
 
 def test_cli_profile_sink_dims(fake_load, tmp_path):
     out = tmp_path / "dims.json"
-    args = ["profile", "sink-dims", "--model", "tiny", "--samples", "6", "--tau", "5", "--output", str(out), "--no-progress"]
+    args = [
+        "profile",
+        "sink-dims",
+        "--model",
+        "tiny",
+        "--samples",
+        "6",
+        "--tau",
+        "5",
+        "--output",
+        str(out),
+        "--no-progress",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert fake_load == [("tiny", {"dtype": "float32", "attn_implementation": "eager"})]
@@ -216,7 +233,9 @@ def test_cli_profile_sink_dims(fake_load, tmp_path):
 
     texts = tmp_path / "texts.txt"
     texts.write_text("The cat sat on the mat.\n\nA dog barked at the moon all night long.\n")
-    result = runner.invoke(app, ["profile", "sink-dims", "--texts", str(texts), "-o", str(out), "--no-plot", "--top", "2"])
+    result = runner.invoke(
+        app, ["profile", "sink-dims", "--texts", str(texts), "-o", str(out), "--no-plot", "--top", "2"]
+    )
     assert result.exit_code == 0, result.output
     artifact = json.loads(out.read_text())
     assert artifact["samples"] == 2 and artifact["data"] == f"{texts}: first 2 of 2 non-blank lines"

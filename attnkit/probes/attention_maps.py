@@ -8,9 +8,9 @@ sees the map its eager attention returns, reduces it to what the profiler needs,
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -22,11 +22,12 @@ __all__ = ["attention_probabilities", "eager_attention"]
 
 
 @contextmanager
-def eager_attention(model: Any) -> Iterator[None]:
+def eager_attention(model: Any, doing: str = "profiling heads") -> Iterator[None]:
     """Run ``model`` with eager attention inside the block (so attention modules return their
-    probabilities); its own implementation is restored afterwards, also on errors."""
+    probabilities); its own implementation is restored afterwards, also on errors. Refuses a model
+    with an attnkit handle applied (``doing`` says what the refusal stops)."""
     config = text_config(model.config)
-    original = attention.untouched_implementation(config, "profiling heads")
+    original = attention.untouched_implementation(config, doing)
     if original != "eager":
         set_text_attention(model, "eager")
     try:

@@ -34,15 +34,19 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+import numpy as np
 import torch
+from matplotlib.colors import TwoSlopeNorm
 
 import attnkit
 from attnkit.engine.attach import attention_modules
 from attnkit.heads import HeadArtifact, ModelShape, Selection
-from attnkit.probes.act_heads import tail_supported
-from attnkit.probes.progress import Progress
+from attnkit.plots import head_map
+from attnkit.probes.configs import ConflictHeadsConfig, Corruption, Mode, ProfileError, make_config
+from attnkit.probes.layers import tail_supported
+from attnkit.probes.run import ProfileRun, file_digest
 from attnkit.recipe.tasks import ConflictTask
 from attnkit.tasks.choice import left_pad
 from attnkit.tasks.conflict import (
@@ -53,10 +57,7 @@ from attnkit.tasks.conflict import (
     prompt_text,
     swapped_context,
 )
-from attnkit.tasks.result import TaskDataError, progress_bar
-
-Corruption = Literal["removed", "swapped"]
-Mode = Literal["path", "ablation"]
+from attnkit.tasks.result import TaskDataError
 
 
 @dataclass
@@ -70,8 +71,9 @@ class Prepared:
     context_token: int
 
 
-def prepare(tokenizer: Any, task: ConflictTask, items: list[ConflictItem], corruption: Corruption,
-            mode: Mode) -> tuple[list[Prepared], dict[str, int]]:
+def prepare(
+    tokenizer: Any, task: ConflictTask, items: list[ConflictItem], corruption: Corruption, mode: Mode
+) -> tuple[list[Prepared], dict[str, int]]:
     """Token ids per item, and how many items were skipped for which reason."""
     chat = task.chat_template
     special = not chat
@@ -123,7 +125,7 @@ class Recorder:
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``z`` [batch, layers, heads * head_dim] and ``a`` [batch, layers, hidden]."""
         layers = sorted(self.z)
-        return torch.stack([self.z[l] for l in layers], 1), torch.stack([self.a[l] for l in layers], 1)
+        return torch.stack([self.z[i] for i in layers], 1), torch.stack([self.a[i] for i in layers], 1)
 
     def remove(self) -> None:
         for hook in self.hooks:
@@ -138,20 +140,40 @@ def record_last(model: Any, sequences: list[list[int]], pad_id: int) -> dict[str
     recorder = Recorder(modules)
     try:
         with torch.no_grad():
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                        use_cache=False, logits_to_keep=1, output_hidden_states=True)
+            out = model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                use_cache=False,
+                logits_to_keep=1,
+                output_hidden_states=True,
+            )
     finally:
         recorder.remove()
     z, a = recorder.stacked()
     layers = len(modules)
     resid = torch.stack([out.hidden_states[layer][:, -1] for layer in range(layers)], 1)
-    return {"z": z, "a": a, "resid": resid, "logits": out.logits[:, -1], "token": ids[:, -1],
-            "position": positions[:, -1]}
+    return {
+        "z": z,
+        "a": a,
+        "resid": resid,
+        "logits": out.logits[:, -1],
+        "token": ids[:, -1],
+        "position": positions[:, -1],
+    }
 
 
-def frozen_logit_diffs(model: Any, token: int, position: int, z_clean: torch.Tensor, a_clean: torch.Tensor,
-                       z_ref: torch.Tensor, memory_token: int, context_token: int,
-                       resid: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
+def frozen_logit_diffs(
+    model: Any,
+    token: int,
+    position: int,
+    z_clean: torch.Tensor,
+    a_clean: torch.Tensor,
+    z_ref: torch.Tensor,
+    memory_token: int,
+    context_token: int,
+    resid: torch.Tensor | None = None,
+) -> tuple[float, torch.Tensor]:
     """LD with every attention output frozen at its clean value, unpatched and for each head patched.
 
     ``z_clean``/``z_ref`` [layers, heads * head_dim] are the ``o_proj`` inputs of the clean and the
@@ -175,15 +197,30 @@ def frozen_logit_diffs(model: Any, token: int, position: int, z_clean: torch.Ten
     return ld[0].item(), ld[1:].view(layers, heads)
 
 
-def _patched_output(module: torch.nn.Module, layer: int, z_clean: torch.Tensor, z_ref: torch.Tensor,
-                    select: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _patched_output(
+    module: torch.nn.Module,
+    layer: int,
+    z_clean: torch.Tensor,
+    z_ref: torch.Tensor,
+    select: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """o_proj of the clean input with each head's slice in turn taken from the reference: [heads, hidden]."""
     patched_z = torch.where(select, z_ref[layer], z_clean[layer])
     return module.o_proj(patched_z.to(dtype)).to(dtype)
 
 
-def _full_logit_diffs(model: Any, token: int, position: int, z_clean: torch.Tensor, a_clean: torch.Tensor,
-                      z_ref: torch.Tensor, select: torch.Tensor, memory_token: int, context_token: int) -> torch.Tensor:
+def _full_logit_diffs(
+    model: Any,
+    token: int,
+    position: int,
+    z_clean: torch.Tensor,
+    a_clean: torch.Tensor,
+    z_ref: torch.Tensor,
+    select: torch.Tensor,
+    memory_token: int,
+    context_token: int,
+) -> torch.Tensor:
     """Any architecture: one whole-model forward of the last token, every attention output replaced."""
     modules = attention_modules(model)
     heads = select.shape[0]
@@ -203,17 +240,33 @@ def _full_logit_diffs(model: Any, token: int, position: int, z_clean: torch.Tens
     device = model.device
     try:
         with torch.no_grad():
-            logits = model(input_ids=torch.full((n, 1), token, device=device),
-                           position_ids=torch.full((n, 1), position, device=device),
-                           use_cache=False, logits_to_keep=1).logits[:, -1].double()
+            logits = (
+                model(
+                    input_ids=torch.full((n, 1), token, device=device),
+                    position_ids=torch.full((n, 1), position, device=device),
+                    use_cache=False,
+                    logits_to_keep=1,
+                )
+                .logits[:, -1]
+                .double()
+            )
     finally:
         for hook in hooks:
             hook.remove()
     return (logits[:, memory_token] - logits[:, context_token]).cpu()
 
 
-def _tail_logit_diffs(model: Any, position: int, z_clean: torch.Tensor, a_clean: torch.Tensor, z_ref: torch.Tensor,
-                      resid: torch.Tensor, select: torch.Tensor, memory_token: int, context_token: int) -> torch.Tensor:
+def _tail_logit_diffs(
+    model: Any,
+    position: int,
+    z_clean: torch.Tensor,
+    a_clean: torch.Tensor,
+    z_ref: torch.Tensor,
+    resid: torch.Tensor,
+    select: torch.Tensor,
+    memory_token: int,
+    context_token: int,
+) -> torch.Tensor:
     """Llama-family decoders: rows join at their patched layer from the clean residual stream.
 
     Row 0 (unpatched) runs from layer 0; before layer l the heads-of-layer-l rows are appended,
@@ -269,114 +322,169 @@ def rankings(scores: list[list[float]]) -> tuple[list[list[float]], list[list[fl
     return [list(h) for h in memory], [list(h) for h in context]
 
 
+def profile(
+    model: Any,
+    tokenizer: Any,
+    config: ConflictHeadsConfig,
+    *,
+    model_id: str,
+    output: Path | None = None,
+    progress: bool = True,
+) -> HeadArtifact:
+    """Score every head on ``config.data`` (conflict JSONL) by path patching; write (to ``output``,
+    when given) and return the artifact.
+
+    The artifact's ``scores`` is the full layers x heads matrix, ``parameters`` holds both rankings
+    (``memory_heads``, ``context_heads``), and the selection is the ``select`` strongest memory heads.
+    """
+    task = make_config(
+        ConflictTask,
+        ProfileError,
+        data=str(config.data),
+        limit=config.limit,
+        template=config.template,
+        closed_book_template=config.closed_book_template,
+        chat_template=config.chat_template,
+    )
+    run = ProfileRun(
+        "conflict-heads",
+        model,
+        config,
+        model_id=model_id,
+        output=output,
+        progress=progress,
+        data=file_digest(config.data),
+    )
+    items = load_conflict_items(task)
+    prepared, skipped = prepare(tokenizer, task, items, config.corruption, config.mode)
+    if not prepared:
+        raise TaskDataError(
+            f"{config.data}: none of the {len(items)} items is usable ({skipped}); "
+            "check that the two answers start with different tokens"
+        )
+    tail = config.tail and tail_supported(model)
+    timings, scored = score_items(run, tokenizer, prepared, tail)
+    done = [run.done[str(p.index)] for p in prepared]
+    scores_t = torch.tensor([d["scores"] for d in done], dtype=torch.float64)
+    scores = scores_t.mean(0).tolist()
+    memory, context = rankings(scores)
+    selected: dict[int, list[int]] = {}
+    for layer, head, _ in memory[: config.select]:
+        selected.setdefault(int(layer), []).append(int(head))
+    for heads in selected.values():
+        heads.sort()
+    mode = config.mode
+    what = "path patching" if mode == "path" else "single-head ablation to zeros (cheaper approximation)"
+    rule = (
+        f"the {min(config.select, len(memory))} strongest memory heads (largest score = LD(clean) - LD(patched), "
+        f"LD = logit(memory answer) - logit(context answer)); {what}, corruption {config.corruption!r}"
+    )
+    lds = [d["ld"] for d in done]
+    artifact = HeadArtifact(
+        attnkit_version=attnkit.__version__,
+        model_id=model_id,
+        config_fingerprint=run.shape.fingerprint,
+        method="conflict-heads",
+        parameters={
+            "mode": mode,
+            "corruption": config.corruption if mode == "path" else None,
+            "score": "mean over items of LD(clean) - LD(head patched), LD = logit(memory) - logit(context) at the "
+            "answer position; > 0 memory head, < 0 context head",
+            "memory_heads": memory,
+            "context_heads": context,
+            "items_used": len(done),
+            "items_skipped": skipped,
+            "ld_clean_mean": sum(lds) / len(lds),
+            "score_std_over_items": scores_t.std(0).tolist() if len(done) > 1 else None,
+            "max_abs_ld_frozen_vs_full_forward": max(abs(d["ld"] - d["ld_full_forward"]) for d in done),
+            "template": task.template,
+            "closed_book_template": task.closed_book_template,
+            "chat_template": task.chat_template,
+            "batch_size": config.batch_size,
+            "layer_tails": tail,
+            "seconds": run.seconds(),
+            "stage_seconds_this_run": {k: round(v, 1) for k, v in timings.items()},
+            "resumed_items": len(prepared) - scored,
+        },
+        data=str(config.data),
+        samples=len(done),
+        seed=None,
+        scores=scores,
+        selection=Selection(rule=rule, heads=selected),
+    )
+    return run.save(artifact)
+
+
+def score_items(run: ProfileRun, tokenizer: Any, prepared: list[Prepared], tail: bool) -> tuple[dict[str, float], int]:
+    """Score the unfinished items, recording each as it finishes; returns the seconds per stage and
+    how many items were scored. Items are batched by length, ``batch_size`` at a time (one clean
+    and one corrupted forward per batch); a batch keeps its items when a run resumes, so its
+    padding, and every score, is that of an uninterrupted run."""
+    model, config = run.model, run.config
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    timings = {"clean_and_corrupted_forwards": 0.0, "patched_forwards": 0.0}
+    ordered = sorted(prepared, key=lambda p: len(p.clean))
+    todo = [p for p in ordered if str(p.index) not in run.done]
+    with run.bar("items", len(prepared), len(prepared) - len(todo)) as advance:
+        for at in range(0, len(ordered), config.batch_size):
+            chunk = ordered[at : at + config.batch_size]
+            rows = [row for row, item in enumerate(chunk) if str(item.index) not in run.done]
+            if not rows:
+                continue
+            tick = time.perf_counter()
+            clean = record_last(model, [p.clean for p in chunk], pad)
+            corrupt = record_last(model, [p.corrupt for p in chunk], pad) if config.mode == "path" else None
+            timings["clean_and_corrupted_forwards"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            for row in rows:
+                item = chunk[row]
+                z_ref = corrupt["z"][row] if corrupt is not None else torch.zeros_like(clean["z"][row])
+                ld_clean, ld_patched = frozen_logit_diffs(
+                    model,
+                    int(clean["token"][row]),
+                    int(clean["position"][row]),
+                    clean["z"][row],
+                    clean["a"][row],
+                    z_ref,
+                    item.memory_token,
+                    item.context_token,
+                    resid=clean["resid"][row] if tail else None,
+                )
+                logits = clean["logits"][row].double()
+                ld_full = (logits[item.memory_token] - logits[item.context_token]).item()
+                run.record.record(
+                    str(item.index),
+                    {"ld": ld_clean, "ld_full_forward": ld_full, "scores": (ld_clean - ld_patched).tolist()},
+                )
+                advance(1)
+            timings["patched_forwards"] += time.perf_counter() - tick
+    return timings, len(todo)
+
+
 def profile_conflict_heads(
     model: Any,
     tokenizer: Any,
     data: str,
     *,
     model_id: str,
-    output: Path,
-    limit: int = 200,
-    corruption: Corruption = "removed",
-    mode: Mode = "path",
-    batch_size: int = 8,
-    select: int = 10,
-    task: ConflictTask | None = None,
-    tail: bool = True,
+    output: Path | None = None,
     progress: bool = True,
+    **settings: Any,
 ) -> HeadArtifact:
-    """Score every head on ``data`` (conflict JSONL) by path patching; write and return the artifact.
-
-    ``task`` gives the prompt templates (default: the conflict task's); ``tail: false`` forces the
-    whole-model patched forward (for checking; same scores). The artifact's ``scores`` is
-    the full layers x heads matrix, ``parameters`` holds both rankings (``memory_heads``,
-    ``context_heads``), and the selection is the ``select`` strongest memory heads.
-    """
-    if corruption not in ("removed", "swapped"):
-        raise ValueError(f"corruption {corruption!r}: use removed or swapped")
-    if mode not in ("path", "ablation"):
-        raise ValueError(f"mode {mode!r}: use path (path patching) or ablation (zeros, cheaper)")
-    task = (task or ConflictTask(data=data)).model_copy(update={"data": data, "limit": limit})
-    shape = ModelShape.from_config(model.config, model_id)
-    start_time = time.perf_counter()
-    items = load_conflict_items(task)
-    prepared, skipped = prepare(tokenizer, task, items, corruption, mode)
-    if not prepared:
-        raise TaskDataError(f"{data}: none of the {len(items)} items is usable ({skipped}); "
-                            "check that the two answers start with different tokens")
-    setup = {"model": shape.fingerprint, "data": str(data), "limit": limit, "corruption": corruption, "mode": mode,
-             "template": task.template, "closed_book_template": task.closed_book_template,
-             "chat_template": task.chat_template}
-    record = Progress(output.with_suffix(".progress.jsonl"), setup)
-    todo = sorted((p for p in prepared if str(p.index) not in record.done), key=lambda p: len(p.clean))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    timings = {"clean_and_corrupted_forwards": 0.0, "patched_forwards": 0.0}
-    tail = tail and tail_supported(model)
-    with progress_bar("conflict-heads", len(prepared), progress) as advance:
-        advance(len(prepared) - len(todo))
-        for at in range(0, len(todo), batch_size):
-            chunk = todo[at : at + batch_size]
-            tick = time.perf_counter()
-            clean = record_last(model, [p.clean for p in chunk], pad)
-            corrupt = record_last(model, [p.corrupt for p in chunk], pad) if mode == "path" else None
-            timings["clean_and_corrupted_forwards"] += time.perf_counter() - tick
-            tick = time.perf_counter()
-            for row, item in enumerate(chunk):
-                z_ref = corrupt["z"][row] if corrupt is not None else torch.zeros_like(clean["z"][row])
-                ld_clean, ld_patched = frozen_logit_diffs(
-                    model, int(clean["token"][row]), int(clean["position"][row]), clean["z"][row], clean["a"][row],
-                    z_ref, item.memory_token, item.context_token, resid=clean["resid"][row] if tail else None,
-                )
-                logits = clean["logits"][row].double()
-                ld_full = (logits[item.memory_token] - logits[item.context_token]).item()
-                record.record(str(item.index), {"ld": ld_clean, "ld_full_forward": ld_full,
-                                                "scores": (ld_clean - ld_patched).tolist()})
-                advance(1)
-            timings["patched_forwards"] += time.perf_counter() - tick
-    done = [record.done[str(p.index)] for p in prepared]
-    scores_t = torch.tensor([d["scores"] for d in done], dtype=torch.float64)
-    scores = scores_t.mean(0).tolist()
-    memory, context = rankings(scores)
-    selected: dict[int, list[int]] = {}
-    for layer, head, _ in memory[:select]:
-        selected.setdefault(int(layer), []).append(int(head))
-    for heads in selected.values():
-        heads.sort()
-    what = "path patching" if mode == "path" else "single-head ablation to zeros (cheaper approximation)"
-    rule = (f"the {min(select, len(memory))} strongest memory heads (largest score = LD(clean) - LD(patched), "
-            f"LD = logit(memory answer) - logit(context answer)); {what}, corruption {corruption!r}")
-    lds = [d["ld"] for d in done]
-    artifact = HeadArtifact(
-        attnkit_version=attnkit.__version__, model_id=model_id, config_fingerprint=shape.fingerprint,
-        method="conflict-heads",
-        parameters={
-            "mode": mode, "corruption": corruption if mode == "path" else None,
-            "score": "mean over items of LD(clean) - LD(head patched), LD = logit(memory) - logit(context) at the "
-                     "answer position; > 0 memory head, < 0 context head",
-            "memory_heads": memory, "context_heads": context,
-            "items_used": len(done), "items_skipped": skipped, "ld_clean_mean": sum(lds) / len(lds),
-            "score_std_over_items": scores_t.std(0).tolist() if len(done) > 1 else None,
-            "max_abs_ld_frozen_vs_full_forward": max(abs(d["ld"] - d["ld_full_forward"]) for d in done),
-            "template": task.template, "closed_book_template": task.closed_book_template,
-            "chat_template": task.chat_template, "batch_size": batch_size, "layer_tails": tail,
-            "seconds": round(time.perf_counter() - start_time, 1),
-            "stage_seconds_this_run": {k: round(v, 1) for k, v in timings.items()},
-            "resumed_items": len(prepared) - len(todo),
-        },
-        data=str(data), samples=len(done), seed=None, scores=scores, selection=Selection(rule=rule, heads=selected),
-    )
-    artifact.save(output)
-    return artifact
+    """:func:`profile` with the data and the settings (:class:`ConflictHeadsConfig`'s fields) as keywords."""
+    config = make_config(ConflictHeadsConfig, data=data, **settings)
+    return profile(model, tokenizer, config, model_id=model_id, output=output, progress=progress)
 
 
 def plot_conflict_heads(artifact: HeadArtifact, path: Path, title: str) -> None:
     """The layers x heads effect map: red = memory heads (score > 0), blue = context heads."""
-    import numpy as np
-    from matplotlib.colors import TwoSlopeNorm
-
-    from attnkit.plots import head_map
-
     scores = np.asarray(artifact.scores, dtype=float)
     bound = max(1e-6, float(np.abs(scores).max()))
-    head_map(scores, path, title=title, cbar_label="LD(clean) - LD(patched)  (+ memory, - context)",
-             norm=TwoSlopeNorm(0.0, -bound, bound), cmap="RdBu_r")
+    head_map(
+        scores,
+        path,
+        title=title,
+        cbar_label="LD(clean) - LD(patched)  (+ memory, - context)",
+        norm=TwoSlopeNorm(0.0, -bound, bound),
+        cmap="RdBu_r",
+    )

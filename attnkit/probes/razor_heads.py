@@ -18,14 +18,17 @@ The paper's input (2500 x 4 + BOS = 10,001 tokens) does not fit a model with few
 (SmolLM2: 8192); ``block`` is then shrunk to ``(max_position_embeddings - 1) // repeats`` and the
 artifact records both numbers. Sliding-window layers (Gemma 3) cannot see an earlier copy when the
 window is shorter than the block; their scores come out near zero.
+
+Each layer is one unit of progress: on Llama-family decoders the layers run one at a time and the
+hidden state after the last finished layer is kept next to the artifact, so an interrupted run
+resumes with the next layer; other models run whole (a resumed run scores only the layers missing).
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import math
-import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,21 +37,26 @@ import numpy as np
 import torch
 
 import attnkit
-from attnkit.heads import HeadArtifact, ModelShape, Selection, text_config
+from attnkit.heads import HeadArtifact, Selection, text_config
 from attnkit.probes.attention_maps import attention_probabilities
-from attnkit.tasks.result import progress_bar
+from attnkit.probes.configs import ProfileError, RazorHeadsConfig, make_config
+from attnkit.probes.layers import layer_inputs, run_layer, tail_supported
+from attnkit.probes.run import ProfileRun, digest
 
 __all__ = [
     "RazorInput",
     "echo_induction",
     "kv_max",
+    "profile",
     "profile_razor_heads",
     "razor_input",
     "top_union",
 ]
 
+log = logging.getLogger(__name__)
 
-class RazorProfileError(ValueError):
+
+class RazorProfileError(ProfileError):
     """Settings the profile cannot run with; the message names the fix."""
 
 
@@ -88,7 +96,9 @@ def razor_input(tokenizer: Any, config: Any, *, block: int, repeats: int, seed: 
             f"max_position_embeddings {limit}; block shrunk to {block}"
         )
         if block < 2:
-            raise RazorProfileError(f"the model's {limit} positions leave no room for {repeats} repeats; lower --repeats")
+            raise RazorProfileError(
+                f"the model's {limit} positions leave no room for {repeats} repeats; lower --repeats"
+            )
     special = set(getattr(tokenizer, "all_special_ids", []) or []) | ({bos} if bos is not None else set())
     candidates = torch.tensor([i for i in range(config.vocab_size) if i not in special])
     if block > len(candidates):
@@ -151,53 +161,45 @@ def top_union(
     return selected, facts
 
 
-def profile_razor_heads(
+def profile(
     model: Any,
     tokenizer: Any,
+    config: RazorHeadsConfig,
     *,
     model_id: str,
     output: Path | None = None,
-    block: int = 2500,
-    repeats: int = 4,
-    induction_ratio: float = 0.14,
-    echo_ratio: float = 0.01,
-    seed: int = 0,
     progress: bool = True,
 ) -> HeadArtifact:
     """Score every head's echo and induction on repeated random tokens and select RazorAttention's
     retrieval heads (KV-head level); write the artifact to ``output`` when given."""
-    for name, ratio in (("induction_ratio", induction_ratio), ("echo_ratio", echo_ratio)):
+    for name, ratio in (("induction_ratio", config.induction_ratio), ("echo_ratio", config.echo_ratio)):
         if not 0.0 <= ratio <= 1.0:
             raise RazorProfileError(f"{name}={ratio}: use a fraction of all KV heads in [0, 1] (paper: 0.14 and 0.01)")
-    shape = ModelShape.from_config(model.config, model_id)
-    data = razor_input(tokenizer, model.config, block=block, repeats=repeats, seed=seed)
+    data = razor_input(tokenizer, model.config, block=config.block, repeats=config.repeats, seed=config.seed)
     if data.shrunk:
-        warnings.warn(data.shrunk, stacklevel=2)
-    echo_q = np.zeros((shape.num_layers, shape.num_heads))
-    induction_q = np.zeros_like(echo_q)
-    start = time.perf_counter()
-    with progress_bar(f"razor-heads: {data.input_ids.shape[1]} tokens, layers", shape.num_layers, progress) as advance:
-
-        def score(layer: int, probs: torch.Tensor) -> None:
-            echo, induction = echo_induction(probs, data.block, data.repeats, data.prefix)
-            echo_q[layer], induction_q[layer] = echo.numpy(), induction.numpy()
-            advance(1)
-
-        kwargs: dict[str, Any] = {"use_cache": False}
-        if "logits_to_keep" in inspect.signature(model.forward).parameters:  # full-vocabulary logits unused
-            kwargs["logits_to_keep"] = 1
-        with torch.no_grad(), attention_probabilities(model, score):
-            model(input_ids=data.input_ids.to(model.device), **kwargs)
-    seconds = time.perf_counter() - start
+        log.warning(data.shrunk)
+    run = ProfileRun(
+        "razor-heads",
+        model,
+        config,
+        model_id=model_id,
+        output=output,
+        progress=progress,
+        data=digest(data.input_ids.tolist()),
+    )
+    shape = run.shape
+    units = layer_scores(run, data)
+    echo_q = np.array([units[f"layer {layer}"]["echo"] for layer in range(shape.num_layers)])
+    induction_q = np.array([units[f"layer {layer}"]["induction"] for layer in range(shape.num_layers)])
     echo_kv, induction_kv = kv_max(echo_q, shape.num_kv_heads), kv_max(induction_q, shape.num_kv_heads)
-    selected, facts = top_union(induction_kv, echo_kv, induction_ratio, echo_ratio)
+    selected, facts = top_union(induction_kv, echo_kv, config.induction_ratio, config.echo_ratio)
     # one map for plots and ranking: >= 1 exactly where a head made either cut
     cut_i = max(facts["induction_cutoff"] or math.inf, 1e-12)
     cut_e = max(facts["echo_cutoff"] or math.inf, 1e-12)
     combined = np.maximum(induction_kv / cut_i, echo_kv / cut_e)
     rule = (
-        f"top {induction_ratio:g} of all {induction_kv.size} KV heads by induction score ({facts['n_induction']}) "
-        f"plus top {echo_ratio:g} by echo score ({facts['n_echo']}), ranked over all layers together; "
+        f"top {config.induction_ratio:g} of all {induction_kv.size} KV heads by induction score ({facts['n_induction']}) "
+        f"plus top {config.echo_ratio:g} by echo score ({facts['n_echo']}), ranked over all layers together; "
         f"KV-head score = max over its query heads; {facts['n_selected']} heads in the union. "
         f"scores = max(induction / {facts['induction_cutoff']:.4g}, echo / {facts['echo_cutoff'] or 0:.4g}), "
         ">= 1 exactly for the selected heads"
@@ -214,23 +216,88 @@ def profile_razor_heads(
             "repeats": data.repeats,
             "bos_prefix": bool(data.prefix),
             "tokens": int(data.input_ids.shape[1]),
-            "induction_ratio": induction_ratio,
-            "echo_ratio": echo_ratio,
+            "induction_ratio": config.induction_ratio,
+            "echo_ratio": config.echo_ratio,
             **facts,
             "reduction": "max over the query heads of a KV head",
             "induction_kv": induction_kv.round(6).tolist(),
             "echo_kv": echo_kv.round(6).tolist(),
             "induction_query": induction_q.round(6).tolist(),
             "echo_query": echo_q.round(6).tolist(),
-            "seconds": round(seconds, 1),
+            "seconds": run.seconds(),
         },
-        data=f"repeated random tokens: {'BOS + ' if data.prefix else ''}{data.block} ids x {data.repeats} (seed {seed})",
+        data=f"repeated random tokens: {'BOS + ' if data.prefix else ''}{data.block} ids x {data.repeats} (seed {config.seed})",
         samples=1,
-        seed=seed,
+        seed=config.seed,
         level="kv",
         scores=combined.round(6).tolist(),
         selection=Selection(rule=rule, heads=selected),
     )
-    if output is not None:
-        artifact.save(output)
-    return artifact
+    return run.save(artifact)
+
+
+def layer_scores(run: ProfileRun, data: RazorInput) -> dict[str, dict[str, Any]]:
+    """Every layer's echo and induction scores per query head, one unit ``layer i`` per layer."""
+    units = {f"layer {layer}": layer for layer in range(run.shape.num_layers)}
+    if all(key in run.done for key in units):
+        return {key: run.done[key] for key in units}
+    label = f"{data.input_ids.shape[1]} tokens, layers"
+    scorer = LayerScorer(run, data)
+    with torch.no_grad(), attention_probabilities(run.model, scorer):
+        if tail_supported(run.model):
+            return layer_by_layer(run, data, units, label, scorer)
+        whole_model(run.model, data)  # every layer runs; a resumed run scores the unfinished ones
+        return run.each(label, units, scorer.unit)
+
+
+class LayerScorer:
+    """Echo and induction scores of each unfinished layer, from the attention probabilities its
+    attention module returns (:func:`attention_probabilities` calls it)."""
+
+    def __init__(self, run: ProfileRun, data: RazorInput):
+        self.run, self.data = run, data
+        self.scores: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, layer: int, probs: torch.Tensor) -> None:
+        if f"layer {layer}" not in self.run.done:
+            self.scores[layer] = echo_induction(probs, self.data.block, self.data.repeats, self.data.prefix)
+
+    def unit(self, layer: int) -> dict[str, Any]:
+        """The finished layer's unit: its scores as lists."""
+        echo, induction = self.scores.pop(layer)
+        return {"echo": echo.tolist(), "induction": induction.tolist()}
+
+
+def whole_model(model: Any, data: RazorInput) -> None:
+    """One forward of the whole model on the repeated tokens (only the attention maps are used)."""
+    kwargs: dict[str, Any] = {"use_cache": False}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:  # full-vocabulary logits unused
+        kwargs["logits_to_keep"] = 1
+    model(input_ids=data.input_ids.to(model.device), **kwargs)
+
+
+def layer_by_layer(
+    run: ProfileRun, data: RazorInput, units: dict[str, int], label: str, scorer: LayerScorer
+) -> dict[str, dict[str, Any]]:
+    """Llama-family decoders: the layers one at a time, from the hidden state the last finished
+    layer left (kept with its unit, so a resumed run starts there; the last layer's is not needed)."""
+    model = run.model
+    ids = data.input_ids.to(model.device)
+    start = sum(key in run.done for key in units)  # layers finish in order
+    hidden = run.done[f"layer {start - 1}"]["hidden"].to(model.device) if start else model.model.embed_tokens(ids)
+    inputs = layer_inputs(model, hidden, None, torch.arange(ids.shape[1], device=model.device)[None])
+
+    def layer_run(layer: int) -> dict[str, Any]:
+        nonlocal hidden
+        hidden = run_layer(model, layer, hidden, inputs)
+        return {**scorer.unit(layer), **({"hidden": hidden} if layer + 1 < len(units) else {})}
+
+    return run.each(label, units, layer_run, chained=True)
+
+
+def profile_razor_heads(
+    model: Any, tokenizer: Any, *, model_id: str, output: Path | None = None, progress: bool = True, **settings: Any
+) -> HeadArtifact:
+    """:func:`profile` with the settings (:class:`RazorHeadsConfig`'s fields) as keywords."""
+    config = make_config(RazorHeadsConfig, RazorProfileError, **settings)
+    return profile(model, tokenizer, config, model_id=model_id, output=output, progress=progress)

@@ -12,16 +12,16 @@ retrieval heads. The answer is the part of the needle that the question does not
 head that copies it copies from the needle, not from the question.
 
 ``level="kv"`` reduces each KV head's query heads by max (what RazorAttention keeps per KV head);
-the query-level scores stay in the artifact's parameters. Finished samples are appended to a
-progress file next to the artifact, so an interrupted run resumes where it stopped.
+the query-level scores stay in the artifact's parameters. Each prompt is one unit of progress
+(``<artifact>.progress.jsonl``), so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,25 +30,29 @@ import attnkit
 from attnkit import compat
 from attnkit.heads import HeadArtifact, ModelShape, Selection, text_config
 from attnkit.probes.attention_maps import attention_probabilities
-from attnkit.probes.progress import Progress
+from attnkit.probes.configs import NeedleGrid, ProfileError, RetrievalHeadsConfig, make_config
 from attnkit.probes.razor_heads import kv_max
+from attnkit.probes.run import ProfileRun, digest
 from attnkit.tasks.generate import eos_ids
-from attnkit.tasks.needle import NeedlePrompt, PromptBuilder, recall
-from attnkit.tasks.result import progress_bar, read_jsonl
+from attnkit.tasks.needle import NeedlePrompt, PromptBuilder, read_haystack, recall
+from attnkit.tasks.result import read_jsonl, uses_chat_template
 
 __all__ = [
     "DEFAULT_NEEDLES",
     "Needle",
+    "NeedleData",
     "RetrievalProfileError",
     "aggregate",
     "copy_paste_step",
     "grid_problem",
+    "profile",
     "profile_retrieval_heads",
+    "read",
     "sample_scores",
 ]
 
 
-class RetrievalProfileError(ValueError):
+class RetrievalProfileError(ProfileError):
     """Settings or data the profile cannot use; the message names the fix."""
 
 
@@ -82,6 +86,42 @@ DEFAULT_NEEDLES: tuple[Needle, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class NeedleData:
+    """What needle prompts are built from: the haystack text, the needles, and a line saying where
+    they came from (the artifact's ``data``)."""
+
+    haystack: str
+    needles: tuple[Needle, ...] = DEFAULT_NEEDLES
+    source: str = ""
+
+    def digest(self) -> str:
+        return digest({"haystack": self.haystack, "needles": [asdict(n) for n in self.needles]})
+
+    def builders(self, tokenizer: Any, config: NeedleGrid, chat: bool) -> list[PromptBuilder]:
+        """A prompt builder per needle."""
+        return [
+            PromptBuilder(tokenizer, self.haystack, question=n.question, template=config.template, chat=chat)
+            for n in self.needles
+        ]
+
+    def cells(self, config: NeedleGrid) -> dict[str, tuple[int, int, float]]:
+        """Every (needle, length, depth) of the grid, keyed ``needle:length:depth``."""
+        return {
+            f"{i}:{length}:{depth}": (i, length, depth)
+            for i in range(len(self.needles))
+            for length in config.lengths
+            for depth in config.depths
+        }
+
+
+def read(config: NeedleGrid) -> NeedleData:
+    """The needles and haystack the config names (default: the built-in needles, the essays)."""
+    needles = read_needles(config.needles) if config.needles is not None else list(DEFAULT_NEEDLES)
+    text, source = read_haystack(config.haystack, "--haystack")
+    return NeedleData(text, tuple(needles), f"{len(needles)} needles in {source}")
+
+
 def read_needles(path: str | Path) -> list[Needle]:
     """Needles from JSONL, one ``{"needle", "question", "answer"}`` per line (answer inside the needle)."""
     needles = []
@@ -99,9 +139,7 @@ def read_needles(path: str | Path) -> list[Needle]:
     return needles
 
 
-def copy_paste_step(
-    argmax: torch.Tensor, prompt_ids: torch.Tensor, span: tuple[int, int], token: int
-) -> torch.Tensor:
+def copy_paste_step(argmax: torch.Tensor, prompt_ids: torch.Tensor, span: tuple[int, int], token: int) -> torch.Tensor:
     """One decode step's copy-paste credit per head: ``1/len(span)`` where the head's most-attended
     key position (``argmax``, any shape of heads) lies in ``span`` of the prompt and holds ``token``
     (the token this step generated), else 0. Float64, the shape of ``argmax``."""
@@ -188,9 +226,113 @@ def grid_problem(model: Any, lengths: list[int], depths: list[float], new_tokens
             return f"depth {depth} is outside [0, 1]; a depth is the fraction of the haystack before the needle"
     for length in lengths:
         if limit is not None and length + new_tokens > limit:
-            return (f"length {length} + {name} {new_tokens} exceeds the model's {limit} positions "
-                    f"(max_position_embeddings); use lengths up to {limit - new_tokens}")  # fmt: skip
+            return (
+                f"length {length} + {name} {new_tokens} exceeds the model's {limit} positions "
+                f"(max_position_embeddings); use lengths up to {limit - new_tokens}"
+            )
     return None
+
+
+def profile(
+    model: Any,
+    tokenizer: Any,
+    config: RetrievalHeadsConfig,
+    data: NeedleData | None = None,
+    *,
+    model_id: str,
+    output: Path | None = None,
+    progress: bool = True,
+) -> HeadArtifact:
+    """Copy-paste scores of every head over needles x lengths x depths; the artifact keeps the heads
+    scoring above ``threshold`` (written to ``output`` when given, with a resumable progress file)."""
+    data = data or read(config)
+    if not 0.0 <= config.threshold <= 1.0:
+        raise RetrievalProfileError(f"threshold={config.threshold}: a copy-paste score lies in [0, 1] (paper: 0.1)")
+    problem = grid_problem(model, config.lengths, config.depths, config.max_new_tokens, "max_new_tokens")
+    if problem:
+        raise RetrievalProfileError(problem)
+    chat = uses_chat_template(tokenizer, "auto" if config.chat else False)
+    run = ProfileRun(
+        "retrieval-heads", model, config, model_id=model_id, output=output, progress=progress, data=data.digest()
+    )
+    shape = run.shape
+    builders = data.builders(tokenizer, config, chat)
+    cells = data.cells(config)
+
+    def score(cell: tuple[int, int, float]) -> dict[str, Any]:
+        i, length, depth = cell
+        needle = data.needles[i]
+        prompt = builders[i].build(length, depth, needle.needle, needle.answer)
+        scores, reply, steps = sample_scores(model, tokenizer, prompt, config.max_new_tokens, shape)
+        return asdict(
+            Sample(
+                f"{i}:{length}:{depth}",
+                length,
+                depth,
+                i,
+                scores.tolist(),
+                reply,
+                recall(reply, needle.answer),
+                len(prompt.input_ids),
+                steps,
+            )
+        )
+
+    done = run.each("needle prompts", cells, score)
+    samples = [Sample(**unit) for unit in done.values()]
+    query_scores, kept = aggregate(samples, config.min_recall)
+    scores = kv_max(query_scores, shape.num_kv_heads) if config.level == "kv" else query_scores
+    selected: dict[int, list[int]] = {}
+    for (layer, head), value in np.ndenumerate(scores):
+        if value > config.threshold:
+            selected.setdefault(layer, []).append(head)
+    unit = "KV heads (max over each KV head's query heads)" if config.level == "kv" else "query heads"
+    rule = (
+        f"{unit} whose mean copy-paste score exceeds {config.threshold:g}, over the {len(kept)} of {len(samples)} "
+        f"needle prompts whose reply's ROUGE-1 recall of the answer is above {config.min_recall}"
+        if config.min_recall is not None
+        else f"{unit} whose mean copy-paste score exceeds {config.threshold:g}, over all {len(samples)} needle prompts"
+    )
+    artifact = HeadArtifact(
+        attnkit_version=attnkit.__version__,
+        model_id=model_id,
+        config_fingerprint=shape.fingerprint,
+        method="retrieval",
+        parameters={
+            "threshold": config.threshold,
+            "min_recall": config.min_recall,
+            "lengths": list(config.lengths),
+            "depths": list(config.depths),
+            "needles": [asdict(n) for n in data.needles],
+            "max_new_tokens": config.max_new_tokens,
+            "chat_template": chat,
+            "template": config.template,
+            "samples_total": len(samples),
+            "samples_kept": len(kept),
+            "mean_recall": float(np.mean([s.recall for s in samples])),
+            "query_scores": query_scores.round(6).tolist(),
+            "per_sample": [
+                {
+                    "length": s.length,
+                    "depth": s.depth,
+                    "needle": s.needle,
+                    "recall": round(s.recall, 4),
+                    "kept": s in kept,
+                    "output": s.output,
+                    "prompt_tokens": s.prompt_tokens,
+                }
+                for s in samples
+            ],
+            "seconds": run.seconds(),
+        },
+        data=data.source,
+        samples=len(kept),
+        seed=None,
+        level=config.level,
+        scores=scores.round(6).tolist(),
+        selection=Selection(rule=rule, heads=selected),
+    )
+    return run.save(artifact)
 
 
 def profile_retrieval_heads(
@@ -200,91 +342,20 @@ def profile_retrieval_heads(
     *,
     model_id: str,
     output: Path | None = None,
-    lengths: list[int] = (1000, 2000, 3000, 4000),  # type: ignore[assignment]
-    depths: list[float] = (0.0, 0.25, 0.5, 0.75, 1.0),  # type: ignore[assignment]
-    needles: list[Needle] = DEFAULT_NEEDLES,  # type: ignore[assignment]
-    max_new_tokens: int = 40,
-    threshold: float = 0.1,
-    min_recall: float | None = 0.5,
-    level: Literal["query", "kv"] = "query",
-    chat: bool = True,
-    template: str = "{context}\n\n{question}",
+    needles: Sequence[Needle] = DEFAULT_NEEDLES,
     data: str = "",
     progress: bool = True,
+    **settings: Any,
 ) -> HeadArtifact:
-    """Copy-paste scores of every head over needles x lengths x depths; the artifact keeps the heads
-    scoring above ``threshold`` (written to ``output`` when given, with a resumable progress file)."""
-    shape = ModelShape.from_config(model.config, model_id)
-    if level not in ("query", "kv"):
-        raise RetrievalProfileError(f"level {level!r}: use query or kv")
-    if not 0.0 <= threshold <= 1.0:
-        raise RetrievalProfileError(f"threshold={threshold}: a copy-paste score lies in [0, 1] (paper: 0.1)")
-    problem = grid_problem(model, lengths, depths, max_new_tokens, "max_new_tokens")
-    if problem:
-        raise RetrievalProfileError(problem)
-    setup = {"model": shape.fingerprint, "lengths": list(lengths), "depths": list(depths), "max_new_tokens": max_new_tokens,
-             "needles": [asdict(n) for n in needles], "chat": chat, "template": template, "data": data}
-    record = Progress(output.with_suffix(".progress.jsonl") if output is not None else None, setup)
-    builders = [PromptBuilder(tokenizer, haystack, question=n.question, template=template, chat=chat) for n in needles]
-    cells = [(i, length, depth) for i in range(len(needles)) for length in lengths for depth in depths]
-    start = time.perf_counter()
-    with progress_bar("retrieval-heads: needle prompts", len(cells), progress) as advance:
-        for i, length, depth in cells:
-            key = f"{i}:{length}:{depth}"
-            if key not in record.done:
-                prompt = builders[i].build(length, depth, needles[i].needle, needles[i].answer)
-                scores, reply, steps = sample_scores(model, tokenizer, prompt, max_new_tokens, shape)
-                sample = Sample(key, length, depth, i, scores.tolist(), reply, recall(reply, needles[i].answer),
-                                len(prompt.input_ids), steps)  # fmt: skip
-                record.record(key, asdict(sample))
-            advance(1)
-    seconds = time.perf_counter() - start
-    samples = [Sample(**record.done[f"{i}:{length}:{depth}"]) for i, length, depth in cells]
-    query_scores, kept = aggregate(samples, min_recall)
-    scores = kv_max(query_scores, shape.num_kv_heads) if level == "kv" else query_scores
-    selected: dict[int, list[int]] = {}
-    for (layer, head), value in np.ndenumerate(scores):
-        if value > threshold:
-            selected.setdefault(layer, []).append(head)
-    unit = "KV heads (max over each KV head's query heads)" if level == "kv" else "query heads"
-    rule = (
-        f"{unit} whose mean copy-paste score exceeds {threshold:g}, over the {len(kept)} of {len(samples)} needle "
-        f"prompts whose reply's ROUGE-1 recall of the answer is above {min_recall}"
-        if min_recall is not None
-        else f"{unit} whose mean copy-paste score exceeds {threshold:g}, over all {len(samples)} needle prompts"
-    )
-    artifact = HeadArtifact(
-        attnkit_version=attnkit.__version__,
+    """:func:`profile` with the haystack text and the needles given directly (``data`` describes
+    them in the artifact) and the settings (:class:`RetrievalHeadsConfig`'s fields) as keywords."""
+    config = make_config(RetrievalHeadsConfig, RetrievalProfileError, **settings)
+    return profile(
+        model,
+        tokenizer,
+        config,
+        NeedleData(haystack, tuple(needles), data),
         model_id=model_id,
-        config_fingerprint=shape.fingerprint,
-        method="retrieval",
-        parameters={
-            "threshold": threshold,
-            "min_recall": min_recall,
-            "lengths": list(lengths),
-            "depths": list(depths),
-            "needles": [asdict(n) for n in needles],
-            "max_new_tokens": max_new_tokens,
-            "chat_template": chat,
-            "template": template,
-            "samples_total": len(samples),
-            "samples_kept": len(kept),
-            "mean_recall": float(np.mean([s.recall for s in samples])),
-            "query_scores": query_scores.round(6).tolist(),
-            "per_sample": [
-                {"length": s.length, "depth": s.depth, "needle": s.needle, "recall": round(s.recall, 4),
-                 "kept": s in kept, "output": s.output, "prompt_tokens": s.prompt_tokens}
-                for s in samples
-            ],  # fmt: skip
-            "seconds": round(seconds, 1),
-        },
-        data=data,
-        samples=len(kept),
-        seed=None,
-        level=level,
-        scores=scores.round(6).tolist(),
-        selection=Selection(rule=rule, heads=selected),
+        output=output,
+        progress=progress,
     )
-    if output is not None:
-        artifact.save(output)
-    return artifact

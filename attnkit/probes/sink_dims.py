@@ -43,24 +43,24 @@ from __future__ import annotations
 
 import inspect
 import math
-import time
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 import attnkit
-from attnkit.engine import attention
-from attnkit.engine.attach import set_text_attention
 from attnkit.heads import config_fingerprint, text_config
 from attnkit.plots import new_figure, save_figure, ticks
+from attnkit.probes.attention_maps import eager_attention
+from attnkit.probes.configs import ProfileError, SinkDimsConfig, make_config
+from attnkit.probes.run import ProfileRun, digest
 from attnkit.sinks import causal_column_mean
-from attnkit.tasks.result import progress_bar
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -72,8 +72,11 @@ __all__ = [
     "SinkDimsArtifact",
     "SinkDimsError",
     "SinkDimsResult",
+    "Texts",
     "find_sink_dims",
     "load_sink_dims",
+    "profile",
+    "read",
     "read_texts",
 ]
 
@@ -115,7 +118,7 @@ BUILTIN_TEXTS: tuple[str, ...] = (
     "degrees for 25 minutes.",
     "The Roman Empire reached its greatest extent under Trajan in 117 AD, stretching from Britain in "
     "the north-west to Mesopotamia in the east.",
-    "\"Are you coming?\" he asked.\n\"In a minute,\" she said, without looking up from her book.",
+    '"Are you coming?" he asked.\n"In a minute," she said, without looking up from her book.',
     "Regular exercise improves sleep, lowers blood pressure and reduces the risk of heart disease. "
     "Even a brisk twenty-minute walk each day makes a measurable difference.",
     "The committee reviewed all twelve proposals and selected three for funding. Each of the chosen "
@@ -127,8 +130,7 @@ BUILTIN_TEXTS: tuple[str, ...] = (
     "the ships had stopped coming.",
     "Machine learning models learn patterns from data. A model trained on too little data may "
     "memorise its examples instead of learning rules that generalise.",
-    "Turn left at the bakery, walk two blocks, and the museum is on your right, just past the "
-    "fountain.",
+    "Turn left at the bakery, walk two blocks, and the museum is on your right, just past the fountain.",
     "The orchestra tuned their instruments as the lights dimmed. A hush fell over the hall, and the "
     "conductor raised his baton.",
     "Volcanoes form where magma from deep inside the Earth reaches the surface. Some erupt "
@@ -148,7 +150,7 @@ BUILTIN_TEXTS: tuple[str, ...] = (
 )
 
 
-class SinkDimsError(ValueError):
+class SinkDimsError(ProfileError):
     """A sink-dims artifact or input that cannot be used; the message says why and what to do."""
 
 
@@ -157,8 +159,12 @@ class DimScore(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     dim: int
-    score: float = Field(description="share of sink (layer, token)s on which the dim is a hit: among the per_token_top largest |x_d/rms| and massive")
-    layer_fraction: float = Field(description="share of layers where it is a hit on at least half of that layer's sinks")
+    score: float = Field(
+        description="share of sink (layer, token)s on which the dim is a hit: among the per_token_top largest |x_d/rms| and massive"
+    )
+    layer_fraction: float = Field(
+        description="share of layers where it is a hit on at least half of that layer's sinks"
+    )
     consistent: bool
     sink_mean: float = Field(description="mean |x_d/rms| on sink (layer, token)s")
     ordinary_mean: float = Field(description="mean |x_d/rms| on the other (layer, token)s")
@@ -191,7 +197,7 @@ class SinkDimsArtifact(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
     data: str = ""
     samples: int = 0
-    seed: Optional[int] = None
+    seed: int | None = None
     hidden_size: int
     layers: list[int] = Field(description="layers whose input hidden states were used")
     dims: list[int] = Field(description="the chosen sink dims")
@@ -204,9 +210,15 @@ class SinkDimsArtifact(BaseModel):
     sink_instances: int = Field(description="(layer, token)s that are attention sinks")
     first_token_instances: int = Field(description="of those, on the first token")
     ordinary_instances: int
-    sink_tokens: list[tuple[str, int]] = Field(default_factory=list, description="most frequent later sink tokens, (layer, token) counts")
-    tau_sweep: list[tuple[float, float, float, float]] = Field(default_factory=list, description="(tau, precision, recall, f1)")
-    sink_mean: list[list[float]] = Field(default_factory=list, description="layers x ranked dims: mean |x_d/rms| on sinks")
+    sink_tokens: list[tuple[str, int]] = Field(
+        default_factory=list, description="most frequent later sink tokens, (layer, token) counts"
+    )
+    tau_sweep: list[tuple[float, float, float, float]] = Field(
+        default_factory=list, description="(tau, precision, recall, f1)"
+    )
+    sink_mean: list[list[float]] = Field(
+        default_factory=list, description="layers x ranked dims: mean |x_d/rms| on sinks"
+    )
     ordinary_mean: list[list[float]] = Field(default_factory=list, description="layers x ranked dims, other tokens")
     seconds: float = 0.0
     notes: list[str] = Field(default_factory=list)
@@ -277,7 +289,7 @@ def read_texts(path: str | Path) -> list[str]:
 
 @dataclass(repr=False, eq=False)
 class SinkDimsResult:
-    """What :func:`find_sink_dims` found: the artifact, plus the full per-layer arrays.
+    """What a sink-dims run found (:func:`profile`, :func:`find_sink_dims`): the artifact, plus the full per-layer arrays.
 
     ``hit_rate``, ``sink_mean`` and ``ordinary_mean`` are [len(layers), hidden] (float64):
     the share of a layer's sinks on which a dim is a hit, and mean |x_d/rms| on sinks / others.
@@ -308,7 +320,7 @@ class SinkDimsResult:
         """Write the JSON artifact (read it back with :func:`load_sink_dims`)."""
         return self.artifact.save(path)
 
-    def plot(self, path: str | Path | None = None) -> "Figure":
+    def plot(self, path: str | Path | None = None) -> Figure:
         """Layers x ranked dims heatmaps (sinks, other tokens) and P/R/F1 against tau; a PNG at ``path``."""
         return plot_sink_dims(self.artifact, path)
 
@@ -327,8 +339,13 @@ def _metrics(tau: float, pred: np.ndarray, label: np.ndarray) -> Metrics:
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return Metrics(
-        tau=round(float(tau), 4), precision=round(precision, 4), recall=round(recall, 4), f1=round(f1, 4),
-        true_positives=tp, false_positives=fp, false_negatives=fn,
+        tau=round(float(tau), 4),
+        precision=round(precision, 4),
+        recall=round(recall, 4),
+        f1=round(f1, 4),
+        true_positives=tp,
+        false_positives=fp,
+        false_negatives=fn,
     )
 
 
@@ -339,7 +356,9 @@ def _phi(values: np.ndarray, indices: np.ndarray, dims: Sequence[int]) -> np.nda
     return np.where(np.isin(indices, list(dims)), values, 0.0).max(1)
 
 
-def _sweep(phi: np.ndarray, label: np.ndarray, low: float, high: float) -> tuple[list[tuple[float, float, float, float]], float]:
+def _sweep(
+    phi: np.ndarray, label: np.ndarray, low: float, high: float
+) -> tuple[list[tuple[float, float, float, float]], float]:
     """(tau, precision, recall, f1) on a grid from ``low`` to ``high``; and the F1-maximising tau
     (the middle of the first plateau of best F1)."""
     start = math.ceil(low / TAU_STEP) * TAU_STEP
@@ -358,149 +377,236 @@ def _sweep(phi: np.ndarray, label: np.ndarray, low: float, high: float) -> tuple
     while end + 1 < len(grid) and f1[end + 1] >= f1[best] - 1e-12:
         end += 1
     tau = float(grid[(best + end) // 2])
-    rows = [(round(float(t), 4), round(float(p), 4), round(float(r), 4), round(float(f), 4)) for t, p, r, f in zip(grid, precision, recall, f1)]
+    rows = [
+        (round(float(t), 4), round(float(p), 4), round(float(r), 4), round(float(f), 4))
+        for t, p, r, f in zip(grid, precision, recall, f1, strict=True)
+    ]
     return rows, tau
 
 
+@dataclass(frozen=True)
+class Texts:
+    """The texts a run reads and where they came from: ``source`` is a file, or None for the
+    builtin texts (``builtin``) or the caller's."""
+
+    items: tuple[str, ...] = BUILTIN_TEXTS
+    source: str | None = None
+    builtin: bool = True
+
+    def used(self, samples: int | None) -> list[str]:
+        """The first ``samples`` texts (all for None) that are not blank."""
+        return [t for t in self.items[:samples] if t and t.strip()]
+
+    def describe(self, samples: int | None) -> str:
+        """The artifact's ``data`` line."""
+        if self.source is not None:
+            first = len(self.items) if samples is None else min(samples, len(self.items))
+            return f"{self.source}: first {first} of {len(self.items)} non-blank lines"
+        if self.builtin:
+            return (
+                f"builtin: attnkit.probes.sink_dims.BUILTIN_TEXTS (first {len(self.used(samples))} of "
+                f"{len(BUILTIN_TEXTS)} English texts)"
+            )
+        return f"{len(self.used(samples))} texts passed by the caller"
+
+
+def read(config: SinkDimsConfig) -> Texts:
+    """The texts the config names: its ``texts`` file, or the builtin texts."""
+    if config.texts is None:
+        return Texts()
+    return Texts(tuple(read_texts(config.texts)), str(config.texts), builtin=False)
+
+
 @torch.no_grad()
-def find_sink_dims(
+def profile(
     model: Any,
     tokenizer: Any,
-    texts: Sequence[str] | None = None,
+    config: SinkDimsConfig,
+    data: Texts | None = None,
     *,
-    top: int = 4,
-    tau: float = 20.0,
-    samples: int | None = None,
-    threshold: float = 0.1,
-    head_fraction: float = 0.5,
-    per_token_top: int = 3,
-    min_share: float = 0.05,
-    min_layer_fraction: float = 0.5,
-    min_queries: int = 5,
-    first_layer: int = 2,
-    max_tokens: int = 512,
-    name: str | None = None,
-    data: str | None = None,
+    model_id: str = "",
+    output: Path | None = None,
     progress: bool = True,
 ) -> SinkDimsResult:
-    """Find the sink dims of ``model`` on ``texts`` (None: :data:`BUILTIN_TEXTS`); see the module doc.
+    """Find the sink dims of ``model`` on ``data`` (default: the texts the config names); see the
+    module doc. The artifact is written to ``output`` when given.
 
     Each text runs alone, unpadded and cut to ``max_tokens``, with eager attention (switched for the
-    call and restored). ``samples`` keeps the first N texts. ``name`` labels the artifact (default:
-    the config's ``_name_or_path``); ``data`` describes the texts in it.
+    call and restored), and is one unit of progress. ``model_id`` labels the artifact (default: the
+    config's ``_name_or_path``).
     """
-    if top < 1 or per_token_top < 1:
-        raise SinkDimsError("top and per_token_top must be at least 1")
-    if not 0.0 < head_fraction <= 1.0 or not 0.0 <= min_layer_fraction <= 1.0 or not 0.0 <= min_share <= 1.0:
-        raise SinkDimsError("head_fraction must be in (0, 1], min_layer_fraction and min_share in [0, 1]")
-    builtin = texts is None
-    texts = list(BUILTIN_TEXTS if texts is None else texts)
-    if samples is not None:
-        texts = texts[:samples]
-    texts = [t for t in texts if t and t.strip()]
+    data = data or read(config)
+    texts = data.used(config.samples)
     if not texts:
         raise SinkDimsError("no texts; pass at least one non-empty text (or None for the builtin texts)")
-    config = text_config(model.config)
-    hidden = int(config.hidden_size)
-    num_layers = int(config.num_hidden_layers)
-    first = min(max(first_layer, 0), num_layers - 1)
-    layers = list(range(first, num_layers))
+    cfg = text_config(model.config)
+    hidden, num_layers = int(cfg.hidden_size), int(cfg.num_hidden_layers)
+    layers = list(range(min(config.first_layer, num_layers - 1), num_layers))
     keep = min(KEEP, hidden)
-    if per_token_top > keep:
-        raise SinkDimsError(f"per_token_top {per_token_top} is more than the {keep} values kept per token")
-    original = attention.untouched_implementation(config, "profiling sink dims")
+    if config.per_token_top > keep:
+        raise SinkDimsError(f"per_token_top {config.per_token_top} is more than the {keep} values kept per token")
+    model_id = model_id or str(getattr(cfg, "_name_or_path", "") or type(model).__name__)
+    with eager_attention(model, "profiling sink dims"):
+        run = ProfileRun(
+            "sink-dims", model, config, model_id=model_id, output=output, progress=progress, data=digest(texts)
+        )
+        units = run.each(
+            "texts",
+            {f"text {i}": text for i, text in enumerate(texts)},
+            lambda text: text_statistics(model, tokenizer, text, config, layers, keep),
+        )
+    stats = Statistics.of([unit for unit in units.values() if unit["tokens"]], len(layers), hidden)
+    hits = stats.hits(config)
+    findings = choose_dims(stats, hits, config, keep)
+    artifact = SinkDimsArtifact(
+        attnkit_version=attnkit.__version__,
+        model_id=model_id,
+        config_fingerprint=config_fingerprint(cfg),
+        parameters={**findings.pop("parameters"), "dtype": str(next(model.parameters()).dtype).replace("torch.", "")},
+        data=data.describe(config.samples),
+        samples=len(texts),
+        seed=None,  # deterministic: the first N texts, greedy forward passes
+        hidden_size=hidden,
+        layers=layers,
+        seconds=run.seconds(),
+        **findings,
+    )
+    run.save(artifact)
+    return SinkDimsResult(artifact, mean_per_layer(hits, stats.sink_count), stats.sink_mean(), stats.ordinary_mean())
+
+
+def text_statistics(
+    model: Any, tokenizer: Any, text: str, config: SinkDimsConfig, layers: list[int], keep: int
+) -> dict[str, Any]:
+    """One text's sinks per (layer, token), the largest ``keep`` values of |x_d / rms(x)| of each
+    eligible token and the per-layer sums of |x_d / rms(x)| on sinks and on other tokens."""
     device = getattr(model, "device", None) or next(model.parameters()).device
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, : config.max_tokens].to(device)
+    if ids.numel() == 0:
+        return {"tokens": 0}
     kwargs: dict[str, Any] = {"output_attentions": True, "output_hidden_states": True, "use_cache": False}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1
-
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    if not out.attentions or any(a is None for a in out.attentions) or not out.hidden_states:
+        raise RuntimeError(f"{type(model).__name__} returned no attention maps or hidden states")
+    count = ids.shape[1]
+    # [layers, tokens]: share of each layer's heads in which the token is a sink
+    share = torch.stack(
+        [(causal_column_mean(out.attentions[layer].float())[0] > config.threshold).float().mean(0) for layer in layers]
+    )
+    label = share >= config.head_fraction - 1e-9
+    positions = torch.arange(count, device=ids.device)
+    eligible = ((count - positions) >= config.min_queries) | (positions == 0)
+    x = torch.stack([out.hidden_states[layer][0] for layer in layers]).float()  # [layers, tokens, hidden]
+    z = (x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()).abs()
+    is_sink = (label & eligible).float()
+    is_ordinary = (~label & eligible).float()
+    top_values, top_indices = z[:, eligible].topk(keep, dim=-1)  # [layers, eligible, keep]
+    kept = positions[eligible]
+    sink_tokens: Counter[str] = Counter()
+    token_ids = ids[0].tolist()
+    for position, layers_as_sink in zip(kept.tolist(), label[:, eligible].sum(0).tolist(), strict=True):
+        if position > 0 and layers_as_sink:
+            sink_tokens[tokenizer.decode([token_ids[position]])] += int(layers_as_sink)
     nl = len(layers)
-    sink_sum = np.zeros((nl, hidden))
-    ordinary_sum = np.zeros((nl, hidden))
-    sink_count = np.zeros(nl)
-    ordinary_count = np.zeros(nl)
-    values, indices, labels, layer_of, position_of = [], [], [], [], []
-    later_sink_tokens: Counter[str] = Counter()
-    started = time.perf_counter()
-    if original != "eager":
-        set_text_attention(model, "eager")
-    try:
-        with progress_bar("sink-dims", len(texts), progress) as advance:
-            for text in texts:
-                ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens].to(device)
-                if ids.numel() == 0:
-                    advance(1)
-                    continue
-                out = model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-                if not out.attentions or any(a is None for a in out.attentions) or not out.hidden_states:
-                    raise RuntimeError(f"{type(model).__name__} returned no attention maps or hidden states")
-                count = ids.shape[1]
-                # [layers, tokens]: share of each layer's heads in which the token is a sink
-                share = torch.stack([(causal_column_mean(out.attentions[l].float())[0] > threshold).float().mean(0) for l in layers])
-                label = share >= head_fraction - 1e-9
-                positions = torch.arange(count, device=ids.device)
-                eligible = ((count - positions) >= min_queries) | (positions == 0)
-                x = torch.stack([out.hidden_states[l][0] for l in layers]).float()  # [layers, tokens, hidden]
-                z = (x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()).abs()
-                is_sink = (label & eligible).float()
-                is_ordinary = (~label & eligible).float()
-                sink_sum += torch.einsum("lt,ltd->ld", is_sink, z).double().cpu().numpy()
-                ordinary_sum += torch.einsum("lt,ltd->ld", is_ordinary, z).double().cpu().numpy()
-                sink_count += is_sink.sum(1).double().cpu().numpy()
-                ordinary_count += is_ordinary.sum(1).double().cpu().numpy()
-                top_values, top_indices = z[:, eligible].topk(keep, dim=-1)  # [layers, eligible, keep]
-                kept = positions[eligible]
-                values.append(top_values.reshape(-1, keep).cpu().numpy().astype(np.float32))
-                indices.append(top_indices.reshape(-1, keep).cpu().numpy().astype(np.int32))
-                labels.append(label[:, eligible].reshape(-1).cpu().numpy())
-                layer_of.append(np.repeat(np.arange(nl), len(kept)))
-                position_of.append(np.tile(kept.cpu().numpy(), nl))
-                token_ids = ids[0].tolist()
-                for position, layers_as_sink in zip(kept.tolist(), label[:, eligible].sum(0).tolist()):
-                    if position > 0 and layers_as_sink:
-                        later_sink_tokens[tokenizer.decode([token_ids[position]])] += int(layers_as_sink)
-                advance(1)
-    finally:
-        if original != "eager":
-            set_text_attention(model, original)
+    return {
+        "tokens": count,
+        "sink_tokens": list(sink_tokens.items()),
+        "sink_sum": torch.einsum("lt,ltd->ld", is_sink, z).double().cpu(),
+        "ordinary_sum": torch.einsum("lt,ltd->ld", is_ordinary, z).double().cpu(),
+        "sink_count": is_sink.sum(1).double().cpu(),
+        "ordinary_count": is_ordinary.sum(1).double().cpu(),
+        "values": top_values.reshape(-1, keep).cpu().float(),
+        "indices": top_indices.reshape(-1, keep).cpu().int(),
+        "labels": label[:, eligible].reshape(-1).cpu(),
+        "layer_of": torch.arange(nl).repeat_interleave(len(kept)),
+        "position_of": kept.cpu().repeat(nl),
+    }
 
-    if not values:
-        raise SinkDimsError("the tokenizer turned every text into no tokens; pass texts it can encode")
-    values_ = np.concatenate(values)
-    indices_ = np.concatenate(indices)
-    label_ = np.concatenate(labels).astype(bool)
-    layer_ = np.concatenate(layer_of)
-    position_ = np.concatenate(position_of)
-    sink_rows = np.flatnonzero(label_)
 
-    # ranking: hits of each dim among the per_token_top largest, massive values of every sink (layer, token)
-    hits = np.zeros((nl, hidden))
-    if sink_rows.size:
-        massive = values_[sink_rows, :per_token_top] ** 2 >= min_share * hidden
-        rows = np.repeat(layer_[sink_rows], per_token_top).reshape(-1, per_token_top)
-        np.add.at(hits, (rows[massive], indices_[sink_rows, :per_token_top][massive]), 1)
-    hit_rate = np.divide(hits, sink_count[:, None], out=np.zeros_like(hits), where=sink_count[:, None] > 0)
-    layers_with_sinks = int((sink_count > 0).sum())
-    score = hits.sum(0) / max(sink_count.sum(), 1)
+@dataclass
+class Statistics:
+    """The texts' statistics together: per-layer sums over sinks and other tokens, and one row per
+    eligible (layer, token) with its top values, their dims, its label, layer and position."""
+
+    sink_sum: np.ndarray
+    ordinary_sum: np.ndarray
+    sink_count: np.ndarray
+    ordinary_count: np.ndarray
+    values: np.ndarray
+    indices: np.ndarray
+    labels: np.ndarray
+    layer_of: np.ndarray
+    position_of: np.ndarray
+    sink_tokens: Counter[str]
+
+    @classmethod
+    def of(cls, units: list[dict[str, Any]], layers: int, hidden: int) -> Statistics:
+        if not units:
+            raise SinkDimsError("the tokenizer turned every text into no tokens; pass texts it can encode")
+        sums = {name: np.zeros((layers, hidden)) for name in ("sink_sum", "ordinary_sum")}
+        counts = {name: np.zeros(layers) for name in ("sink_count", "ordinary_count")}
+        sink_tokens: Counter[str] = Counter()
+        for unit in units:
+            for name, total in (*sums.items(), *counts.items()):
+                total += unit[name].numpy()
+            sink_tokens.update(dict(unit["sink_tokens"]))
+        rows = {
+            name: np.concatenate([unit[name].numpy() for unit in units])
+            for name in ("values", "indices", "labels", "layer_of", "position_of")
+        }
+        rows["labels"] = rows["labels"].astype(bool)
+        return cls(**sums, **counts, **rows, sink_tokens=sink_tokens)
+
+    def hits(self, config: SinkDimsConfig) -> np.ndarray:
+        """[layers, hidden]: how many of each layer's sinks a dim is a hit on (among the sink's
+        ``per_token_top`` largest values, and massive)."""
+        hits = np.zeros_like(self.sink_sum)
+        sink_rows = np.flatnonzero(self.labels)
+        top = config.per_token_top
+        if sink_rows.size:
+            massive = self.values[sink_rows, :top] ** 2 >= config.min_share * self.sink_sum.shape[1]
+            rows = np.repeat(self.layer_of[sink_rows], top).reshape(-1, top)
+            np.add.at(hits, (rows[massive], self.indices[sink_rows, :top][massive]), 1)
+        return hits
+
+    def sink_mean(self) -> np.ndarray:
+        return mean_per_layer(self.sink_sum, self.sink_count)
+
+    def ordinary_mean(self) -> np.ndarray:
+        return mean_per_layer(self.ordinary_sum, self.ordinary_count)
+
+
+def mean_per_layer(total: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """``total`` [layers, hidden] per unit of ``count`` [layers] (0 where the count is 0)."""
+    return np.divide(total, count[:, None], out=np.zeros_like(total), where=count[:, None] > 0)
+
+
+def choose_dims(stats: Statistics, hits: np.ndarray, config: SinkDimsConfig, keep: int) -> dict[str, Any]:
+    """Rank the dims by their ``hits``, choose the consistent best ``top`` and validate them against
+    the sinks: the artifact's fields other than its provenance."""
+    hit_rate = mean_per_layer(hits, stats.sink_count)
+    hidden = hits.shape[1]
+    layers_with_sinks = int((stats.sink_count > 0).sum())
+    score = hits.sum(0) / max(stats.sink_count.sum(), 1)
     layer_fraction = (hit_rate >= 0.5).sum(0) / max(layers_with_sinks, 1)
-    sink_mean = np.divide(sink_sum, sink_count[:, None], out=np.zeros_like(sink_sum), where=sink_count[:, None] > 0)
-    ordinary_mean = np.divide(ordinary_sum, ordinary_count[:, None], out=np.zeros_like(ordinary_sum), where=ordinary_count[:, None] > 0)
     order = np.lexsort((-layer_fraction, -score))  # by score, then layer fraction
     order = [int(d) for d in order if score[d] > 0] or [int(order[0])]
-    consistent = [d for d in order if layer_fraction[d] >= min_layer_fraction]
+    consistent = [d for d in order if layer_fraction[d] >= config.min_layer_fraction]
     notes: list[str] = []
-    dims = consistent[:top]
-    if not sink_rows.size:
+    dims = consistent[: config.top]
+    if not stats.labels.any():
         notes.append("no attention sinks found: no (layer, token) passes the column-mean test; dims are not meaningful")
     if not dims:
         dims = order[:1]
         notes.append(
-            f"no dim is a hit on most sinks in at least {min_layer_fraction:.0%} of the layers; "
+            f"no dim is a hit on most sinks in at least {config.min_layer_fraction:.0%} of the layers; "
             f"kept the best-scored dim {dims[0]} alone"
         )
-    elif len(consistent) < top:
-        notes.append(f"only {len(consistent)} dim(s) consistent across layers (asked for up to {top})")
-
+    elif len(consistent) < config.top:
+        notes.append(f"only {len(consistent)} dim(s) consistent across layers (asked for up to {config.top})")
+    tau = config.tau
     ceiling = math.sqrt(hidden)
     floor = math.sqrt(hidden / keep) if keep < hidden else 0.0
     if tau >= ceiling:
@@ -508,68 +614,69 @@ def find_sink_dims(
             f"tau {tau:g} >= sqrt(hidden_size) = {ceiling:.2f}, the largest value |x_d/rms(x)| can take: "
             "nothing can pass it; use the best tau"
         )
-    phi = _phi(values_, indices_, dims)
-    later = position_ > 0
-    validation = _metrics(tau, phi > tau, label_)
-    validation_later = _metrics(tau, phi[later] > tau, label_[later])
-    sweep, best_tau = _sweep(phi, label_, floor, ceiling)
-    best = _metrics(best_tau, phi > best_tau, label_)
-    tau_ok = validation.f1 >= best.f1 - TAU_SLACK
-
+    label = stats.labels
+    phi = _phi(stats.values, stats.indices, dims)
+    later = stats.position_of > 0
+    validation = _metrics(tau, phi > tau, label)
+    sweep, best_tau = _sweep(phi, label, floor, ceiling)
+    best = _metrics(best_tau, phi > best_tau, label)
     ranked = []
-    for d in order[: max(RANKED, top)]:
-        alone = _metrics(tau, _phi(values_, indices_, [d]) > tau, label_)
+    for d in order[: max(RANKED, config.top)]:
+        alone = _metrics(tau, _phi(stats.values, stats.indices, [d]) > tau, label)
         ranked.append(
             DimScore(
-                dim=d, score=round(float(score[d]), 4), layer_fraction=round(float(layer_fraction[d]), 4),
-                consistent=bool(layer_fraction[d] >= min_layer_fraction),
-                sink_mean=round(float(sink_sum[:, d].sum() / max(sink_count.sum(), 1)), 3),
-                ordinary_mean=round(float(ordinary_sum[:, d].sum() / max(ordinary_count.sum(), 1)), 3),
-                precision=alone.precision, recall=alone.recall, f1=alone.f1,
+                dim=d,
+                score=round(float(score[d]), 4),
+                layer_fraction=round(float(layer_fraction[d]), 4),
+                consistent=bool(layer_fraction[d] >= config.min_layer_fraction),
+                sink_mean=round(float(stats.sink_sum[:, d].sum() / max(stats.sink_count.sum(), 1)), 3),
+                ordinary_mean=round(float(stats.ordinary_sum[:, d].sum() / max(stats.ordinary_count.sum(), 1)), 3),
+                precision=alone.precision,
+                recall=alone.recall,
+                f1=alone.f1,
             )
         )
     shown = [r.dim for r in ranked]
     parameters = {
-        "top": top, "tau": tau, "threshold": threshold, "head_fraction": head_fraction,
-        "per_token_top": per_token_top, "min_share": min_share, "min_layer_fraction": min_layer_fraction, "min_queries": min_queries,
-        "first_layer": first_layer, "max_tokens": max_tokens,
+        **config.model_dump(exclude={"texts", "samples"}),
         "statistic": "phi = max_{d in dims} |x_d / rms(x)| on each layer's input hidden state (VAR)",
-        "sinks": f"(layer, token) with causal column mean > {threshold:g} in >= {head_fraction:g} of the layer's heads",
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "sinks": f"(layer, token) with causal column mean > {config.threshold:g} in >= {config.head_fraction:g} of the layer's heads",
     }
-    if data is None:
-        data = (
-            f"builtin: attnkit.probes.sink_dims.BUILTIN_TEXTS (first {len(texts)} of {len(BUILTIN_TEXTS)} English texts)"
-            if builtin else f"{len(texts)} texts passed by the caller"
-        )
-    artifact = SinkDimsArtifact(
-        attnkit_version=attnkit.__version__,
-        model_id=name or str(getattr(config, "_name_or_path", "") or type(model).__name__),
-        config_fingerprint=config_fingerprint(config),
+    return dict(
         parameters=parameters,
-        data=data,
-        samples=len(texts),
-        seed=None,  # deterministic: the first N texts, greedy forward passes
-        hidden_size=hidden,
-        layers=layers,
         dims=dims,
         tau=tau,
         validation=validation,
-        validation_later=validation_later,
+        validation_later=_metrics(tau, phi[later] > tau, label[later]),
         best=best,
-        tau_ok=tau_ok,
+        tau_ok=validation.f1 >= best.f1 - TAU_SLACK,
         ranked=ranked,
-        sink_instances=int(label_.sum()),
-        first_token_instances=int((label_ & ~later).sum()),
-        ordinary_instances=int((~label_).sum()),
-        sink_tokens=later_sink_tokens.most_common(10),
+        sink_instances=int(label.sum()),
+        first_token_instances=int((label & ~later).sum()),
+        ordinary_instances=int((~label).sum()),
+        sink_tokens=stats.sink_tokens.most_common(10),
         tau_sweep=sweep,
-        sink_mean=np.round(sink_mean[:, shown], 3).tolist(),
-        ordinary_mean=np.round(ordinary_mean[:, shown], 3).tolist(),
-        seconds=round(time.perf_counter() - started, 2),
+        sink_mean=np.round(stats.sink_mean()[:, shown], 3).tolist(),
+        ordinary_mean=np.round(stats.ordinary_mean()[:, shown], 3).tolist(),
         notes=notes,
     )
-    return SinkDimsResult(artifact, hit_rate, sink_mean, ordinary_mean)
+
+
+def find_sink_dims(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str] | None = None,
+    *,
+    name: str | None = None,
+    progress: bool = True,
+    **settings: Any,
+) -> SinkDimsResult:
+    """:func:`profile` on ``texts`` (None: :data:`BUILTIN_TEXTS`) with the settings
+    (:class:`SinkDimsConfig`'s fields; ``samples`` keeps the first N) as keywords; ``name`` labels
+    the artifact."""
+    config = make_config(SinkDimsConfig, SinkDimsError, **settings)
+    data = Texts() if texts is None else Texts(tuple(texts), builtin=False)
+    return profile(model, tokenizer, config, data, model_id=name or "", progress=progress)
 
 
 # ----------------------------------------------------------------------------- display
@@ -599,11 +706,19 @@ def summarize(a: SinkDimsArtifact) -> str:
     rows = [("dim", "score", "layers", "sink |x/rms|", "other |x/rms|", f"alone@{a.tau:g} P", "R", "")]
     for r in a.ranked[:8]:
         rows.append(
-            (str(r.dim), f"{r.score:.3f}", f"{r.layer_fraction:.2f}", f"{r.sink_mean:.2f}", f"{r.ordinary_mean:.2f}",
-             f"{r.precision:.3f}", f"{r.recall:.3f}", "chosen" if r.dim in a.dims else ("" if r.consistent else "-"))
+            (
+                str(r.dim),
+                f"{r.score:.3f}",
+                f"{r.layer_fraction:.2f}",
+                f"{r.sink_mean:.2f}",
+                f"{r.ordinary_mean:.2f}",
+                f"{r.precision:.3f}",
+                f"{r.recall:.3f}",
+                "chosen" if r.dim in a.dims else ("" if r.consistent else "-"),
+            )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.append(
         "(score: share of sinks on which the dim is among the largest and massive; layers: share of layers where it "
         "is on most sinks; '-': not consistent across layers; |x/rms|: means; P, R: phi > tau with the dim alone)"
@@ -621,7 +736,7 @@ def summarize(a: SinkDimsArtifact) -> str:
     return "\n".join(lines)
 
 
-def plot_sink_dims(a: SinkDimsArtifact, path: str | Path | None = None) -> "Figure":
+def plot_sink_dims(a: SinkDimsArtifact, path: str | Path | None = None) -> Figure:
     """(a) mean |x_d/rms| on sinks, layers x ranked dims (chosen dims starred); (b) the same on the
     other tokens, same color scale; (c) precision, recall and F1 of the chosen dims against tau."""
     from matplotlib.colors import Normalize
