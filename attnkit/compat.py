@@ -14,7 +14,9 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import transformers
@@ -39,7 +41,9 @@ __all__ = [
     "DynamicCache",
     "DynamicLayer",
     "FLOOR",
+    "Rotary",
     "TransformersChanged",
+    "apply_rotary_pos_emb",
     "attn_implementation",
     "cache_argument",
     "cache_keyword",
@@ -48,6 +52,7 @@ __all__ = [
     "gguf_dequantized",
     "eager_attention_forward",
     "output_cache",
+    "rotary",
     "sdpa_mask",
     "set_attn_implementation",
     "version",
@@ -82,13 +87,15 @@ def cache_keyword(model: torch.nn.Module) -> str:
     return _cache_keyword(type(model))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_keyword(model_class: type) -> str:
     parameters = inspect.signature(model_class.forward).parameters
     for name in CACHE_KEYWORDS:
         if name in parameters:
             return name
-    raise TransformersChanged(f"{model_class.__name__}.forward takes none of {', '.join(CACHE_KEYWORDS)} for its KV cache")
+    raise TransformersChanged(
+        f"{model_class.__name__}.forward takes none of {', '.join(CACHE_KEYWORDS)} for its KV cache"
+    )
 
 
 def cache_argument(model: torch.nn.Module, cache: Cache | None) -> dict[str, Any]:
@@ -107,7 +114,9 @@ def call_cache(kwargs: dict[str, Any]) -> Cache | None:
             return kwargs[name]
     strays = [name for name, value in kwargs.items() if isinstance(value, Cache)]
     if strays:
-        raise TransformersChanged(f"the model was called with its KV cache under {strays[0]!r}, a keyword attnkit does not know")
+        raise TransformersChanged(
+            f"the model was called with its KV cache under {strays[0]!r}, a keyword attnkit does not know"
+        )
     return None
 
 
@@ -129,11 +138,89 @@ def eager_attention_forward(module: torch.nn.Module) -> Callable[..., Any]:
     return function
 
 
-def causal_mask(config: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
-                position_ids: torch.Tensor | None, cache: Cache | None = None) -> Any:
+def apply_rotary_pos_emb(module: torch.nn.Module) -> Callable[..., Any] | None:
+    """The modeling file's own RoPE application ``(q, k, cos, sin) -> (q, k)``; None where the file
+    rotates some other way (Llama 4's complex ``apply_rotary_emb``, multimodal rope)."""
+    return getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None)
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """The rotary embedding a layer's queries and keys are rotated with: the model's own module
+    (one per decoder), and the layer type it is called with where it keeps one set of frequencies
+    per layer type (Gemma 3: local and global bases)."""
+
+    module: torch.nn.Module
+    layer_type: str | None = None
+
+    def __call__(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [batch, n, rotary dims] in ``x``'s dtype for ``position_ids`` [batch, n], as the
+        decoder computes the position embeddings it hands the layer (scaled variants included: yarn
+        and longrope multiply both by their attention factor; partial rotary gives fewer dims)."""
+        if self.layer_type is None:
+            return self.module(x, position_ids)
+        return self.module(x, position_ids, self.layer_type)
+
+
+def rotary(model: torch.nn.Module, attention: torch.nn.Module) -> Rotary:
+    """The rotary embedding of the layer whose attention module is ``attention``.
+
+    transformers 5.17 through 5.24 compute cos and sin once per forward in the decoder's
+    ``rotary_emb`` and hand them to every layer; Gemma 3's module takes the layer type
+    (``config.layer_types[i]``) as a third argument and keeps one frequency set per type (5.17
+    multiplies the frequencies by a matmul, 5.24 by broadcasting; the values agree). Raises
+    ValueError, naming why, for a layer that rotates nothing: a model without RoPE (GraniteMoeHybrid
+    with ``position_embedding_type`` unset), a NoPE layer (SmolLM3's, Llama 4's ``no_rope_layers``),
+    or dynamic NTK RoPE, which re-scales every position with the sequence length.
+    """
+    config, layer = attention.config, attention.layer_idx
+    name = type(model).__name__
+    if not getattr(attention, "use_rope", True):
+        raise ValueError(
+            f"layer {layer} of {name} applies no rotary position embedding (RoPE): it is a NoPE layer "
+            "(config.no_rope_layers); leave it out of the positions stage"
+        )
+    module = _rotary_module(model, config)
+    if module is None:
+        raise ValueError(
+            f"{name} has no rotary position embedding (RoPE): the positions stage re-rotates queries "
+            "and keys, so it needs a model that rotates them"
+        )
+    takes_type = "layer_type" in inspect.signature(module.forward).parameters
+    layer_type = config.layer_types[layer] if takes_type else None
+    rope_types = getattr(module, "rope_type", None)
+    rope_type = rope_types.get(layer_type) if isinstance(rope_types, dict) else rope_types
+    if rope_type == "dynamic":
+        raise ValueError(
+            f"{name} uses dynamic NTK RoPE, whose rotation of a position changes with the sequence "
+            "length: a cached key cannot be re-positioned exactly"
+        )
+    return Rotary(module, layer_type)
+
+
+def _rotary_module(model: torch.nn.Module, config: Any) -> torch.nn.Module | None:
+    """The decoder's ``rotary_emb`` (None where it has none, as GraniteMoeHybrid without RoPE)."""
+    for module in model.modules():
+        if getattr(module, "config", None) is config and getattr(module, "rotary_emb", None) is not None:
+            return module.rotary_emb
+    return None
+
+
+def causal_mask(
+    config: Any,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    cache: Cache | None = None,
+) -> Any:
     """The mask the decoder builds for its full-attention layers (``masking_utils.create_causal_mask``)."""
-    return _create_causal_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                               position_ids=position_ids, **{_CAUSAL_MASK_CACHE: cache})
+    return _create_causal_mask(
+        config=config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        **{_CAUSAL_MASK_CACHE: cache},
+    )
 
 
 _CAUSAL_MASK_CACHE = next(name for name in CACHE_KEYWORDS if name in inspect.signature(_create_causal_mask).parameters)

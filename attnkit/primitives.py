@@ -1,4 +1,4 @@
-"""Attention primitives every path shares, written once: masks, ``repeat_kv``, logits, dtypes.
+"""Attention primitives every path shares, written once: masks, ``repeat_kv``, logits, dtypes, RoPE.
 
 The engine, the methods and the profilers all build masks and logits; keeping them here means a
 fix (masked entries that stay finite in every dtype, say) holds everywhere at once. This module
@@ -73,6 +73,34 @@ def logits(query: torch.Tensor, key: torch.Tensor, scaling: float, softcap: floa
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     return scores
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the halves of the last dim: the pairing of transformers' RoPE."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as transformers applies it: ``x·cos + rotate_half(x)·sin`` on the first
+    ``cos.shape[-1]`` dims of ``x`` [..., n, head_dim] (partial rotary: the rest pass unrotated);
+    cos and sin [..., n, rotary dims] broadcast against ``x``."""
+    dims = cos.shape[-1]
+    if dims == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    turned = x[..., :dims]
+    return torch.cat((turned * cos + rotate_half(turned) * sin, x[..., dims:]), dim=-1)
+
+
+def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The exact inverse of :func:`rotate` with the same cos and sin:
+    ``(x·cos − rotate_half(x)·sin) / (cos² + sin²)``.
+
+    yarn and longrope multiply cos and sin by an attention factor s, so cos² + sin² = s²; dividing
+    by it makes un-rotating then rotating exact for every variant without knowing s.
+    """
+    norm = cos * cos + sin * sin
+    return rotate(x, cos / norm, -sin / norm)
 
 
 def layer_window(config: Any, layer: int) -> int | None:

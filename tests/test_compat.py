@@ -9,6 +9,8 @@ import warnings
 import pytest
 import torch
 from packaging.version import Version
+from transformers import AutoModelForCausalLM, GraniteMoeHybridConfig, SmolLM3Config
+from transformers.models.llama import modeling_llama
 
 from attnkit import compat
 from tests.factory import tiny_config, tiny_inputs, tiny_model
@@ -101,8 +103,9 @@ def test_sdpa_mask_and_causal_mask_keep_padding_out():
     assert mask.shape == (1, 1, 5, 5)
     keep = mask == 0
     assert not keep[0, 0, 4, :2].any() and keep[0, 0, 4, 2:].all() and not keep[0, 0, 2, 3]
-    boolean = compat.sdpa_mask(batch_size=1, q_length=5, kv_length=5, attention_mask=padding.bool(),
-                               allow_is_causal_skip=False)
+    boolean = compat.sdpa_mask(
+        batch_size=1, q_length=5, kv_length=5, attention_mask=padding.bool(), allow_is_causal_skip=False
+    )
     assert torch.equal(boolean[0, 0, 4], torch.tensor([False, False, True, True, True]))
 
 
@@ -120,8 +123,9 @@ def test_attn_implementation_of_a_sub_config():
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     text = tiny_config("llama-gqa")
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=28, patch_size=14)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
     model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=5))
     model.set_attn_implementation("sdpa")
     text_config = model.config.get_text_config()
@@ -143,7 +147,10 @@ def test_the_floor_is_one_number_in_pyproject_ci_and_compat():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    assert f'"transformers>={Version(compat.FLOOR).base_version.rsplit(".", 1)[0]}"' in (root / "pyproject.toml").read_text()
+    assert (
+        f'"transformers>={Version(compat.FLOOR).base_version.rsplit(".", 1)[0]}"'
+        in (root / "pyproject.toml").read_text()
+    )
     assert f"ATTNKIT_TRANSFORMERS=transformers=={compat.FLOOR}" in (root / ".ci/run").read_text()
 
 
@@ -156,3 +163,66 @@ def test_compressed_layer_implements_every_cache_layer_method():
     plain = {name for name, value in vars(compat.DynamicLayer).items() if callable(value) and not name.startswith("_")}
     ours = {name for name, value in vars(CompressedLayer).items() if callable(value)}
     assert plain <= ours, f"CompressedLayer lacks {sorted(plain - ours)}"
+
+
+YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 64}
+LONGROPE = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8, "long_factor": [1.5] * 8}
+ROTARY_VARIANTS = {
+    "llama": ("llama-gqa", {}),
+    "gemma3": ("gemma3-gqa", {}),  # sliding layers rotate with a local base, the full one a global base
+    "phi3-partial": ("phi3-mha", {"partial_rotary_factor": 0.5}),
+    "yarn": ("llama-gqa", {"rope_parameters": YARN}),
+    "longrope": ("phi3-mha", {"rope_parameters": LONGROPE, "original_max_position_embeddings": 64}),
+}
+
+
+@pytest.mark.parametrize("variant", ROTARY_VARIANTS)
+def test_rotary_gives_the_cos_and_sin_the_decoder_hands_each_layer(variant):
+    arch, overrides = ROTARY_VARIANTS[variant]
+    model = tiny_model(arch, **overrides)
+    handed = {}
+
+    def capture(module, args, kwargs):
+        handed[module.layer_idx] = kwargs["position_embeddings"]
+
+    attentions = [layer.self_attn for layer in model.model.layers]
+    for attention in attentions:
+        attention.register_forward_pre_hook(capture, with_kwargs=True)
+    positions = torch.tensor([[3, 0, 90, 7, 41, 12]])  # past longrope's 64: its long factors
+    with torch.no_grad():
+        model(**tiny_inputs(model, length=6), position_ids=positions)
+    for attention in attentions:
+        rotary = compat.rotary(model, attention)
+        cos, sin = rotary(torch.zeros(1), positions)
+        assert torch.equal(cos, handed[attention.layer_idx][0]) and torch.equal(sin, handed[attention.layer_idx][1])
+    if arch == "gemma3-gqa":
+        types = [compat.rotary(model, attention).layer_type for attention in attentions]
+        assert types == ["sliding_attention", "sliding_attention", "full_attention"]
+    if variant == "phi3-partial":
+        assert cos.shape[-1] == model.config.hidden_size // model.config.num_attention_heads // 2
+    if variant in ("yarn", "longrope"):
+        assert (cos**2 + sin**2).min() > 1.1  # the attention factor, squared
+
+
+def test_rotary_refuses_a_layer_that_rotates_nothing():
+    tiny = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    granite = GraniteMoeHybridConfig(**tiny, layer_types=["attention"] * 2, num_local_experts=2, num_experts_per_tok=1)
+    granite = AutoModelForCausalLM.from_config(granite)
+    with pytest.raises(ValueError, match="GraniteMoeHybridForCausalLM has no rotary position embedding"):
+        compat.rotary(granite, granite.model.layers[0].self_attn)
+    smol = AutoModelForCausalLM.from_config(SmolLM3Config(**tiny, no_rope_layers=[1, 0], pad_token_id=0))
+    assert compat.rotary(smol, smol.model.layers[0].self_attn).layer_type is None
+    with pytest.raises(ValueError, match="layer 1 of SmolLM3ForCausalLM applies no rotary.*NoPE layer"):
+        compat.rotary(smol, smol.model.layers[1].self_attn)
+    dynamic = tiny_model("llama-gqa", rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0})
+    with pytest.raises(ValueError, match="dynamic NTK RoPE"):
+        compat.rotary(dynamic, dynamic.model.layers[0].self_attn)
+
+
+def test_apply_rotary_pos_emb_is_the_modeling_files_own(model):
+    assert compat.apply_rotary_pos_emb(model.model.layers[0].self_attn) is modeling_llama.apply_rotary_pos_emb
+
+    class Stray(torch.nn.Module):
+        pass
+
+    assert compat.apply_rotary_pos_emb(Stray()) is None

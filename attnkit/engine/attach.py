@@ -15,6 +15,7 @@ from attnkit.engine.plan import (
     OutputEdit,
     ScoreEdit,
 )
+from attnkit.engine.positions import PositionsFn, position_stage
 from attnkit.engine.state import CallState
 from attnkit.heads import HeadSet, HeadSetSpec, ModelShape, resolve_heads, text_config
 
@@ -135,3 +136,13 @@ class Attachment:
     def begin_call(self, fn: Callable[[CallState], None]) -> None:
         """Called at the start of every forward call with its fresh state."""
         self.begin_call_fns.append(fn)
+
+    def positions(self, layer: int, fn: PositionsFn) -> None:
+        """Say where ``layer``'s queries and keys are rotated: ``fn(call)`` returns a
+        :class:`~attnkit.engine.positions.Repositioning` (query groups, each with its rows, query
+        positions and key positions) or None to leave the call alone; the engine re-rotates them
+        with the model's own rotary. Refused for a layer without RoPE. One positions hook per layer."""
+        plan = self._layer(layer)
+        if plan.positions is not None:
+            raise ValueError(f"layer {layer} already has a positions method; use one positions method per layer")
+        plan.positions = position_stage(self.model, self.modules[layer], fn, self.shape.head_dim)

@@ -3,13 +3,15 @@
 Both dispatch through a plan looked up by the attention module's config: layers no method
 touches call the model's own backend (sdpa, eager, flash) with exactly the arguments they were
 given, so they stay bit-identical and fast. Touched layers run their stages in the fixed order
-that ``docs/architecture.md`` tabulates: decode-step reads -> scores -> score edits -> softmax ->
-probability edits -> values -> output corrections -> KV compression.
+that ``docs/architecture.md`` tabulates: decode-step reads -> scores (re-positioned where a
+positions stage asks) -> score edits -> softmax -> probability edits -> values -> output
+corrections -> KV compression.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -77,7 +79,10 @@ def attnkit_attention(
     backend = plan.backend or compat.eager_attention_forward(module)
     compressed = state.sequence.get("kv", {}).get(module.layer_idx) if state is not None else None
     compressing = layer is not None and layer.compressor is not None and state is not None and state.phase == "prefill"
-    if compressed is None and (layer is None or not (layer.needs_eager or decoding or layer.output_edits or compressing)):
+    touched = layer is not None and (
+        layer.needs_eager or decoding or layer.output_edits or compressing or layer.positions is not None
+    )
+    if compressed is None and not touched:
         return backend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -86,12 +91,15 @@ def attnkit_attention(
     )
     if compressed is not None:
         return attend(call, compressed, backend, **kwargs), None
-    if decoding or layer.needs_eager:
+    if decoding or layer.needs_eager or layer.positions is not None:
         call.mask = additive_mask(attention_mask, query, key)
     if decoding:
         for step in layer.decode_steps:
             call = step(call)
-    if layer.needs_eager:
+    scores = layer.positions.logits(call) if layer.positions is not None else None
+    if scores is not None:
+        output, weights = edited_attention(call, layer, scores)
+    elif layer.needs_eager:
         output, weights = edited_attention(call, layer)
     else:
         mask = call.mask if decoding else attention_mask
@@ -114,10 +122,14 @@ def compress(call: AttentionCall, compressor: Callable[[AttentionCall, Any], Any
         call.state.sequence.setdefault("kv", {})[index] = smaller
 
 
-def edited_attention(call: AttentionCall, layer: LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager attention with the layer's score and probability edits; softmax in float32."""
+def edited_attention(
+    call: AttentionCall, layer: LayerPlan, scores: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention with the layer's score and probability edits; softmax in float32. ``scores``:
+    the unmasked logits where a positions stage computed them, else computed here."""
     groups = call.query.shape[1] // call.key.shape[1]
-    scores = call.logits(call.query, repeat_kv(call.key, groups))
+    if scores is None:
+        scores = call.logits(call.query, repeat_kv(call.key, groups))
     if call.mask is not None:
         scores = scores + call.mask
     for edit in layer.score_edits:

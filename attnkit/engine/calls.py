@@ -11,7 +11,7 @@ from transformers import DynamicCache
 from attnkit import compat
 from attnkit.engine.attach import Attachment
 from attnkit.engine.plan import ModelPlan
-from attnkit.engine.state import CallState, Phase
+from attnkit.engine.state import CallState, Phase, append_tokens
 from attnkit.heads import text_config
 from attnkit.stats import Stats
 
@@ -24,18 +24,31 @@ class CallTracker:
         self.sequences: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
         self.verified: set[Phase] = set()
         self.keyword = compat.cache_keyword(at.model)
+        self.keeps_positions = any(layer.positions is not None for layer in plan.layers.values())
+        """Whether a positions stage reads the positions of cached keys (kept only then: a decode
+        step of a model without one should not pay for growing them)."""
 
     def begin(
-        self, query_length: int, attention_mask: torch.Tensor | None, cache: Any = None, input_ids: Any = None
+        self,
+        query_length: int,
+        attention_mask: torch.Tensor | None,
+        cache: Any = None,
+        inputs: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> CallState:
+        """Begin a call of ``query_length`` tokens: ``inputs`` are its ids or embeddings,
+        ``position_ids`` the forward's own where it was given them."""
         past = cache.get_seq_length() if cache is not None else 0
         phase: Phase = "prefill" if past == 0 else ("decode" if query_length == 1 else "extend")
-        ids = input_ids if isinstance(input_ids, torch.Tensor) else None
-        state = CallState(phase, past, query_length, attention_mask, ids, cache=cache)
+        ids = inputs if isinstance(inputs, torch.Tensor) and not inputs.is_floating_point() else None
+        positions = call_positions(position_ids, past, query_length, inputs if inputs is not None else attention_mask)
+        state = CallState(phase, past, query_length, attention_mask, ids, positions, cache=cache)
         if cache is not None:
             if phase == "prefill" or cache not in self.sequences:
                 self.sequences[cache] = {}
             state.sequence = self.sequences[cache]
+        if positions is not None and self.keeps_positions:
+            state.sequence["positions"] = append_tokens(state.key_positions, positions)
         self.plan.state = state
         self.plan.calls += 1
         for stats in self.stats:
@@ -71,10 +84,15 @@ class CallTracker:
             self.verified.add(state.phase)
 
     def end(self, cache: Any = None) -> None:
+        """End the call; ``cache`` is the one the model returned. A cache the model made itself
+        takes on the call's sequence space, so a next call given that cache continues it."""
         state = self.plan.state
-        if state is not None and state.phase == "prefill" and cache is not None:
-            for fn in self.at.post_prefill_fns:
-                fn(cache, state)
+        if state is not None and cache is not None:
+            if state.cache is None:
+                self.sequences[cache] = state.sequence
+            if state.phase == "prefill":
+                for fn in self.at.post_prefill_fns:
+                    fn(cache, state)
         self.plan.state = None
 
     @staticmethod
@@ -89,14 +107,15 @@ class CallTracker:
 
         def before(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             ids = kwargs.get("input_ids", args[0] if args else None)
-            query_length = (ids if ids is not None else kwargs.get("inputs_embeds")).shape[1]
+            inputs = ids if ids is not None else kwargs.get("inputs_embeds")
+            query_length = inputs.shape[1]
             cache = compat.call_cache(kwargs)
             if compresses and cache is None and self.wants_cache(model, kwargs):
                 # The model would make its cache inside; KV methods need to see it, so make it here.
                 for name in compat.CACHE_KEYWORDS:
                     kwargs.pop(name, None)
                 cache = kwargs[self.keyword] = DynamicCache(config=text_config(model.config))
-            self.begin(query_length, kwargs.get("attention_mask"), cache, ids)
+            self.begin(query_length, kwargs.get("attention_mask"), cache, inputs, kwargs.get("position_ids"))
             return args, kwargs
 
         def after(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -108,3 +127,18 @@ class CallTracker:
             model.register_forward_pre_hook(before, with_kwargs=True),
             model.register_forward_hook(after, with_kwargs=True),
         ]
+
+
+def call_positions(
+    position_ids: torch.Tensor | None, past: int, query_length: int, like: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The positions a call's tokens are rotated at, [batch, query] with the batch of ``like`` (the
+    call's inputs or padding mask): the forward's ``position_ids`` where given, else the decoder's
+    default ``past + arange(query_length)``. None for position ids of another shape (multimodal
+    rope's [3, batch, query]), which are not one position per token."""
+    batch, device = (like.shape[0], like.device) if like is not None else (1, None)
+    if position_ids is None:
+        position_ids = torch.arange(past, past + query_length, device=device)
+    elif position_ids.dim() > 2:
+        return None
+    return position_ids.expand(batch, query_length)

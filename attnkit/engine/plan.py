@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from attnkit.engine.state import CallState
 from attnkit.primitives import logits
+
+if TYPE_CHECKING:
+    from attnkit.engine.positions import PositionStage
 
 ScoreEdit = Callable[[torch.Tensor, "AttentionCall"], torch.Tensor]
 """(scores or probabilities [batch, heads, queries, keys], call) -> edited tensor of the same shape."""
@@ -51,6 +55,8 @@ class LayerPlan:
     output_edits: list[OutputEdit] = field(default_factory=list)
     compressor: Callable[[AttentionCall, Any], Any] | None = None
     """After this layer's prefill attention: (call, its cache layer) -> a compressed layer or None."""
+    positions: PositionStage | None = None
+    """Where this layer's queries and keys are rotated (:mod:`.positions`), or None to leave them."""
 
     @property
     def needs_eager(self) -> bool:
@@ -86,6 +92,8 @@ def plan_for(config: Any) -> ModelPlan:
 def check_plan(plan: ModelPlan) -> None:
     """Refuse combinations the engine cannot run exactly (named, with the fix)."""
     for index, layer in sorted(plan.layers.items()):
+        if layer.positions is not None:
+            check_positions(index, layer, plan.backend_name)
         if layer.compressor is None:
             continue
         if "flash" in plan.backend_name:
@@ -99,3 +107,20 @@ def check_plan(plan: ModelPlan) -> None:
                 "act on the same layer; this combination is not supported yet, restrict one method's heads "
                 "or layers so they do not overlap"
             )
+
+
+def check_positions(index: int, layer: LayerPlan, backend_name: str) -> None:
+    """A positions stage computes the layer's logits itself from re-rotated queries and keys: it
+    needs 4-D masks, and a stage that reads or corrects the backend's own attention on that layer
+    (KV compression, decode-step reads, ACT's fast output correction) would see the wrong one."""
+    if "flash" in backend_name:
+        raise ValueError(
+            f"the positions stage reads 4-D masks, which {backend_name} cannot give; "
+            "load the model with attn_implementation='sdpa' or 'eager'"
+        )
+    if layer.compressor is not None or layer.decode_steps or layer.output_edits:
+        raise ValueError(
+            f"layer {index}: a positions method (re-positioning queries and keys) and a KV-compression, decode-step "
+            "or output-correction method (ACT's fast path; use path='eager') act on the same layer; this combination "
+            "is not supported, restrict one method's layers so they do not overlap"
+        )

@@ -1,4 +1,4 @@
-"""The state of one forward call: its phase read from the cache, its padding, space for methods."""
+"""The state of one forward call: its phase read from the cache, its padding and positions, space for methods."""
 
 from __future__ import annotations
 
@@ -21,14 +21,42 @@ class CallState:
     """The caller's 2-D padding mask [batch, past + query] (1 = token, 0 = padding), if given."""
     input_ids: torch.Tensor | None = None
     """The call's token ids [batch, query], when it was given ids rather than embeddings."""
+    positions: torch.Tensor | None = None
+    """The position ids the model rotates the call's tokens at [batch, query]: the forward's
+    ``position_ids`` where given (generate passes them, counting only real tokens of a left-padded
+    batch), else ``past_length + arange(query_length)`` as the decoder makes them. None where the
+    model takes position ids of another shape (multimodal rope's [3, batch, query])."""
     scratch: dict[str, Any] = field(default_factory=dict)
     """Per-call space for methods, keyed by method label."""
     cache: Any = None
     """The call's KV cache object, if it was given one."""
     sequence: dict[str, Any] = field(default_factory=dict)
     """Space that lives as long as the call's cache: what prefill found (sinks, say) for decode
-    steps to reuse. Fresh at every prefill; a call without a cache gets a fresh one too."""
+    steps to reuse. Fresh at every prefill; a call without a cache gets a fresh one too, which the
+    cache the model makes for it (``use_cache=True``) takes on for the calls that continue it."""
 
     @property
     def total_length(self) -> int:
         return self.past_length + self.query_length
+
+    @property
+    def key_positions(self) -> torch.Tensor | None:
+        """[batch, tokens]: the position every token of the sequence was rotated at, the cached ones
+        (from earlier calls on this cache) then this call's; a layer's keys are its last ones (a
+        sliding-window layer keeps fewer). Appended at every call while a positions stage is
+        attached (None otherwise), so a decode step knows where the keys it reads were rotated."""
+        return self.sequence.get("positions")
+
+
+def append_tokens(held: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """``held`` [batch, tokens, ...] then ``new``, along the tokens: what a cache holds, kept beside
+    it. A cache whose batch grew since (``Cache.batch_repeat_interleave``, each row repeated: the
+    conflict task's shared prefix) has its rows repeated alike; after any other change of batch the
+    held tokens are dropped, and a stage that needs them says so."""
+    if held is None:
+        return new
+    if held.shape[0] != new.shape[0]:
+        if new.shape[0] % held.shape[0]:
+            return new
+        held = held.repeat_interleave(new.shape[0] // held.shape[0], dim=0)
+    return torch.cat((held, new), dim=1)
