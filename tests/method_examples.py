@@ -18,9 +18,10 @@ import functools
 import json
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -153,7 +154,8 @@ _ARTIFACTS: list[tempfile.TemporaryDirectory] = []
 @functools.cache
 def conflict_heads() -> str:
     """A conflict-heads artifact for the tiny llama-gqa, profiled as tests/test_ph3.py does it."""
-    from attnkit.probes.conflict_heads import profile_conflict_heads
+    from attnkit.probes.configs import ConflictHeadsConfig
+    from attnkit.probes.conflict_heads import profile
     from tests.test_ph3 import MERGES, conflict_rows, write
     from tests.test_tasks import char_tokenizer
 
@@ -162,8 +164,14 @@ def conflict_heads() -> str:
     root = Path(folder.name)
     data = write(root / "conflict.jsonl", conflict_rows(12, relations=True))
     path = root / "conflict.json"
-    profile_conflict_heads(tiny_model("llama-gqa"), char_tokenizer(merges=MERGES), data, model_id="tiny",
-                           output=path, progress=False)
+    profile(
+        tiny_model("llama-gqa"),
+        char_tokenizer(merges=MERGES),
+        ConflictHeadsConfig(data=data),
+        model_id="tiny",
+        output=path,
+        progress=False,
+    )
     return str(path)
 
 

@@ -9,7 +9,8 @@ import attnkit
 from attnkit.heads import ModelShape, resolve_heads
 from attnkit.methods import ACT
 from attnkit.probes import act_heads
-from attnkit.probes.act_heads import last_logits, make_batches, profile_act_heads, tail_supported
+from attnkit.probes.act_heads import last_logits, make_batches, tail_supported
+from attnkit.probes.configs import ActHeadsConfig
 from tests.factory import tiny_model
 from tests.test_tasks import char_tokenizer
 
@@ -47,16 +48,12 @@ def test_layer_tail_equals_the_whole_model(setup):
 def test_profile_selects_heads_that_beat_the_baseline_and_resumes(setup, tmp_path, monkeypatch):
     model, tokenizer, data = setup
     out = tmp_path / "heads.json"
-    artifact = profile_act_heads(
+    artifact = act_heads.profile(
         model,
         tokenizer,
-        data,
+        ActHeadsConfig(data=data, limit=12, threshold=0.05, fine_layers=2, batch_size=5),
         model_id="tiny",
         output=out,
-        limit=12,
-        threshold=0.05,
-        fine_layers=2,
-        batch_size=5,
         progress=False,
     )
     params = artifact.parameters
@@ -71,16 +68,12 @@ def test_profile_selects_heads_that_beat_the_baseline_and_resumes(setup, tmp_pat
                 assert artifact.scores[layer][head] <= 0
     # a second run reads every score from the progress file and evaluates nothing
     monkeypatch.setattr(act_heads.attnkit, "apply", lambda *a, **k: pytest.fail("re-evaluated a finished candidate"))
-    again = profile_act_heads(
+    again = act_heads.profile(
         model,
         tokenizer,
-        data,
+        ActHeadsConfig(data=data, limit=12, threshold=0.05, fine_layers=2, batch_size=5),
         model_id="tiny",
         output=out,
-        limit=12,
-        threshold=0.05,
-        fine_layers=2,
-        batch_size=5,
         progress=False,
     )
     assert again.scores == artifact.scores and again.selected == artifact.selected
@@ -92,16 +85,12 @@ def test_profile_selects_heads_that_beat_the_baseline_and_resumes(setup, tmp_pat
 
 def test_single_head_scores_equal_a_direct_evaluation(setup, tmp_path):
     model, tokenizer, data = setup
-    artifact = profile_act_heads(
+    artifact = act_heads.profile(
         model,
         tokenizer,
-        data,
+        ActHeadsConfig(data=data, limit=12, threshold=0.05, search="full", batch_size=4),
         model_id="tiny",
         output=tmp_path / "h.json",
-        limit=12,
-        threshold=0.05,
-        search="full",
-        batch_size=4,
         progress=False,
     )
     from attnkit.recipe.tasks import ChoiceTask

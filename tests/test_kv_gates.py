@@ -17,9 +17,11 @@ from attnkit.engine.plan import AttentionCall
 from attnkit.engine.state import CallState
 from attnkit.methods import Razor
 from attnkit.primitives import causal_keep, last_queries, repeat_kv
+from attnkit.probes import kv_gates
 from attnkit.probes.configs import KVGatesConfig
-from attnkit.probes.kv_gates import Gates, KVGatesError, profile_kv_gates
+from attnkit.probes.kv_gates import Gates, KVGatesError
 from attnkit.probes.razor_heads import top_count
+from attnkit.probes.retrieval_heads import NeedleData
 from tests.factory import single_threaded, tiny_model
 from tests.test_kv_profilers import HAY, NEEDLES
 from tests.test_tasks import char_tokenizer
@@ -125,9 +127,10 @@ def test_profile_trains_gates_selects_the_top_and_restores_the_model(model, toke
     before = model(input_ids=ids).logits
     grads = [p.requires_grad for p in model.parameters()]
     out = tmp_path / "gates.json"
-    artifact = profile_kv_gates(model, tokenizer, HAY, model_id="tiny", output=out, lengths=[100], depths=[0.2, 0.8],
-                                needles=NEEDLES, sink=2, local=8, ratio=None, fraction=0.25, steps=3, reply_tokens=6,
-                                min_recall=-1.0, chat=False, progress=False)  # fmt: skip
+    config = KVGatesConfig(lengths=[100], depths=[0.2, 0.8], sink=2, local=8, ratio=None, fraction=0.25, steps=3,
+                           reply_tokens=6, min_recall=-1.0, chat=False)  # fmt: skip
+    artifact = kv_gates.profile(model, tokenizer, config, NeedleData(HAY, tuple(NEEDLES)), model_id="tiny", output=out,
+                                progress=False)  # fmt: skip
     assert model.config._attn_implementation == "sdpa" and [p.requires_grad for p in model.parameters()] == grads
     torch.testing.assert_close(model(input_ids=ids).logits, before, atol=0, rtol=0)
     assert artifact.method == "kv-gates" and artifact.level == "kv" and artifact.samples == 2
@@ -157,8 +160,8 @@ def test_profile_trains_gates_selects_the_top_and_restores_the_model(model, toke
 )
 def test_profile_errors(model, tokenizer, kwargs, message):
     with pytest.raises(KVGatesError, match=message):
-        profile_kv_gates(model, tokenizer, HAY, model_id="tiny", needles=NEEDLES, chat=False, progress=False,
-                         **{"lengths": [100], "depths": [0.5], **kwargs})  # fmt: skip
+        kv_gates.profile(model, tokenizer, KVGatesConfig(chat=False, **{"lengths": [100], "depths": [0.5], **kwargs}),
+                         NeedleData(HAY, tuple(NEEDLES)), model_id="tiny", progress=False)  # fmt: skip
 
 
 def test_cli_profile_kv_gates(fake_load, tmp_path):

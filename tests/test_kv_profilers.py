@@ -12,11 +12,12 @@ from typer.testing import CliRunner
 
 from attnkit.cli import app
 from attnkit.heads import HeadArtifact, ModelShape, resolve_heads
+from attnkit.probes import razor_heads
+from attnkit.probes.configs import RazorHeadsConfig, RetrievalHeadsConfig, make_config
 from attnkit.probes.razor_heads import (
     RazorProfileError,
     echo_induction,
     kv_max,
-    profile_razor_heads,
     razor_input,
     top_count,
     top_union,
@@ -143,15 +144,12 @@ def test_razor_input_errors(tokenizer, model, kwargs, message):
 
 def test_razor_profile_matches_a_float64_loop_on_a_tiny_model(model, tokenizer, tmp_path):
     block, repeats = 16, 3
-    artifact = profile_razor_heads(
+    artifact = razor_heads.profile(
         model,
         tokenizer,
+        RazorHeadsConfig(block=block, repeats=repeats, induction_ratio=0.34, echo_ratio=0.17),
         model_id="tiny",
         output=tmp_path / "r.json",
-        block=block,
-        repeats=repeats,
-        induction_ratio=0.34,
-        echo_ratio=0.17,
         progress=False,
     )
     assert model.config._attn_implementation == "sdpa", "eager only while profiling"
@@ -185,7 +183,9 @@ def test_razor_profile_matches_a_float64_loop_on_a_tiny_model(model, tokenizer, 
 
 def test_razor_profile_rejects_bad_ratios(model, tokenizer):
     with pytest.raises(RazorProfileError, match="induction_ratio=1.5: use a fraction"):
-        profile_razor_heads(model, tokenizer, model_id="tiny", block=8, repeats=2, induction_ratio=1.5, progress=False)
+        razor_heads.profile(
+            model, tokenizer, RazorHeadsConfig(block=8, repeats=2, induction_ratio=1.5), model_id="tiny", progress=False
+        )
 
 
 def test_cli_profile_razor_heads_and_inspect(fake_load, tmp_path):
@@ -246,11 +246,11 @@ from dataclasses import replace  # noqa: E402
 from attnkit.probes import retrieval_heads  # noqa: E402
 from attnkit.probes.retrieval_heads import (  # noqa: E402
     Needle,
+    NeedleData,
     RetrievalProfileError,
     Sample,
     aggregate,
     copy_paste_step,
-    profile_retrieval_heads,
     read_needles,
     sample_scores,
 )
@@ -315,19 +315,11 @@ def test_sample_scores_match_a_float64_full_forward_reference(tokenizer):
 
 
 def test_profile_retrieval_heads_artifact_levels_and_resume(model, tokenizer, tmp_path, monkeypatch):
-    kwargs = dict(
-        model_id="tiny",
-        lengths=[100, 150],
-        depths=[0.0, 1.0],
-        needles=NEEDLES,
-        max_new_tokens=5,
-        chat=False,
-        progress=False,
-        min_recall=None,
-        threshold=0.0,
-    )
+    settings = dict(lengths=[100, 150], depths=[0.0, 1.0], max_new_tokens=5, chat=False, min_recall=None, threshold=0.0)
+    kwargs = dict(model_id="tiny", progress=False)
+    data = NeedleData(HAY, tuple(NEEDLES))
     out = tmp_path / "ret.json"
-    query = profile_retrieval_heads(model, tokenizer, HAY, output=out, **kwargs)
+    query = retrieval_heads.profile(model, tokenizer, RetrievalHeadsConfig(**settings), data, output=out, **kwargs)
     assert model.config._attn_implementation == "sdpa"
     params = query.parameters
     assert query.level == "query" and query.method == "retrieval" and np.shape(query.scores) == (3, 4)
@@ -338,12 +330,16 @@ def test_profile_retrieval_heads_artifact_levels_and_resume(model, tokenizer, tm
     assert (tmp_path / "ret.progress.jsonl").is_file() and out.is_file()
     # a second run (KV level) reads every sample from the progress file
     monkeypatch.setattr(retrieval_heads, "sample_scores", lambda *a, **k: pytest.fail("re-ran a finished prompt"))
-    kv = profile_retrieval_heads(model, tokenizer, HAY, output=out, level="kv", **kwargs)
+    kv = retrieval_heads.profile(
+        model, tokenizer, RetrievalHeadsConfig(**settings, level="kv"), data, output=out, **kwargs
+    )
     assert kv.level == "kv" and np.shape(kv.scores) == (3, 2)
     np.testing.assert_allclose(kv.scores, kv_max(np.array(params["query_scores"]), 2), atol=1e-6)
     assert HeadArtifact.model_validate_json(out.read_text()).level == "kv"
     # the paper's rule keeps only answered prompts; a random model answers none
-    strict = profile_retrieval_heads(model, tokenizer, HAY, output=out, **{**kwargs, "min_recall": 0.5})
+    strict = retrieval_heads.profile(
+        model, tokenizer, RetrievalHeadsConfig(**{**settings, "min_recall": 0.5}), data, output=out, **kwargs
+    )
     assert strict.parameters["samples_kept"] == 0 and strict.selected == {}
     assert (
         "over the 0 of 4 needle prompts whose reply's ROUGE-1 recall of the answer is above 0.5"
@@ -362,16 +358,19 @@ def test_profile_retrieval_heads_artifact_levels_and_resume(model, tokenizer, tm
 )
 def test_profile_retrieval_heads_errors(model, tokenizer, kwargs, message):
     with pytest.raises(RetrievalProfileError, match=message):
-        profile_retrieval_heads(
+        retrieval_heads.profile(
             model,
             tokenizer,
-            HAY,
+            make_config(
+                RetrievalHeadsConfig,
+                RetrievalProfileError,
+                max_new_tokens=8,
+                chat=False,
+                **{"lengths": [100], **kwargs},
+            ),
+            NeedleData(HAY, tuple(NEEDLES)),
             model_id="tiny",
-            needles=NEEDLES,
-            max_new_tokens=8,
-            chat=False,
             progress=False,
-            **{"lengths": [100], **kwargs},
         )
 
 

@@ -11,15 +11,15 @@ import torch
 import attnkit
 from attnkit.engine.attach import attention_modules
 from attnkit.heads import HeadSetError, ModelShape
-from attnkit.methods import PH3, HeadMask
+from attnkit.methods import METHODS, PH3, HeadMask
+from attnkit.probes import conflict_heads, ph3_sweep
 from attnkit.probes.act_heads import tail_supported
-from attnkit.probes.conflict_heads import frozen_logit_diffs, profile_conflict_heads
-from attnkit.probes.ph3_sweep import ph3_sweep
+from attnkit.probes.configs import ConflictHeadsConfig, PH3SweepConfig, make_config
+from attnkit.probes.conflict_heads import frozen_logit_diffs
 from attnkit.recipe import RecipeError, check_against_model, load_recipe
-from attnkit.methods import METHODS
+from attnkit.recipe.tasks import ConflictTask
 from attnkit.tasks import TaskDataError
 from attnkit.tasks.choice import score_batch
-from attnkit.recipe.tasks import ConflictTask
 from attnkit.tasks.conflict import (
     bigbench_conflict_rows,
     build_prompt,
@@ -42,8 +42,12 @@ def conflict_rows(n: int = 12, relations: bool = False) -> list[dict]:
     rows = []
     for i in range(n):
         ctx, mem = NAMES[i % len(NAMES)], NAMES[(i + 5) % len(NAMES)]
-        row = {"question": f"Where is place {i}?", "context": f"Place {i} is in {ctx}, it is said {'x' * (i % 4)}.",
-               "context_answer": ctx, "memory_answer": mem}
+        row = {
+            "question": f"Where is place {i}?",
+            "context": f"Place {i} is in {ctx}, it is said {'x' * (i % 4)}.",
+            "context_answer": ctx,
+            "memory_answer": mem,
+        }
         if relations:
             row["relation"] = "city" if i % 2 else "capital"
         rows.append(row)
@@ -74,26 +78,40 @@ def last_ld(model, ids, memory_token, context_token, **kw) -> torch.Tensor:
 
 
 def test_bigbench_rows_parse_question_context_and_target_scores():
-    task = {"examples": [
-        {"input": "\nQuestion: who wrote it?\nContext: It was written by Ann Lee in 1990 .", "target": "Ann Lee",
-         "target_scores": {"Ann Lee": 1, "Bo Chen": 0}},
-        {"input": "no question here", "target_scores": {"a": 1, "b": 0}},
-        {"input": "\nQuestion: q?\nContext: c", "target_scores": {"a": 1}},
-    ]}
+    task = {
+        "examples": [
+            {
+                "input": "\nQuestion: who wrote it?\nContext: It was written by Ann Lee in 1990 .",
+                "target": "Ann Lee",
+                "target_scores": {"Ann Lee": 1, "Bo Chen": 0},
+            },
+            {"input": "no question here", "target_scores": {"a": 1, "b": 0}},
+            {"input": "\nQuestion: q?\nContext: c", "target_scores": {"a": 1}},
+        ]
+    }
     rows, skipped = bigbench_conflict_rows(task)
-    assert rows == [{"question": "who wrote it?", "context": "It was written by Ann Lee in 1990 .",
-                     "context_answer": "Ann Lee", "memory_answer": "Bo Chen"}]
+    assert rows == [
+        {
+            "question": "who wrote it?",
+            "context": "It was written by Ann Lee in 1990 .",
+            "context_answer": "Ann Lee",
+            "memory_answer": "Bo Chen",
+        }
+    ]
     assert skipped == 2
 
 
-@pytest.mark.parametrize("completion, outcome", [
-    (" Rome\nQuestion: ...Paris", "context"),
-    (" It is the city of Paris.", "memory"),
-    (" the rome, or Paris", "context"),
-    (" Paris or Rome", "memory"),
-    (" Romeo", "other"),
-    ("\n\n Oslo", "other"),
-])
+@pytest.mark.parametrize(
+    "completion, outcome",
+    [
+        (" Rome\nQuestion: ...Paris", "context"),
+        (" It is the city of Paris.", "memory"),
+        (" the rome, or Paris", "context"),
+        (" Paris or Rome", "memory"),
+        (" Romeo", "other"),
+        ("\n\n Oslo", "other"),
+    ],
+)
 def test_answer_matching_normalises_and_uses_the_first_line(completion, outcome):
     assert match_outcome(completion, "Rome", "Paris") == outcome
 
@@ -106,7 +124,7 @@ def test_bad_items_are_reported_with_the_fix(tmp_path):
         load_conflict_items(ConflictTask(data=path))
     message = str(err.value)
     assert 'bad.jsonl:2: "context" must be a non-empty string' in message
-    assert "bad.jsonl:3: \"context_answer\" and \"memory_answer\" are the same" in message
+    assert 'bad.jsonl:3: "context_answer" and "memory_answer" are the same' in message
     assert "each line must look like" in message
 
 
@@ -122,7 +140,9 @@ def test_cached_pair_scoring_equals_scoring_each_sequence(tokenizer, data):
     pairs = [encode_pair(tokenizer, build_prompt(it, task), it, False) for it in items[:5]]
     cached = pair_logprobs(model, tokenizer.pad_token_id, pairs)
     for (ctx_ids, mem_ids, ctx_start, mem_start), (ctx_lp, mem_lp, _, _) in zip(pairs, cached):
-        (ref_ctx, _), (ref_mem, _) = score_batch(model, tokenizer.pad_token_id, [(ctx_ids, ctx_start), (mem_ids, mem_start)])
+        (ref_ctx, _), (ref_mem, _) = score_batch(
+            model, tokenizer.pad_token_id, [(ctx_ids, ctx_start), (mem_ids, mem_start)]
+        )
         assert ctx_lp == pytest.approx(ref_ctx, abs=1e-4) and mem_lp == pytest.approx(ref_mem, abs=1e-4)
 
 
@@ -140,7 +160,9 @@ def test_run_conflict_rates_per_relation_and_closed_book(tokenizer, data):
     for row in result.rows:  # the choice is the larger summed log-prob
         expected = "context" if row["loglik"]["context"] >= row["loglik"]["memory"] else "memory"
         assert row["loglik_choice"] == expected
-    closed = run_conflict(model, tokenizer, ConflictTask(data=data, with_context=False, scoring="loglik"), progress=False)
+    closed = run_conflict(
+        model, tokenizer, ConflictTask(data=data, with_context=False, scoring="loglik"), progress=False
+    )
     assert closed.metrics["with_context"] is False and "generate_other_rate" not in closed.metrics
     assert [r["loglik"] for r in closed.rows] != [r["loglik"] for r in result.rows]
 
@@ -152,7 +174,9 @@ def full_record(model, ids):
     """Every layer's o_proj input and attention output at ALL positions (the reference's cache)."""
     z, a, hooks = {}, {}, []
     for layer, module in attention_modules(model).items():
-        hooks.append(module.o_proj.register_forward_pre_hook(lambda m, args, l=layer: z.__setitem__(l, args[0].clone())))
+        hooks.append(
+            module.o_proj.register_forward_pre_hook(lambda m, args, l=layer: z.__setitem__(l, args[0].clone()))
+        )
         hooks.append(module.register_forward_hook(lambda m, args, out, l=layer: a.__setitem__(l, out[0].clone())))
     with torch.no_grad():
         model(input_ids=ids)
@@ -169,12 +193,14 @@ def direct_patched_ld(model, ids, clean, corrupt, layer, head, memory_token, con
     dim = ModelShape.from_config(model.config).head_dim
     hooks = []
     for l, module in attention_modules(model).items():
+
         def hook(m, args, out, l=l):
             if l != layer:
                 return (a_clean[l], *out[1:])
             z = z_clean[l].clone()
             z[..., head * dim : (head + 1) * dim] = z_corr[l][..., head * dim : (head + 1) * dim]
             return (m.o_proj(z), *out[1:])
+
         hooks.append(module.register_forward_hook(hook))
     with torch.no_grad():
         ld = last_ld(model, ids, memory_token, context_token)
@@ -183,8 +209,16 @@ def direct_patched_ld(model, ids, clean, corrupt, layer, head, memory_token, con
     return ld.item()
 
 
-@pytest.mark.parametrize("arch, attn", [("llama-gqa", "sdpa"), ("qwen3-gqa", "sdpa"), ("gemma3-gqa", "sdpa"),
-                                        ("gemma2-gqa", "eager"), ("phi3-mha", "sdpa")])
+@pytest.mark.parametrize(
+    "arch, attn",
+    [
+        ("llama-gqa", "sdpa"),
+        ("qwen3-gqa", "sdpa"),
+        ("gemma3-gqa", "sdpa"),
+        ("gemma2-gqa", "eager"),
+        ("phi3-mha", "sdpa"),
+    ],
+)
 def test_path_patching_equals_direct_recomputation(arch, attn):
     model = tiny_model(arch, attn_implementation=attn, dtype=torch.float64)
     gen = torch.Generator().manual_seed(1)
@@ -200,8 +234,9 @@ def test_path_patching_equals_direct_recomputation(arch, attn):
     resid = torch.stack([hidden[l][0, -1] for l in range(L)])
     assert tail_supported(model) == (arch in ("llama-gqa", "qwen3-gqa", "phi3-mha"))
     for tail in (resid, None):  # layer tails where supported, and the whole-model forward
-        ld_clean, ld_patched = frozen_logit_diffs(model, int(clean_ids[0, -1]), 13, last(clean[0]), last(clean[1]),
-                                                  last(corrupt[0]), mem, ctx, resid=tail)
+        ld_clean, ld_patched = frozen_logit_diffs(
+            model, int(clean_ids[0, -1]), 13, last(clean[0]), last(clean[1]), last(corrupt[0]), mem, ctx, resid=tail
+        )
         with torch.no_grad():
             assert ld_clean == pytest.approx(last_ld(model, clean_ids, mem, ctx).item(), abs=1e-9)
         for layer in range(L):
@@ -223,14 +258,25 @@ def test_last_layer_path_patching_is_activation_patching():
     last = lambda d: torch.stack([d[l][0, -1] for l in range(L)])  # noqa: E731
     with torch.no_grad():
         hidden = model(input_ids=clean_ids, output_hidden_states=True).hidden_states
-    _, ld_patched = frozen_logit_diffs(model, int(clean_ids[0, -1]), 11, last(clean[0]), last(clean[1]),
-                                       last(corrupt[0]), mem, ctx, resid=torch.stack([h[0, -1] for h in hidden[:L]]))
+    _, ld_patched = frozen_logit_diffs(
+        model,
+        int(clean_ids[0, -1]),
+        11,
+        last(clean[0]),
+        last(clean[1]),
+        last(corrupt[0]),
+        mem,
+        ctx,
+        resid=torch.stack([h[0, -1] for h in hidden[:L]]),
+    )
     o_proj = attention_modules(model)[L - 1].o_proj
     for head in range(H):
+
         def patch(m, args, head=head):
             z = args[0].clone()
             z[0, -1, head * D : (head + 1) * D] = corrupt[0][L - 1][0, -1, head * D : (head + 1) * D]
             return (z,)
+
         hook = o_proj.register_forward_pre_hook(patch)
         with torch.no_grad():
             plain = last_ld(model, clean_ids, mem, ctx).item()
@@ -244,8 +290,14 @@ def test_last_layer_path_patching_is_activation_patching():
 def test_profile_artifact_rankings_resume_and_padding(tokenizer, data, tmp_path):
     model = tiny_model("llama-gqa")
     out = tmp_path / "conflict.json"
-    art = profile_conflict_heads(model, tokenizer, data, model_id="tiny", output=out, batch_size=5, select=3,
-                                 progress=False)
+    art = conflict_heads.profile(
+        model,
+        tokenizer,
+        ConflictHeadsConfig(data=data, batch_size=5, select=3),
+        model_id="tiny",
+        output=out,
+        progress=False,
+    )
     assert art.method == "conflict-heads" and len(art.scores) == 3 and len(art.scores[0]) == 4
     p = art.parameters
     assert p["items_used"] + sum(p["items_skipped"].values()) == 12
@@ -261,32 +313,69 @@ def test_profile_artifact_rankings_resume_and_padding(tokenizer, data, tmp_path)
     mean = torch.tensor([line["scores"] for line in lines[1:]]).double().mean(0)
     assert torch.allclose(mean, torch.tensor(art.scores).double(), atol=1e-12)
     # resuming recomputes nothing and gives the same artifact
-    again = profile_conflict_heads(model, tokenizer, data, model_id="tiny", output=out, batch_size=5, select=3,
-                                   progress=False)
+    again = conflict_heads.profile(
+        model,
+        tokenizer,
+        ConflictHeadsConfig(data=data, batch_size=5, select=3),
+        model_id="tiny",
+        output=out,
+        progress=False,
+    )
     assert again.parameters["resumed_items"] == p["items_used"] and again.scores == art.scores
     # the whole-model patched forward gives the layer tails' scores
-    whole = profile_conflict_heads(model, tokenizer, data, model_id="tiny", output=tmp_path / "whole.json",
-                                   batch_size=5, tail=False, progress=False)
+    whole = conflict_heads.profile(
+        model,
+        tokenizer,
+        ConflictHeadsConfig(data=data, batch_size=5, tail=False),
+        model_id="tiny",
+        output=tmp_path / "whole.json",
+        progress=False,
+    )
     assert art.parameters["layer_tails"] and not whole.parameters["layer_tails"]
     assert torch.allclose(torch.tensor(whole.scores), torch.tensor(art.scores), atol=1e-4)
     # left-padded batches give the scores of one item at a time
-    single = profile_conflict_heads(model, tokenizer, data, model_id="tiny", output=tmp_path / "single.json",
-                                    batch_size=1, progress=False)
+    single = conflict_heads.profile(
+        model,
+        tokenizer,
+        ConflictHeadsConfig(data=data, batch_size=1),
+        model_id="tiny",
+        output=tmp_path / "single.json",
+        progress=False,
+    )
     assert torch.allclose(torch.tensor(single.scores), torch.tensor(art.scores), atol=1e-4)
 
 
 def test_ablation_mode_and_swapped_corruption(tokenizer, data, tmp_path):
     model = tiny_model("llama-gqa")
-    ablation = profile_conflict_heads(model, tokenizer, data, model_id="tiny", output=tmp_path / "a.json",
-                                      mode="ablation", progress=False)
-    swapped = profile_conflict_heads(model, tokenizer, data, model_id="tiny", output=tmp_path / "s.json",
-                                     corruption="swapped", progress=False)
-    removed = profile_conflict_heads(model, tokenizer, data, model_id="tiny", output=tmp_path / "r.json",
-                                     progress=False)
+    ablation = conflict_heads.profile(
+        model,
+        tokenizer,
+        ConflictHeadsConfig(data=data, mode="ablation"),
+        model_id="tiny",
+        output=tmp_path / "a.json",
+        progress=False,
+    )
+    swapped = conflict_heads.profile(
+        model,
+        tokenizer,
+        ConflictHeadsConfig(data=data, corruption="swapped"),
+        model_id="tiny",
+        output=tmp_path / "s.json",
+        progress=False,
+    )
+    removed = conflict_heads.profile(
+        model, tokenizer, ConflictHeadsConfig(data=data), model_id="tiny", output=tmp_path / "r.json", progress=False
+    )
     assert ablation.parameters["corruption"] is None and swapped.parameters["corruption"] == "swapped"
     assert ablation.scores != removed.scores != swapped.scores
     with pytest.raises(ValueError, match="use removed or swapped"):
-        profile_conflict_heads(model, tokenizer, data, model_id="tiny", output=tmp_path / "x.json", corruption="x")
+        conflict_heads.profile(
+            model,
+            tokenizer,
+            make_config(ConflictHeadsConfig, data=data, corruption="x"),
+            model_id="tiny",
+            output=tmp_path / "x.json",
+        )
 
 
 def test_pruning_moves_the_logit_difference_as_profiled(tokenizer, data, tmp_path):
@@ -294,13 +383,17 @@ def test_pruning_moves_the_logit_difference_as_profiled(tokenizer, data, tmp_pat
     what really happens, and pruning a head must move LD by exactly its score, per item, in its sign."""
     model = tiny_model("llama-gqa", num_hidden_layers=1, seed=4)  # a seed whose heads include both kinds
     out = tmp_path / "one.json"
-    art = profile_conflict_heads(model, tokenizer, data, model_id="tiny", output=out, mode="ablation", progress=False)
-    lines = {line["key"]: line for line in map(json.loads, out.with_suffix(".progress.jsonl").read_text().splitlines()[1:])}
+    art = conflict_heads.profile(
+        model, tokenizer, ConflictHeadsConfig(data=data, mode="ablation"), model_id="tiny", output=out, progress=False
+    )
+    lines = {
+        line["key"]: line for line in map(json.loads, out.with_suffix(".progress.jsonl").read_text().splitlines()[1:])
+    }
     task = ConflictTask(data=data)
     items = load_conflict_items(task)
     assert art.parameters["memory_heads"] and art.parameters["context_heads"]
     for steer, ranking, direction in (("memory", "context_heads", +1), ("context", "memory_heads", -1)):
-        (layer, head, score), = art.parameters[ranking][:1]
+        ((layer, head, score),) = art.parameters[ranking][:1]
         shifts = []
         for key, line in lines.items():
             item = items[int(key)]
@@ -325,7 +418,9 @@ def test_pruning_moves_the_logit_difference_as_profiled(tokenizer, data, tmp_pat
 def artifact(tokenizer, data, tmp_path):
     model = tiny_model("llama-gqa")
     path = tmp_path / "conflict.json"
-    profile_conflict_heads(model, tokenizer, data, model_id="tiny", output=path, progress=False)
+    conflict_heads.profile(
+        model, tokenizer, ConflictHeadsConfig(data=data), model_id="tiny", output=path, progress=False
+    )
     return model, path
 
 
@@ -394,8 +489,10 @@ def test_recipes_validate_k_against_the_artifact(artifact):
     recipe = load_recipe({"methods": [{"method": "ph3", "heads": str(path), "steer": "context", "k": n_memory + 1}]})
     with pytest.raises(RecipeError) as err:
         check_against_model(recipe, shape)
-    assert (f"methods[0].k: k={n_memory + 1} but {path} ranks only {n_memory} memory heads "
-            f"(steer: context prunes memory heads); use k <= {n_memory}") in str(err.value)
+    assert (
+        f"methods[0].k: k={n_memory + 1} but {path} ranks only {n_memory} memory heads "
+        f"(steer: context prunes memory heads); use k <= {n_memory}"
+    ) in str(err.value)
     auto = load_recipe({"methods": [{"method": "ph3", "heads": str(path), "steer": "memory"}]})
     with pytest.raises(RecipeError, match=r"methods\[0\].k: k: auto needs the validation sweep's choice.*ph3-sweep"):
         check_against_model(auto, shape)
@@ -409,7 +506,7 @@ def test_recipes_validate_k_against_the_artifact(artifact):
 
 def test_sweep_chooses_k_and_auto_uses_it(artifact, tokenizer, data):
     model, path = artifact
-    sweep = ph3_sweep(model, tokenizer, path, data, ks=(1, 2, 3), progress=False)
+    sweep = ph3_sweep.profile(model, tokenizer, PH3SweepConfig(heads=path, data=data, ks=(1, 2, 3)), progress=False)
     for steer in ("context", "memory"):
         tried = sweep["results"][steer]
         best = max(r[f"{steer}_rate"] for r in tried.values())
@@ -426,8 +523,14 @@ def test_ph3_composes_with_head_mask_in_one_recipe(artifact):
     ranking = json.loads(path.read_text())["parameters"]["context_heads"]
     taken = {(l, h) for l, h, _ in ranking[:2]}
     extra = next([l, h] for l in range(3) for h in range(4) if (l, h) not in taken)
-    recipe = load_recipe({"methods": [{"method": "ph3", "heads": str(path), "steer": "memory", "k": 2},
-                                      {"method": "head_mask", "heads": [extra]}]})
+    recipe = load_recipe(
+        {
+            "methods": [
+                {"method": "ph3", "heads": str(path), "steer": "memory", "k": 2},
+                {"method": "head_mask", "heads": [extra]},
+            ]
+        }
+    )
     ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         with attnkit.apply(model, recipe) as handle:
@@ -442,8 +545,14 @@ def test_ph3_composes_with_head_mask_in_one_recipe(artifact):
 @pytest.mark.skipif("snapkv" not in METHODS, reason="snapkv is not registered")
 def test_ph3_composes_with_snapkv(artifact):
     model, path = artifact
-    recipe = load_recipe({"methods": [{"method": "ph3", "heads": str(path), "steer": "context", "k": 2},
-                                      {"method": "snapkv", "budget": 12, "window": 4, "kernel": 3}]})
+    recipe = load_recipe(
+        {
+            "methods": [
+                {"method": "ph3", "heads": str(path), "steer": "context", "k": 2},
+                {"method": "snapkv", "budget": 12, "window": 4, "kernel": 3},
+            ]
+        }
+    )
     ids = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), attnkit.apply(model, recipe) as handle:
         out = model.generate(ids, max_new_tokens=4, do_sample=False)
@@ -457,15 +566,21 @@ def test_runner_compares_context_rates(tokenizer, data, tmp_path, artifact):
     from attnkit.tasks import run_recipe
 
     model, path = artifact
-    recipe = load_recipe({"name": "ph3", "baseline": True,
-                          "methods": [{"method": "ph3", "heads": str(path), "steer": "context", "k": 2}],
-                          "task": {"kind": "conflict", "data": data, "scoring": "loglik"}})
+    recipe = load_recipe(
+        {
+            "name": "ph3",
+            "baseline": True,
+            "methods": [{"method": "ph3", "heads": str(path), "steer": "context", "k": 2}],
+            "task": {"kind": "conflict", "data": data, "scoring": "loglik"},
+        }
+    )
     report = run_recipe(recipe, out_dir=tmp_path / "run", progress=False, model=model, tokenizer=tokenizer)
     comparison = report["comparison"]
     assert comparison["metric"] == "context rate (log-likelihood)"
     runs = report["runs"]
     assert comparison["accuracy_difference"] == pytest.approx(
-        runs["attnkit"]["metrics"]["context_rate"] - runs["baseline"]["metrics"]["context_rate"])
+        runs["attnkit"]["metrics"]["context_rate"] - runs["baseline"]["metrics"]["context_rate"]
+    )
     assert "attnkit - baseline context rate (log-likelihood)" in (tmp_path / "run" / "report.md").read_text()
 
 
@@ -482,8 +597,9 @@ def test_cli_profiles_sweeps_and_refuses_bad_options(tokenizer, data, tmp_path, 
     assert result.exit_code == 0, result.output
     assert out.is_file() and out.with_suffix(".png").stat().st_size > 0
     assert "memory heads (" in result.output and "context heads (" in result.output
-    sweep = CliRunner().invoke(app, ["profile", "ph3-sweep", "--heads", str(out), "--data", data, "--ks", "1,2",
-                                     "--no-progress"])
+    sweep = CliRunner().invoke(
+        app, ["profile", "ph3-sweep", "--heads", str(out), "--data", data, "--ks", "1,2", "--no-progress"]
+    )
     assert sweep.exit_code == 0, sweep.output
     assert "steer context: chose k=" in sweep.output and json.loads(out.read_text())["parameters"]["sweep"]
     bad = CliRunner().invoke(app, ["profile", "conflict-heads", "--data", data, "--corruption", "shuffled"])

@@ -18,7 +18,16 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from attnkit.probes import act_heads, conflict_heads, kv_gates, ph3_sweep, razor_heads, retrieval_heads, sink_dims
-from attnkit.probes.configs import KVGatesConfig, ProfileError, RetrievalHeadsConfig, make_config
+from attnkit.probes.configs import (
+    ActHeadsConfig,
+    ConflictHeadsConfig,
+    KVGatesConfig,
+    PH3SweepConfig,
+    ProfileError,
+    RazorHeadsConfig,
+    RetrievalHeadsConfig,
+    make_config,
+)
 from attnkit.probes.progress import Progress
 from attnkit.probes.registry import PROFILERS
 from tests.factory import single_threaded, tiny_model
@@ -172,15 +181,12 @@ def test_act_heads_resume(monkeypatch, tmp_path):
     data = write(tmp_path / "dev.jsonl", items)
 
     def run(output):
-        return act_heads.profile_act_heads(
+        return act_heads.profile(
             model,
             char_tokenizer(),
-            data,
+            ActHeadsConfig(data=data, limit=12, threshold=0.05, batch_size=5),
             model_id="tiny",
             output=output,
-            limit=12,
-            threshold=0.05,
-            batch_size=5,
             progress=False,
         )
 
@@ -207,8 +213,13 @@ def test_conflict_heads_resume(monkeypatch, tmp_path):
     data = write(tmp_path / "conflict.jsonl", conflict_rows(12, relations=True))
 
     def run(output):
-        return conflict_heads.profile_conflict_heads(
-            model, char_tokenizer(merges=MERGES), data, model_id="tiny", output=output, batch_size=5, progress=False
+        return conflict_heads.profile(
+            model,
+            char_tokenizer(merges=MERGES),
+            ConflictHeadsConfig(data=data, batch_size=5),
+            model_id="tiny",
+            output=output,
+            progress=False,
         )
 
     resumed, (items,) = resumes(monkeypatch, tmp_path, run, 6, (conflict_heads, "frozen_logit_diffs"))
@@ -220,13 +231,15 @@ def test_ph3_sweep_resume(monkeypatch, tmp_path):
     tokenizer = char_tokenizer(merges=MERGES)
     data = write(tmp_path / "conflict.jsonl", conflict_rows(12, relations=True))
     heads = tmp_path / "conflict.json"
-    conflict_heads.profile_conflict_heads(model, tokenizer, data, model_id="tiny", output=heads, progress=False)
+    conflict_heads.profile(
+        model, tokenizer, ConflictHeadsConfig(data=data), model_id="tiny", output=heads, progress=False
+    )
 
     def run(output):
         output.parent.mkdir(parents=True, exist_ok=True)
         if not output.exists():
             shutil.copy(heads, output)
-        return ph3_sweep.ph3_sweep(model, tokenizer, output, data, ks=(1, 2), progress=False)
+        return ph3_sweep.profile(model, tokenizer, PH3SweepConfig(heads=output, data=data, ks=(1, 2)), progress=False)
 
     # untouched, then k = 1, 2 for each direction; stopped after the untouched run and one k
     sweep, (runs,) = resumes(monkeypatch, tmp_path, run, 2, (ph3_sweep, "evaluate"))
@@ -240,8 +253,13 @@ def test_razor_heads_resume(monkeypatch, tmp_path, arch):
     model = tiny_model(arch)
 
     def run(output):
-        return razor_heads.profile_razor_heads(
-            model, char_tokenizer(), model_id="tiny", output=output, block=16, repeats=3, progress=False
+        return razor_heads.profile(
+            model,
+            char_tokenizer(),
+            RazorHeadsConfig(block=16, repeats=3),
+            model_id="tiny",
+            output=output,
+            progress=False,
         )
 
     _, (scored, first_layer) = resumes(
@@ -256,20 +274,16 @@ def test_retrieval_heads_resume(monkeypatch, tmp_path):
     model = tiny_model("llama-gqa")
 
     def run(output):
-        return retrieval_heads.profile_retrieval_heads(
+        return retrieval_heads.profile(
             model,
             char_tokenizer(),
-            HAY,
+            RetrievalHeadsConfig(
+                lengths=[100, 150], depths=[0.0, 1.0], max_new_tokens=5, chat=False, min_recall=None, threshold=0.0
+            ),
+            retrieval_heads.NeedleData(HAY, tuple(NEEDLES)),
             model_id="tiny",
             output=output,
-            lengths=[100, 150],
-            depths=[0.0, 1.0],
-            needles=NEEDLES,
-            max_new_tokens=5,
-            chat=False,
             progress=False,
-            min_recall=None,
-            threshold=0.0,
         )
 
     _, (prompts,) = resumes(monkeypatch, tmp_path, run, 2, (retrieval_heads, "sample_scores"))
@@ -278,24 +292,25 @@ def test_retrieval_heads_resume(monkeypatch, tmp_path):
 
 def kv_gates_run(model):
     def run(output):
-        return kv_gates.profile_kv_gates(
+        return kv_gates.profile(
             model,
             char_tokenizer(),
-            HAY,
+            KVGatesConfig(
+                lengths=[100],
+                depths=[0.2, 0.8],
+                sink=2,
+                local=8,
+                ratio=None,
+                fraction=0.25,
+                steps=5,
+                save_every=2,
+                reply_tokens=6,
+                min_recall=-1.0,
+                chat=False,
+            ),
+            retrieval_heads.NeedleData(HAY, tuple(NEEDLES)),
             model_id="tiny",
             output=output,
-            lengths=[100],
-            depths=[0.2, 0.8],
-            needles=NEEDLES,
-            sink=2,
-            local=8,
-            ratio=None,
-            fraction=0.25,
-            steps=5,
-            save_every=2,
-            reply_tokens=6,
-            min_recall=-1.0,
-            chat=False,
             progress=False,
         )
 

@@ -15,11 +15,13 @@ import attnkit.models
 from attnkit.cli import app
 from attnkit.heads import config_fingerprint
 from attnkit.methods import HeadMask
+from attnkit.probes import sink_dims
+from attnkit.probes.configs import SinkDimsConfig
 from attnkit.probes.sink_dims import (
     BUILTIN_TEXTS,
     SinkDimsArtifact,
     SinkDimsError,
-    find_sink_dims,
+    Texts,
     load_sink_dims,
     read_texts,
 )
@@ -74,7 +76,9 @@ def model():
 
 @pytest.fixture(scope="module")
 def result(model, tokenizer):
-    return find_sink_dims(model, tokenizer, None, samples=SAMPLES, tau=5.0, progress=False, name="planted")
+    return sink_dims.profile(
+        model, tokenizer, SinkDimsConfig(samples=SAMPLES, tau=5.0), model_id="planted", progress=False
+    )
 
 
 # ----------------------------------------------------------------------------- finding the dims
@@ -105,8 +109,8 @@ def test_planted_dim_is_found(result, model):
 def test_other_planted_dims_and_later_sinks(dim, tokenizer):
     """Plant on BOS and '.': later sinks appear, are counted per token, and are detected too."""
     dot = tokenizer.convert_tokens_to_ids(".")
-    result = find_sink_dims(
-        planted_model(dim, (BOS_ID, dot), seed=1), tokenizer, None, samples=8, tau=5.0, progress=False
+    result = sink_dims.profile(
+        planted_model(dim, (BOS_ID, dot), seed=1), tokenizer, SinkDimsConfig(samples=8, tau=5.0), progress=False
     )
     a = result.artifact
     assert a.dims == [dim]
@@ -132,7 +136,7 @@ def test_validation_matches_massive_activation(model, tokenizer, result):
 
 
 def test_tau_too_high_for_the_model_gives_the_best_tau(model, tokenizer):
-    a = find_sink_dims(model, tokenizer, None, samples=4, progress=False).artifact  # tau 20 > sqrt(64)
+    a = sink_dims.profile(model, tokenizer, SinkDimsConfig(samples=4), progress=False).artifact  # tau 20 > sqrt(64)
     assert a.tau == 20.0 and a.validation.recall == 0.0 and not a.tau_ok
     assert 0.0 < a.best.tau < 8.0 and a.best.f1 == 1.0 and a.recommended_tau == a.best.tau
     assert any("sqrt(hidden_size) = 8.00" in note for note in a.notes)
@@ -142,16 +146,18 @@ def test_tau_too_high_for_the_model_gives_the_best_tau(model, tokenizer):
 
 def test_attention_implementation_is_restored(tokenizer):
     model = planted_model(PLANTED, attn="sdpa")
-    find_sink_dims(model, tokenizer, ["Hello there, general."], progress=False)
+    sink_dims.profile(
+        model, tokenizer, SinkDimsConfig(), Texts(("Hello there, general.",), builtin=False), progress=False
+    )
     assert model.config._attn_implementation == "sdpa"
     with attnkit.apply(model, [HeadMask(heads={0: [1]})]):
         with pytest.raises(RuntimeError, match=r"remove it \(handle.remove\(\)\)"):
-            find_sink_dims(model, tokenizer, ["Hello"], progress=False)
+            sink_dims.profile(model, tokenizer, SinkDimsConfig(), Texts(("Hello",), builtin=False), progress=False)
 
 
 def test_bad_inputs(model, tokenizer, tmp_path):
     with pytest.raises(SinkDimsError, match="no texts"):
-        find_sink_dims(model, tokenizer, ["", "  "], progress=False)
+        sink_dims.profile(model, tokenizer, SinkDimsConfig(), Texts(("", "  "), builtin=False), progress=False)
     with pytest.raises(SinkDimsError, match="not found"):
         read_texts(tmp_path / "missing.txt")
     (tmp_path / "blank.txt").write_text("\n  \n")

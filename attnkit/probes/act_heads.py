@@ -29,13 +29,13 @@ from attnkit.handle import Handle, apply
 from attnkit.heads import HeadArtifact, Selection
 from attnkit.methods.act import ACT
 from attnkit.plots import head_map
-from attnkit.probes.configs import ActHeadsConfig, make_config
+from attnkit.probes.configs import ActHeadsConfig
 from attnkit.probes.layers import layer_inputs, run_layer, tail_supported
 from attnkit.probes.run import ProfileRun, file_digest
 from attnkit.recipe.tasks import ChoiceTask
 from attnkit.tasks.choice import label_word_items, left_pad, load_items
 
-__all__ = ["last_logits", "make_batches", "plot_act_heads", "profile", "profile_act_heads", "tail_supported"]
+__all__ = ["last_logits", "make_batches", "plot_act_heads", "profile", "tail_supported"]
 
 
 @dataclass
@@ -198,21 +198,6 @@ def untouched_accuracy(run: ProfileRun, batches: list[Batch], layers: list[int])
             batch.hidden = {layer: out.hidden_states[layer] for layer in layers}
             advance(1)
     return hits
-
-
-def profile_act_heads(
-    model: Any,
-    tokenizer: Any,
-    data: str,
-    *,
-    model_id: str,
-    output: Path | None = None,
-    progress: bool = True,
-    **settings: Any,
-) -> HeadArtifact:
-    """:func:`profile` with the dev set and the settings (:class:`ActHeadsConfig`'s fields) as keywords."""
-    config = make_config(ActHeadsConfig, data=data, **settings)
-    return profile(model, tokenizer, config, model_id=model_id, output=output, progress=progress)
 
 
 def plot_act_heads(artifact: HeadArtifact, path: Path, model: str) -> None:

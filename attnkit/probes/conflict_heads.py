@@ -461,21 +461,6 @@ def score_items(run: ProfileRun, tokenizer: Any, prepared: list[Prepared], tail:
     return timings, len(todo)
 
 
-def profile_conflict_heads(
-    model: Any,
-    tokenizer: Any,
-    data: str,
-    *,
-    model_id: str,
-    output: Path | None = None,
-    progress: bool = True,
-    **settings: Any,
-) -> HeadArtifact:
-    """:func:`profile` with the data and the settings (:class:`ConflictHeadsConfig`'s fields) as keywords."""
-    config = make_config(ConflictHeadsConfig, data=data, **settings)
-    return profile(model, tokenizer, config, model_id=model_id, output=output, progress=progress)
-
-
 def plot_conflict_heads(artifact: HeadArtifact, path: Path, title: str) -> None:
     """The layers x heads effect map: red = memory heads (score > 0), blue = context heads."""
     scores = np.asarray(artifact.scores, dtype=float)

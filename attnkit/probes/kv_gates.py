@@ -29,8 +29,6 @@ re-reads the prompts' caches (one prefill each) and trains on from the last save
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -47,14 +45,15 @@ from attnkit.handle import apply
 from attnkit.heads import HeadArtifact, Selection, text_config
 from attnkit.methods import Method
 from attnkit.primitives import MASKED, additive_mask, layer_window, repeat_kv
-from attnkit.probes.configs import KVGatesConfig, ProfileError, make_config
+from attnkit.probes.configs import KVGatesConfig, ProfileError
 from attnkit.probes.razor_heads import top_count
-from attnkit.probes.retrieval_heads import DEFAULT_NEEDLES, Needle, NeedleData, grid_problem, read
+from attnkit.probes.retrieval_heads import NeedleData, grid_problem, read
 from attnkit.probes.run import ProfileRun
+from attnkit.recipe.methods import razor_recent
 from attnkit.tasks.needle import generate_replies, recall
 from attnkit.tasks.result import uses_chat_template
 
-__all__ = ["Gates", "KVGatesError", "profile", "profile_kv_gates", "read", "top_gates"]
+__all__ = ["Gates", "KVGatesError", "profile", "read", "top_gates"]
 
 
 class KVGatesError(ProfileError):
@@ -99,8 +98,7 @@ class Gates(Method):
 
     def recent(self, length: int) -> int:
         """Razor's buffer L_h = max(local, ceil(N / ratio))."""
-        ratio = self.config.ratio
-        return self.config.local if ratio is None else max(self.config.local, math.ceil(length / ratio))
+        return razor_recent(length, self.config.local, self.config.ratio)
 
     def mix(self, call: AttentionCall, full: torch.Tensor) -> torch.Tensor:
         """The gated output [batch, queries, heads, head_dim] of a call after a cached prompt; a
@@ -357,29 +355,3 @@ def evaluate(model: Any, gates: Gates, items: list[dict[str, Any]], whole: list[
             return round(float(np.mean([answer_nll(model, item).item() for item in items])), 4)
     finally:
         gates.fixed = None
-
-
-def profile_kv_gates(
-    model: Any,
-    tokenizer: Any,
-    haystack: str,
-    *,
-    model_id: str,
-    output: Path | None = None,
-    needles: Sequence[Needle] = DEFAULT_NEEDLES,
-    data: str = "",
-    progress: bool = True,
-    **settings: Any,
-) -> HeadArtifact:
-    """:func:`profile` with the haystack text and the needles given directly (``data`` describes
-    them in the artifact) and the settings (:class:`KVGatesConfig`'s fields) as keywords."""
-    config = make_config(KVGatesConfig, KVGatesError, **settings)
-    return profile(
-        model,
-        tokenizer,
-        config,
-        NeedleData(haystack, tuple(needles), data),
-        model_id=model_id,
-        output=output,
-        progress=progress,
-    )

@@ -18,7 +18,7 @@ from typing import Any
 from attnkit.handle import apply
 from attnkit.heads import HeadArtifact, ModelShape, load_artifact
 from attnkit.methods import PH3
-from attnkit.probes.configs import PH3SweepConfig, make_config
+from attnkit.probes.configs import PH3SweepConfig
 from attnkit.probes.run import ProfileRun, digest, file_digest
 from attnkit.recipe.methods import RANKING, ph3_heads
 from attnkit.recipe.tasks import ConflictTask
@@ -102,12 +102,3 @@ def best_k(tried: dict[str, dict[str, float]], steer: str) -> int:
     sign = 1 if steer == "context" else -1
     best = max(tried.items(), key=lambda kv: (kv[1][f"{steer}_rate"], sign * kv[1]["mean_context_margin"], -int(kv[0])))
     return int(best[0])
-
-
-def ph3_sweep(
-    model: Any, tokenizer: Any, heads: str | Path, data: str, *, progress: bool = True, **settings: Any
-) -> dict[str, Any]:
-    """:func:`profile` with the artifact, the validation data and the settings
-    (:class:`PH3SweepConfig`'s fields) as keywords."""
-    config = make_config(PH3SweepConfig, heads=heads, data=data, **settings)
-    return profile(model, tokenizer, config, progress=progress)

@@ -39,7 +39,7 @@ import torch
 import attnkit
 from attnkit.heads import HeadArtifact, Selection, text_config
 from attnkit.probes.attention_maps import attention_probabilities
-from attnkit.probes.configs import ProfileError, RazorHeadsConfig, make_config
+from attnkit.probes.configs import ProfileError, RazorHeadsConfig
 from attnkit.probes.layers import layer_inputs, run_layer, tail_supported
 from attnkit.probes.run import ProfileRun, digest
 
@@ -48,7 +48,6 @@ __all__ = [
     "echo_induction",
     "kv_max",
     "profile",
-    "profile_razor_heads",
     "razor_input",
     "top_union",
 ]
@@ -293,11 +292,3 @@ def layer_by_layer(
         return {**scorer.unit(layer), **({"hidden": hidden} if layer + 1 < len(units) else {})}
 
     return run.each(label, units, layer_run, chained=True)
-
-
-def profile_razor_heads(
-    model: Any, tokenizer: Any, *, model_id: str, output: Path | None = None, progress: bool = True, **settings: Any
-) -> HeadArtifact:
-    """:func:`profile` with the settings (:class:`RazorHeadsConfig`'s fields) as keywords."""
-    config = make_config(RazorHeadsConfig, RazorProfileError, **settings)
-    return profile(model, tokenizer, config, model_id=model_id, output=output, progress=progress)

@@ -18,7 +18,6 @@ the query-level scores stay in the artifact's parameters. Each prompt is one uni
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import attnkit
 from attnkit import compat
 from attnkit.heads import HeadArtifact, ModelShape, Selection, text_config
 from attnkit.probes.attention_maps import attention_probabilities
-from attnkit.probes.configs import NeedleGrid, ProfileError, RetrievalHeadsConfig, make_config
+from attnkit.probes.configs import NeedleGrid, ProfileError, RetrievalHeadsConfig
 from attnkit.probes.razor_heads import kv_max
 from attnkit.probes.run import ProfileRun, digest
 from attnkit.tasks.generate import eos_ids
@@ -46,7 +45,6 @@ __all__ = [
     "copy_paste_step",
     "grid_problem",
     "profile",
-    "profile_retrieval_heads",
     "read",
     "sample_scores",
 ]
@@ -333,29 +331,3 @@ def profile(
         selection=Selection(rule=rule, heads=selected),
     )
     return run.save(artifact)
-
-
-def profile_retrieval_heads(
-    model: Any,
-    tokenizer: Any,
-    haystack: str,
-    *,
-    model_id: str,
-    output: Path | None = None,
-    needles: Sequence[Needle] = DEFAULT_NEEDLES,
-    data: str = "",
-    progress: bool = True,
-    **settings: Any,
-) -> HeadArtifact:
-    """:func:`profile` with the haystack text and the needles given directly (``data`` describes
-    them in the artifact) and the settings (:class:`RetrievalHeadsConfig`'s fields) as keywords."""
-    config = make_config(RetrievalHeadsConfig, RetrievalProfileError, **settings)
-    return profile(
-        model,
-        tokenizer,
-        config,
-        NeedleData(haystack, tuple(needles), data),
-        model_id=model_id,
-        output=output,
-        progress=progress,
-    )

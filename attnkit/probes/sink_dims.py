@@ -31,8 +31,9 @@ This module does that, with each choice spelled out:
    always (24 for SmolLM2-135M, 64 for LLaMA-2-7B), so ``tau = 20`` cannot fire on models
    narrower than 400.
 
-    from attnkit.probes.sink_dims import find_sink_dims, load_sink_dims
-    result = find_sink_dims(model, tokenizer, texts=None)   # None: the builtin texts
+    from attnkit.probes.configs import SinkDimsConfig
+    from attnkit.probes.sink_dims import load_sink_dims, profile
+    result = profile(model, tokenizer, SinkDimsConfig())     # texts: None, the builtin texts
     print(result.summary())
     result.save("heads/sink-dims-smollm2.json")              # + result.plot("....png")
     artifact = load_sink_dims("heads/sink-dims-smollm2.json", model.config)
@@ -58,7 +59,7 @@ import attnkit
 from attnkit.heads import config_fingerprint, text_config
 from attnkit.plots import new_figure, save_figure, ticks
 from attnkit.probes.attention_maps import eager_attention
-from attnkit.probes.configs import ProfileError, SinkDimsConfig, make_config
+from attnkit.probes.configs import ProfileError, SinkDimsConfig
 from attnkit.probes.run import ProfileRun, digest
 from attnkit.sinks import causal_column_mean
 
@@ -73,7 +74,6 @@ __all__ = [
     "SinkDimsError",
     "SinkDimsResult",
     "Texts",
-    "find_sink_dims",
     "load_sink_dims",
     "profile",
     "read",
@@ -289,7 +289,7 @@ def read_texts(path: str | Path) -> list[str]:
 
 @dataclass(repr=False, eq=False)
 class SinkDimsResult:
-    """What a sink-dims run found (:func:`profile`, :func:`find_sink_dims`): the artifact, plus the full per-layer arrays.
+    """What a sink-dims run found (:func:`profile`): the artifact, plus the full per-layer arrays.
 
     ``hit_rate``, ``sink_mean`` and ``ordinary_mean`` are [len(layers), hidden] (float64):
     the share of a layer's sinks on which a dim is a hit, and mean |x_d/rms| on sinks / others.
@@ -438,7 +438,7 @@ def profile(
     data = data or read(config)
     texts = data.used(config.samples)
     if not texts:
-        raise SinkDimsError("no texts; pass at least one non-empty text (or None for the builtin texts)")
+        raise SinkDimsError("no texts; pass at least one non-empty text (or no data: the config's texts)")
     cfg = text_config(model.config)
     hidden, num_layers = int(cfg.hidden_size), int(cfg.num_hidden_layers)
     layers = list(range(min(config.first_layer, num_layers - 1), num_layers))
@@ -660,23 +660,6 @@ def choose_dims(stats: Statistics, hits: np.ndarray, config: SinkDimsConfig, kee
         ordinary_mean=np.round(stats.ordinary_mean()[:, shown], 3).tolist(),
         notes=notes,
     )
-
-
-def find_sink_dims(
-    model: Any,
-    tokenizer: Any,
-    texts: Sequence[str] | None = None,
-    *,
-    name: str | None = None,
-    progress: bool = True,
-    **settings: Any,
-) -> SinkDimsResult:
-    """:func:`profile` on ``texts`` (None: :data:`BUILTIN_TEXTS`) with the settings
-    (:class:`SinkDimsConfig`'s fields; ``samples`` keeps the first N) as keywords; ``name`` labels
-    the artifact."""
-    config = make_config(SinkDimsConfig, SinkDimsError, **settings)
-    data = Texts() if texts is None else Texts(tuple(texts), builtin=False)
-    return profile(model, tokenizer, config, data, model_id=name or "", progress=progress)
 
 
 # ----------------------------------------------------------------------------- display
