@@ -212,7 +212,9 @@ def bigbench_examples(task: Mapping[str, Any], *, strip_prefix: str = "") -> lis
     for i, row in enumerate(task.get("examples", [])):
         scores = row.get("target_scores")
         if not isinstance(scores, Mapping) or not scores:
-            raise DataError(f"example {i} of task {task.get('name')!r} has no target_scores; it is not a multiple-choice task")
+            raise DataError(
+                f"example {i} of task {task.get('name')!r} has no target_scores; it is not a multiple-choice task"
+            )
         best = max(scores.values())
         top = [k for k, v in scores.items() if v == best]
         if len(top) != 1:
@@ -507,7 +509,9 @@ def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> int:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}-", delete=False) as fh:
+    with tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}-", delete=False
+    ) as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1

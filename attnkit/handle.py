@@ -8,9 +8,10 @@ method's hooks in recipe order and returns a :class:`Handle`. ``handle.remove()`
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -25,7 +26,7 @@ from attnkit.methods import Method, get_method
 from attnkit.recipe import Recipe, load_recipe
 from attnkit.recipe.methods import MethodConfig
 
-ATTACHED: "weakref.WeakSet[Method]" = weakref.WeakSet()
+ATTACHED: weakref.WeakSet[Method] = weakref.WeakSet()
 """Method objects applied through an active handle: one object serves one handle at a time."""
 
 
@@ -87,7 +88,7 @@ class Handle:
         set_text_attention(self.model, self._original)
         self.active = False
 
-    def __enter__(self) -> "Handle":
+    def __enter__(self) -> Handle:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -125,8 +126,7 @@ def apply(model: torch.nn.Module, recipe: Any = None, *, allow_foreign_heads: bo
     config = text_config(model.config)
     if id(config) in PLANS:
         raise RuntimeError(
-            "attnkit is already applied to this model; remove that handle first, "
-            "or put all methods in one recipe"
+            "attnkit is already applied to this model; remove that handle first, or put all methods in one recipe"
         )
     original = compat.attn_implementation(config)
     if original.startswith(attention.NAME):

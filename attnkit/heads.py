@@ -12,11 +12,11 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-HeadSetSpec = Union[str, dict[Any, Any], list[Any]]
+HeadSetSpec = str | dict[Any, Any] | list[Any]
 """What a recipe may write for ``heads``: "all", a path, a mapping, or a list of [layer, head]."""
 
 FINGERPRINT_FIELDS = (
@@ -47,7 +47,7 @@ class ModelShape:
     fingerprint: str = ""
 
     @classmethod
-    def from_config(cls, config: Any, model_id: str = "") -> "ModelShape":
+    def from_config(cls, config: Any, model_id: str = "") -> ModelShape:
         config = text_config(config)
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

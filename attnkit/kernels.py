@@ -36,16 +36,32 @@ if triton is not None:
 
     @triton.jit
     def _row_lse_kernel(
-        Q, K, VALID, LSE, scale, M, N, offset, window, heads,
-        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
+        Q,
+        K,
+        VALID,
+        LSE,
+        scale,
+        M,
+        N,
+        offset,
+        window,
+        heads,
+        D: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        HAS_VALID: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        q = tl.load(Q + bh * M * D + offs_m[:, None] * D + offs_d[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_d[None, :] < D), other=0.0)
+        q = tl.load(
+            Q + bh * M * D + offs_m[:, None] * D + offs_d[None, :],
+            mask=(offs_m[:, None] < M) & (offs_d[None, :] < D),
+            other=0.0,
+        )
         q_pos = offs_m + offset
         valid_ptr = VALID + (bh // heads) * N
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -55,8 +71,11 @@ if triton is not None:
         lo = (lo // BLOCK_N) * BLOCK_N
         for start in range(lo, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
-            k = tl.load(K + bh * N * D + offs_n[:, None] * D + offs_d[None, :],
-                        mask=(offs_n[:, None] < N) & (offs_d[None, :] < D), other=0.0)
+            k = tl.load(
+                K + bh * N * D + offs_n[:, None] * D + offs_d[None, :],
+                mask=(offs_n[:, None] < N) & (offs_d[None, :] < D),
+                other=0.0,
+            )
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             s = tl.where(_allowed(q_pos, offs_n, N, window, valid_ptr, HAS_VALID), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -68,16 +87,33 @@ if triton is not None:
 
     @triton.jit
     def _column_sum_kernel(
-        Q, K, VALID, LSE, COL, scale, M, N, offset, window, heads,
-        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
+        Q,
+        K,
+        VALID,
+        LSE,
+        COL,
+        scale,
+        M,
+        N,
+        offset,
+        window,
+        heads,
+        D: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        HAS_VALID: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         bh = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        k = tl.load(K + bh * N * D + offs_n[:, None] * D + offs_d[None, :],
-                    mask=(offs_n[:, None] < N) & (offs_d[None, :] < D), other=0.0)
+        k = tl.load(
+            K + bh * N * D + offs_n[:, None] * D + offs_d[None, :],
+            mask=(offs_n[:, None] < N) & (offs_d[None, :] < D),
+            other=0.0,
+        )
         valid_ptr = VALID + (bh // heads) * N
         acc = tl.zeros([BLOCK_N], tl.float32)
         lo = tl.maximum(pid_n * BLOCK_N - offset, 0)
@@ -85,8 +121,11 @@ if triton is not None:
         hi = tl.where(window > 0, tl.minimum(M, (pid_n + 1) * BLOCK_N + window - 1 - offset), M)
         for start in range(lo, hi, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
-            q = tl.load(Q + bh * M * D + offs_m[:, None] * D + offs_d[None, :],
-                        mask=(offs_m[:, None] < M) & (offs_d[None, :] < D), other=0.0)
+            q = tl.load(
+                Q + bh * M * D + offs_m[:, None] * D + offs_d[None, :],
+                mask=(offs_m[:, None] < M) & (offs_d[None, :] < D),
+                other=0.0,
+            )
             lse = tl.load(LSE + bh * M + offs_m, mask=offs_m < M, other=float("inf"))
             q_pos = offs_m + offset
             ok = _allowed(q_pos, offs_n, N, window, valid_ptr, HAS_VALID) & (offs_m[:, None] < M)

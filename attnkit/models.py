@@ -104,9 +104,7 @@ def default_device() -> str:
 def _embedded_entry(alias: str) -> EmbeddedModel:
     key = alias.strip().lower()
     if key not in EMBEDDED:
-        raise ModelLoadError(
-            f"unknown embedded model {alias!r}; embedded aliases: {', '.join(sorted(EMBEDDED))}"
-        )
+        raise ModelLoadError(f"unknown embedded model {alias!r}; embedded aliases: {', '.join(sorted(EMBEDDED))}")
     return EMBEDDED[key]
 
 
@@ -173,10 +171,7 @@ def resolve_source(name_or_path: str | os.PathLike[str]) -> ModelSource:
         raise ModelLoadError(f"{path} is a file but not a .gguf file; pass a model folder or a .gguf file")
 
     looks_like_path = (
-        name.startswith((".", "/", "~", "\\"))
-        or name.lower().endswith(".gguf")
-        or name.count("/") > 1
-        or "\\" in name
+        name.startswith((".", "/", "~", "\\")) or name.lower().endswith(".gguf") or name.count("/") > 1 or "\\" in name
     )
     if looks_like_path or not _HUB_ID.match(name):
         raise ModelLoadError(

@@ -18,7 +18,16 @@ from matplotlib.figure import Figure
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-__all__ = ["artifact_map", "draw_head_map", "draw_token_map", "head_map", "needle_heatmap", "new_figure", "save_figure", "ticks"]
+__all__ = [
+    "artifact_map",
+    "draw_head_map",
+    "draw_token_map",
+    "head_map",
+    "needle_heatmap",
+    "new_figure",
+    "save_figure",
+    "ticks",
+]
 
 #: Cells up to which a head map writes its ``annotate`` values into the cells.
 MAX_ANNOTATED_CELLS = 600
@@ -70,8 +79,9 @@ def draw_head_map(
         for (layer, head), value in np.ndenumerate(annotate):
             if value:
                 bright = image.norm(scores[layer, head]) > 0.6 if high > low else False
-                ax.text(head, layer, str(value), ha="center", va="center", fontsize=6,
-                        color="black" if bright else "white")
+                ax.text(
+                    head, layer, str(value), ha="center", va="center", fontsize=6, color="black" if bright else "white"
+                )
     return image
 
 
@@ -137,8 +147,9 @@ def head_map(
     return save_figure(fig, path)
 
 
-def needle_heatmap(rows: list[dict[str, Any]], path: str | Path | None = None, *, metric: str = "recall",
-                   title: str = "") -> Figure:
+def needle_heatmap(
+    rows: list[dict[str, Any]], path: str | Path | None = None, *, metric: str = "recall", title: str = ""
+) -> Figure:
     """The needle-in-a-haystack plot: depth (rows, 0 at the top) x context length (columns), one
     cell per prompt coloured by ``metric`` (0 red to 1 green) with its value written in.
 
@@ -187,7 +198,10 @@ def artifact_map(artifact: Any, path: str | Path | None = None, title: str | Non
     positive = finite[finite > 0]
     if finite.size and finite.min() >= 0 and positive.size and positive.max() > 1e3 * positive.min():
         # scores spanning decades (razor's cut-normalised map): log colours, zeros blank
-        norm, label = LogNorm(max(float(positive.min()), float(positive.max()) * 1e-4), float(positive.max())), "score (log scale)"
+        norm, label = (
+            LogNorm(max(float(positive.min()), float(positive.max()) * 1e-4), float(positive.max())),
+            "score (log scale)",
+        )
         scores = np.where(scores > 0, scores, np.nan)
     elif finite.size and finite.max() > finite.min():
         norm = Normalize(float(finite.min()), float(finite.max()))

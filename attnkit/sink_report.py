@@ -159,7 +159,9 @@ class SinkReport:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         right = {0, 3, 4, 5}
         lines = [
-            "  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+            "  ".join(
+                cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))
+            ).rstrip()
             for row in rows
         ]
         if len(rows) == 1:
@@ -204,7 +206,7 @@ class SinkReport:
         return text
 
     @classmethod
-    def from_json(cls, source: str | Path) -> "SinkReport":
+    def from_json(cls, source: str | Path) -> SinkReport:
         """Read a report from a JSON string or a file path. Derived fields are recomputed."""
         text = str(source)
         data = json.loads(Path(source).read_text() if not text.lstrip().startswith("{") else text)
@@ -221,9 +223,7 @@ class SinkReport:
 
 
 @torch.no_grad()
-def sink_stats(
-    model: Any, tokenizer: Any, text: str, *, threshold: float = 0.1, name: str | None = None
-) -> SinkReport:
+def sink_stats(model: Any, tokenizer: Any, text: str, *, threshold: float = 0.1, name: str | None = None) -> SinkReport:
     """Run ``model`` once on ``text`` (no padding) with eager attention maps; return its sinks.
 
     The model's attention implementation is switched to eager for that call if needed and always

@@ -24,9 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_overhead import LLAMA3_8B, build_model, time_fn  # noqa: E402
+
 import attnkit  # noqa: E402
 from attnkit.methods import ACT  # noqa: E402
-from bench_overhead import LLAMA3_8B, build_model, time_fn  # noqa: E402
 
 
 def head_set(fraction: float = 0.2, seed: int = 0) -> dict[int, list[int]]:
@@ -72,7 +73,9 @@ def check_float32(tokens: int = 2048) -> dict:
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": 4}, attn_implementation="sdpa")).eval()
+        model = LlamaForCausalLM(
+            LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": 4}, attn_implementation="sdpa")
+        ).eval()
     ids = torch.randint(0, LLAMA3_8B["vocab_size"], (2, tokens), device="cuda")
     mask = torch.ones_like(ids)
     mask[1, :100] = 0  # left padding in the second row
@@ -117,9 +120,14 @@ def main() -> None:
         "act_eager": [ACT(heads=heads, path="eager")],
     }
     gen = torch.Generator(device="cuda").manual_seed(1)
-    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                     "transformers": __import__("transformers").__version__, "heads": sum(map(len, heads.values())),
-                     "float32_check": check, "lengths": {}}
+    results: dict = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "heads": sum(map(len, heads.values())),
+        "float32_check": check,
+        "lengths": {},
+    }
     for n in args.lengths:
         ids = torch.randint(0, LLAMA3_8B["vocab_size"], (1, n), device="cuda", generator=gen)
         per: dict = {name: [] for name in configs}
@@ -141,13 +149,22 @@ def main() -> None:
                 continue
             ms = statistics.median(x["ms"] for x in runs)
             mem = max(x["peak_gb"] for x in runs)
-            summary[name] = {"ms": ms, "time_ratio": ms / base, "peak_gb": mem, "memory_ratio": mem / base_mem,
-                             "stats": runs[-1].get("stats", {})}
+            summary[name] = {
+                "ms": ms,
+                "time_ratio": ms / base,
+                "peak_gb": mem,
+                "memory_ratio": mem / base_mem,
+                "stats": runs[-1].get("stats", {}),
+            }
         # correctness on the GPU, bf16: the fast paths against the eager path (when it fits) and each other
         last = {name: runs[-1]["logits"] for name, runs in per.items() if not runs[-1].get("oom")}
         checks = {}
-        for a, b in [("act_fast", "act_eager"), ("act_fast", "act_fast_torch"), ("act_fast", "untouched"),
-                     ("act_fast_forced_sinks", "untouched")]:
+        for a, b in [
+            ("act_fast", "act_eager"),
+            ("act_fast", "act_fast_torch"),
+            ("act_fast", "untouched"),
+            ("act_fast_forced_sinks", "untouched"),
+        ]:
             if a in last and b in last:
                 checks[f"{a} vs {b}"] = (last[a] - last[b]).abs().max().item()
         summary["max_abs_logit_diff"] = checks
@@ -162,8 +179,10 @@ def main() -> None:
             if row.get("oom"):
                 print(f"  {n:>6} {name:<22} OOM")
             else:
-                print(f"  {n:>6} {name:<22} {row['ms']:9.1f} ms {row['time_ratio']:6.3f}x  "
-                      f"peak {row['peak_gb']:6.2f} GB {row['memory_ratio']:6.3f}x  {row['stats']}")
+                print(
+                    f"  {n:>6} {name:<22} {row['ms']:9.1f} ms {row['time_ratio']:6.3f}x  "
+                    f"peak {row['peak_gb']:6.2f} GB {row['memory_ratio']:6.3f}x  {row['stats']}"
+                )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
 

@@ -45,14 +45,24 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_overhead import LLAMA3_8B  # noqa: E402
+
 import attnkit  # noqa: E402
 from attnkit.compat import cache_argument  # noqa: E402
 from attnkit.engine.kvcache import cache_bytes, sdpa_without_cudnn  # noqa: E402
 from attnkit.methods import Razor, SnapKV  # noqa: E402
-from bench_overhead import LLAMA3_8B  # noqa: E402
 
-TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-            vocab_size=1000, max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5)
+TINY = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=1000,
+    max_position_embeddings=4096,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+)
 
 
 def retrieval_heads(shape: dict, fraction: float, seed: int = 0) -> dict[int, list[int]]:
@@ -126,7 +136,7 @@ def decode(model, cache, token, steps: int, device: str) -> list[float]:
     """Greedy decode ``steps`` tokens from ``cache``; the time of each step in ms."""
     times, with_cache = [], cache_argument(model, cache)
     for _ in range(steps):
-        ms, out = timed(lambda: model(input_ids=token, **with_cache, use_cache=True), device)
+        ms, out = timed(lambda: model(input_ids=token, **with_cache, use_cache=True), device)  # noqa: B023 (called at once)
         token = out.logits[:, -1:].argmax(-1)
         times.append(ms)
     return times
@@ -187,7 +197,7 @@ def latency(models: dict, ids, args, device: str) -> dict:
             if device == "cuda":
                 torch.cuda.empty_cache()
             with torch.no_grad(), sdpa_backends(name):
-                ms, caches[name] = timed(lambda: prefill(model, ids), device)
+                ms, caches[name] = timed(lambda: prefill(model, ids), device)  # noqa: B023 (called at once)
             rows[name]["prefill_ms"].append(ms)
             if rep == 0:
                 rows[name]["kv_bytes"] = cache_bytes(caches[name][0])
@@ -247,7 +257,9 @@ def main() -> None:
     parser.add_argument("--snap-budget", type=int, default=2048)
     parser.add_argument("--razor-fraction", type=float, default=0.15)
     parser.add_argument("--razor-local", type=int, default=4000)
-    parser.add_argument("--memory-gib", type=float, default=80.0, help="cap on the process's GPU memory (an H100 80GB: all of it)")
+    parser.add_argument(
+        "--memory-gib", type=float, default=80.0, help="cap on the process's GPU memory (an H100 80GB: all of it)"
+    )
     parser.add_argument("--max-batch", type=int, default=512)
     parser.add_argument("--probe-steps", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=8, help="turns each configuration takes at batch-1 decoding")
@@ -274,7 +286,7 @@ def main() -> None:
         instance = model if methods is None else twin(model, shape)
         models[name] = (instance, attnkit.apply(instance, methods) if methods else None)
     with torch.no_grad():
-        for name, (instance, _handle) in models.items():  # warm-up: kernels, allocator
+        for instance, _handle in models.values():  # warm-up: kernels, allocator
             prefill(instance, ids)
     results = latency(models, ids, args, device)
     if args.capacity:
@@ -286,7 +298,7 @@ def main() -> None:
             handle.remove()
     base = results.get("full")
     if base:
-        for name, row in results.items():
+        for row in results.values():
             row["kv_fraction"] = row["kv_bytes"] / base["kv_bytes"]
             row["prefill_ratio"] = row["prefill_ms"] / base["prefill_ms"]
             row["decode_step_ratio"] = row["decode_step_ms"] / base["decode_step_ms"]

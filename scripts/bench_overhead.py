@@ -140,9 +140,7 @@ def main() -> None:
         "transformers": __import__("transformers").__version__,
         "rounds": rounds,
         "median_ms": medians,
-        "ratio": {
-            name: {k: medians[name][k] / medians["untouched"][k] for k in medians[name]} for name in CONFIGS
-        },
+        "ratio": {name: {k: medians[name][k] / medians["untouched"][k] for k in medians[name]} for name in CONFIGS},
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
     }
     if args.json:
@@ -150,13 +148,9 @@ def main() -> None:
     print(f"device: {result['device']}  torch {result['torch']}  transformers {result['transformers']}")
     print(f"{'config':<14}" + "".join(f"{k:>22}" for k in medians["untouched"]))
     for name in CONFIGS:
-        cells = "".join(
-            f"{medians[name][k]:>12.2f} ms {result['ratio'][name][k]:>6.3f}x" for k in medians["untouched"]
-        )
+        cells = "".join(f"{medians[name][k]:>12.2f} ms {result['ratio'][name][k]:>6.3f}x" for k in medians["untouched"])
         print(f"{name:<14}{cells}")
-    spread = {
-        k: (max(v) - min(v)) / statistics.median(v) for k, v in rounds["untouched"].items()
-    }
+    spread = {k: (max(v) - min(v)) / statistics.median(v) for k, v in rounds["untouched"].items()}
     print("untouched round-to-round spread (max-min)/median:", {k: round(v, 4) for k, v in spread.items()})
 
 

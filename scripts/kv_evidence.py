@@ -125,8 +125,11 @@ def main() -> None:
             "rows": result.rows,
         }
         path.write_text(json.dumps(row, indent=1))
-        print(f"{name}: recall {result.metrics['recall']:.3f}, exact {result.metrics['exact_match']:.3f}, "
-              f"kv {row['kv_fraction']:.3f}, {row['seconds']} s", flush=True)
+        print(
+            f"{name}: recall {result.metrics['recall']:.3f}, exact {result.metrics['exact_match']:.3f}, "
+            f"kv {row['kv_fraction']:.3f}, {row['seconds']} s",
+            flush=True,
+        )
     summary(args.out)
 
 
@@ -138,7 +141,9 @@ def summary(out: Path) -> None:
     for name, row in rows.items():
         m = row["metrics"]
         rel = m["recall"] / full["metrics"]["recall"] if full and full["metrics"]["recall"] else float("nan")
-        print(f"| {name} | {m['recall']:.3f} | {m['exact_match']:.3f} | {rel:.3f} | {row['kv_fraction']:.3f} | {row['seconds']} |")
+        print(
+            f"| {name} | {m['recall']:.3f} | {m['exact_match']:.3f} | {rel:.3f} | {row['kv_fraction']:.3f} | {row['seconds']} |"
+        )
 
 
 if __name__ == "__main__":

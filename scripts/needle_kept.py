@@ -39,7 +39,9 @@ def main() -> None:
     task = NeedleTask()
     haystack, _ = load_haystack(task)
     chat = uses_chat_template(tokenizer, task.chat_template)
-    builder = PromptBuilder(tokenizer, haystack, question=task.question, template=task.template, chat=chat, system=task.system)
+    builder = PromptBuilder(
+        tokenizer, haystack, question=task.question, template=task.template, chat=chat, system=task.system
+    )
     for length in (1024, 4096):
         prompt = builder.build(length, 0.5, task.needle, task.expected)
         start, end = prompt.needle_span

@@ -32,16 +32,16 @@ sys.path.insert(0, str(ROOT))
 import attnkit  # noqa: E402
 from attnkit.heads import ModelShape, load_artifact  # noqa: E402
 from attnkit.methods import PH3, HeadMask  # noqa: E402
-from attnkit.recipe.methods import ph3_heads  # noqa: E402
 from attnkit.models import load_model  # noqa: E402
-from attnkit.tasks.choice import paired_comparison  # noqa: E402
+from attnkit.recipe.methods import ph3_heads  # noqa: E402
 from attnkit.recipe.tasks import ConflictTask  # noqa: E402
+from attnkit.tasks.choice import paired_comparison  # noqa: E402
 from attnkit.tasks.conflict import run_conflict  # noqa: E402
 
 
 def random_heads(shape: ModelShape, k: int, exclude: set[tuple[int, int]], seed: int) -> list[list[int]]:
     """``k`` heads drawn uniformly (seeded) from the model's heads not in ``exclude``."""
-    pool = [(l, h) for l in range(shape.num_layers) for h in range(shape.num_heads) if (l, h) not in exclude]
+    pool = [(lay, h) for lay in range(shape.num_layers) for h in range(shape.num_heads) if (lay, h) not in exclude]
     return [list(pair) for pair in sorted(random.Random(seed).sample(pool, k))]
 
 
@@ -59,8 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--control-seeds", default="0", help="seeds of the random-head controls, comma-separated")
-    ap.add_argument("--generate", default="untouched,closed_book,ph3_memory,ph3_context,random_memory_s0,random_context_s0",
-                    help="conditions that also get greedy generation (comma-separated; 'all' or 'none')")
+    ap.add_argument(
+        "--generate",
+        default="untouched,closed_book,ph3_memory,ph3_context,random_memory_s0,random_context_s0",
+        help="conditions that also get greedy generation (comma-separated; 'all' or 'none')",
+    )
     ap.add_argument("--out", type=Path, required=True, help="JSON summary")
     args = ap.parse_args(argv)
 
@@ -79,25 +82,46 @@ def main(argv: list[str] | None = None) -> int:
             picked = random_heads(shape, k, set(heads), seed)
             chosen[f"random_{steer}_s{seed}"] = {"k": k, "seed": seed, "heads": picked}
             conditions[f"random_{steer}_s{seed}"] = ([HeadMask(heads=picked, scale=0.0)], True)
-    generate = set(conditions) if args.generate == "all" else set() if args.generate == "none" else set(args.generate.split(","))
+    generate = (
+        set(conditions)
+        if args.generate == "all"
+        else set()
+        if args.generate == "none"
+        else set(args.generate.split(","))
+    )
 
     results: dict[str, Any] = {}
     rows: dict[str, list[dict]] = {}
     for name, (methods, with_context) in conditions.items():
-        task = ConflictTask(data=args.data, limit=args.limit, batch_size=args.batch_size, with_context=with_context,
-                            scoring="both" if name in generate else "loglik")
+        task = ConflictTask(
+            data=args.data,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            with_context=with_context,
+            scoring="both" if name in generate else "loglik",
+        )
         start = time.perf_counter()
         with attnkit.apply(model, methods) as handle:
             result = run_conflict(model, tokenizer, task, progress=False)
             stats = handle.stats(total=True)
-        results[name] = {"metrics": result.metrics, "seconds": round(time.perf_counter() - start, 1),
-                         "method_stats": stats}
+        results[name] = {
+            "metrics": result.metrics,
+            "seconds": round(time.perf_counter() - start, 1),
+            "method_stats": stats,
+        }
         rows[name] = result.rows
         m = result.metrics
-        print(f"{name}: context {m['context_rate']:.4f} memory {m['memory_rate']:.4f}"
-              + (f" | gen context {m['generate_context_rate']:.4f} memory {m['generate_memory_rate']:.4f} "
-                 f"other {m['generate_other_rate']:.4f}" if "generate_context_rate" in m else "")
-              + f" ({results[name]['seconds']} s)", flush=True)
+        print(
+            f"{name}: context {m['context_rate']:.4f} memory {m['memory_rate']:.4f}"
+            + (
+                f" | gen context {m['generate_context_rate']:.4f} memory {m['generate_memory_rate']:.4f} "
+                f"other {m['generate_other_rate']:.4f}"
+                if "generate_context_rate" in m
+                else ""
+            )
+            + f" ({results[name]['seconds']} s)",
+            flush=True,
+        )
     base = rows["untouched"]
     for name in conditions:
         if name in ("untouched", "closed_book"):
@@ -108,8 +132,13 @@ def main(argv: list[str] | None = None) -> int:
                 comparisons[f"generate_{outcome}"] = compare(base, rows[name], "generate_choice", outcome)
         results[name]["vs_untouched"] = comparisons
     summary = {
-        "model": args.model, "heads": args.heads, "data": args.data, "limit": args.limit,
-        "sweep": artifact.parameters.get("sweep"), "chosen": chosen, "results": results,
+        "model": args.model,
+        "heads": args.heads,
+        "data": args.data,
+        "limit": args.limit,
+        "sweep": artifact.parameters.get("sweep"),
+        "chosen": chosen,
+        "results": results,
         "seconds_total": round(time.perf_counter() - t0, 1),
         "versions": {"attnkit": attnkit.__version__},
     }
@@ -132,18 +161,32 @@ def fmt_rate(m: dict[str, Any], key: str) -> str:
 
 def table(summary: dict[str, Any]) -> str:
     """Markdown: one row per condition, rates with 95% Wilson intervals, paired differences."""
-    lines = ["| condition | k | loglik context rate | loglik memory rate | gen context | gen memory | gen other | "
-             "Δ loglik context (paired 95% CI, McNemar p) |", "|---" * 8 + "|"]
+    lines = [
+        "| condition | k | loglik context rate | loglik memory rate | gen context | gen memory | gen other | "
+        "Δ loglik context (paired 95% CI, McNemar p) |",
+        "|---" * 8 + "|",
+    ]
     for name, res in summary["results"].items():
         m = res["metrics"]
-        k = summary["chosen"].get(name.replace("ph3_", ""), summary["chosen"].get(name, {})).get("k", "") \
-            if name not in ("untouched", "closed_book") else ""
+        k = (
+            summary["chosen"].get(name.replace("ph3_", ""), summary["chosen"].get(name, {})).get("k", "")
+            if name not in ("untouched", "closed_book")
+            else ""
+        )
         diff = res.get("vs_untouched", {}).get("loglik_context")
-        d = (f"{diff['accuracy_difference']:+.3f} [{diff['difference_ci95'][0]:+.3f}, {diff['difference_ci95'][1]:+.3f}], "
-             f"p={diff['mcnemar_p']:.2g}") if diff else ""
-        lines.append(f"| {name} | {k} | {fmt_rate(m, 'context_rate')} | {fmt_rate(m, 'memory_rate')} | "
-                     f"{fmt_rate(m, 'generate_context_rate')} | {fmt_rate(m, 'generate_memory_rate')} | "
-                     f"{fmt_rate(m, 'generate_other_rate')} | {d} |")
+        d = (
+            (
+                f"{diff['accuracy_difference']:+.3f} [{diff['difference_ci95'][0]:+.3f}, {diff['difference_ci95'][1]:+.3f}], "
+                f"p={diff['mcnemar_p']:.2g}"
+            )
+            if diff
+            else ""
+        )
+        lines.append(
+            f"| {name} | {k} | {fmt_rate(m, 'context_rate')} | {fmt_rate(m, 'memory_rate')} | "
+            f"{fmt_rate(m, 'generate_context_rate')} | {fmt_rate(m, 'generate_memory_rate')} | "
+            f"{fmt_rate(m, 'generate_other_rate')} | {d} |"
+        )
     return "\n".join(lines)
 
 

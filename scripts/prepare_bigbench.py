@@ -122,8 +122,11 @@ def build(name: str, spec: dict[str, Any], task: dict[str, Any], seed: int) -> t
     return items, info
 
 
-CONFLICT = {"task": "contextual_parametric_knowledge_conflicts", "max_context_words": 60,
-            "splits": {"profile": 200, "validation": 200, "test": 400}}
+CONFLICT = {
+    "task": "contextual_parametric_knowledge_conflicts",
+    "max_context_words": 60,
+    "splits": {"profile": 200, "validation": 200, "test": 400},
+}
 
 
 def build_conflict(task: dict[str, Any], seed: int) -> tuple[dict[str, list[dict]], dict]:
@@ -193,11 +196,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / ".cache" / "attnkit-data",
                     help="output folder; files go to OUT/data/ (default: <repo>/.cache/attnkit-data)")  # fmt: skip
-    ap.add_argument("--cache", type=Path, default=None, help="attnkit cache root for the sdist (default: $ATTNKIT_CACHE or ~/.cache/attnkit)")
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="attnkit cache root for the sdist (default: $ATTNKIT_CACHE or ~/.cache/attnkit)",
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", choices=sorted([*DATASETS, "conflict"]), action="append", help="build only this set (repeatable)")
+    ap.add_argument(
+        "--only", choices=sorted([*DATASETS, "conflict"]), action="append", help="build only this set (repeatable)"
+    )
     ap.add_argument("--no-tokens", action="store_true", help="skip the tokenizer (no token lengths in the manifest)")
-    ap.add_argument("--check", type=int, default=0, metavar="N", help="score the first N test items of each set with SmolLM2")
+    ap.add_argument(
+        "--check", type=int, default=0, metavar="N", help="score the first N test items of each set with SmolLM2"
+    )
     args = ap.parse_args(argv)
 
     names = args.only or [*DATASETS, "conflict"]
@@ -228,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
                 write_jsonl(path, rows)
                 entry = {"path": path.name, "n": len(rows)}
                 if tok is not None:
-                    entry["prompt_tokens"] = token_stats(tok, [{"prompt": f"Context: {r['context']}\nQuestion: "
-                                                                 f"{r['question']}\nAnswer:"} for r in rows])
+                    entry["prompt_tokens"] = token_stats(
+                        tok, [{"prompt": f"Context: {r['context']}\nQuestion: {r['question']}\nAnswer:"} for r in rows]
+                    )
                 info["files"][split] = entry
                 print(f"  {path}: {len(rows)} items {entry.get('prompt_tokens', '')}")
             manifest[name] = info
@@ -249,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
                 entry["prompt_tokens"] = token_stats(tok, rows)
             info["files"][split] = entry
             tokens = entry.get("prompt_tokens")
-            tok_txt = f"; prompt tokens mean {tokens['mean']} / median {tokens['median']} / max {tokens['max']}" if tokens else ""
+            tok_txt = (
+                f"; prompt tokens mean {tokens['mean']} / median {tokens['median']} / max {tokens['max']}"
+                if tokens
+                else ""
+            )
             print(f"  {path}: {len(rows)} items, labels {entry['labels']}{tok_txt}")
         print(f"  demonstration pool: {sum(info['splits']['pool'].values())} examples {info['splits']['pool']}")
         if tok is not None:

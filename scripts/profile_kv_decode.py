@@ -20,18 +20,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_kv import build, prefill, retrieval_heads  # noqa: E402
+from bench_overhead import LLAMA3_8B  # noqa: E402
+
 import attnkit  # noqa: E402
 from attnkit.compat import cache_argument  # noqa: E402
 from attnkit.engine.kvcache import sdpa_without_cudnn  # noqa: E402
 from attnkit.methods import Razor, SnapKV  # noqa: E402
-from bench_kv import build, prefill, retrieval_heads  # noqa: E402
-from bench_overhead import LLAMA3_8B  # noqa: E402
 
 STEPS = 5
 model = build(LLAMA3_8B, "cuda")
 ids = torch.randint(0, LLAMA3_8B["vocab_size"], (1, 32768), device="cuda")
-configs = {"full_no_cudnn": None, "snapkv": [SnapKV(budget=2048)],
-           "razor": [Razor(heads=retrieval_heads(LLAMA3_8B, 0.15), local=4000, ratio=8.0)]}
+configs = {
+    "full_no_cudnn": None,
+    "snapkv": [SnapKV(budget=2048)],
+    "razor": [Razor(heads=retrieval_heads(LLAMA3_8B, 0.15), local=4000, ratio=8.0)],
+}
 for name, methods in configs.items():
     handle = attnkit.apply(model, methods) if methods else None
     with torch.no_grad(), sdpa_without_cudnn():

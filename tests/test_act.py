@@ -5,14 +5,23 @@ import torch
 
 import attnkit
 from attnkit.compat import cache_argument
-from attnkit.methods import ACT, HeadMask
-from attnkit.methods import Method
+from attnkit.methods import ACT, HeadMask, Method
 from attnkit.recipe.methods import MethodConfig
 from attnkit.sinks import calibrate, causal_column_mean
 from tests.factory import SUPPORTED_ATTN, left_padded_batch, position_ids_from_mask, tiny_inputs, tiny_model
 
 HEADS = {1: [0, 2], 2: [1, 3]}
-ARCHS = ["llama-mha", "llama-gqa", "llama-mqa", "qwen2-gqa", "qwen3-gqa", "mistral-gqa", "gemma2-gqa", "gemma3-gqa", "phi3-mha"]
+ARCHS = [
+    "llama-mha",
+    "llama-gqa",
+    "llama-mqa",
+    "qwen2-gqa",
+    "qwen3-gqa",
+    "mistral-gqa",
+    "gemma2-gqa",
+    "gemma3-gqa",
+    "phi3-mha",
+]
 
 
 def reference_calibration(probs, key_valid, beta, threshold, prompt_rows=None, window=None):
@@ -131,7 +140,9 @@ def test_beta_one_is_bit_identical(arch):
 
 def test_calibrated_rows_sum_to_one_and_sinks_shrink():
     torch.manual_seed(0)
-    probs = torch.softmax(torch.randn(2, 3, 9, 9, dtype=torch.float64).tril() * 4 - torch.triu(torch.full((9, 9), 1e9), 1), -1)
+    probs = torch.softmax(
+        torch.randn(2, 3, 9, 9, dtype=torch.float64).tril() * 4 - torch.triu(torch.full((9, 9), 1e9), 1), -1
+    )
     means = causal_column_mean(probs)
     sinks = means > 0.1
     sinks[..., 0] = False
@@ -151,7 +162,7 @@ def test_left_padded_batch_equals_single_rows(arch, path):
     together, _ = run(model, act, **batch, position_ids=position_ids_from_mask(batch["attention_mask"]))
     for row, seq in enumerate(seqs):
         alone, _ = run(model, act, input_ids=torch.tensor([seq]))
-        torch.testing.assert_close(together[row, -len(seq):], alone[0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(together[row, -len(seq) :], alone[0], rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("path", ["fast", "eager"])
@@ -166,7 +177,9 @@ def test_decode_calibrates_against_prefill_sinks(arch, path):
     with torch.no_grad(), attnkit.apply(model, [ACT(heads=HEADS, threshold=0.08, path=path)]) as handle:
         steps.append(model(input_ids=ids[:, :10], **cache_argument(model, cache), use_cache=True).logits[0, -1])
         for t in range(10, 15):
-            steps.append(model(input_ids=ids[:, t : t + 1], **cache_argument(model, cache), use_cache=True).logits[0, -1])
+            steps.append(
+                model(input_ids=ids[:, t : t + 1], **cache_argument(model, cache), use_cache=True).logits[0, -1]
+            )
         assert handle.stats(total=True)["act"]["layer_calls"] == 2 * 6
     reference, _ = run(model, [ReferenceACT(HEADS, threshold=0.08, prompt_rows=10)], input_ids=ids)
     recomputed, _ = run(model, [ACT(heads=HEADS, threshold=0.08, path=path)], input_ids=ids)
@@ -194,10 +207,12 @@ def test_default_heads_are_layers_2_to_l_minus_2():
 def test_composed_with_head_mask_in_order():
     model = model64("llama-gqa")
     inputs = tiny_inputs(model, batch=1, length=12)
-    recipe = {"methods": [
-        {"method": "act", "heads": {1: [0, 2]}, "threshold": 0.08},
-        {"method": "head_mask", "heads": {1: [0]}, "scale": 0.0},
-    ]}
+    recipe = {
+        "methods": [
+            {"method": "act", "heads": {1: [0, 2]}, "threshold": 0.08},
+            {"method": "head_mask", "heads": {1: [0]}, "scale": 0.0},
+        ]
+    }
     both, stats = run(model, recipe, **inputs)
     assert stats["act"]["sinks_found"] > 0 and stats["head_mask"]["head_outputs_scaled"] == 1
     act_only, _ = run(model, [ACT(heads={1: [0, 2]}, threshold=0.08)], **inputs)

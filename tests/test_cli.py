@@ -133,8 +133,12 @@ def all_commands():
 
 
 def test_every_option_has_help_text():
-    missing = [f"{name} {param.opts[0]}" for name, callback in all_commands() for param in typer_params(callback)
-               if not getattr(param, "help", None)]
+    missing = [
+        f"{name} {param.opts[0]}"
+        for name, callback in all_commands()
+        for param in typer_params(callback)
+        if not getattr(param, "help", None)
+    ]
     assert not missing, missing
 
 

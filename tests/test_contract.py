@@ -12,15 +12,20 @@ import yaml
 import attnkit
 import attnkit.methods  # noqa: F401  (registers the built-in methods)
 from attnkit.engine import plan
-from attnkit.recipe import load_recipe
 from attnkit.methods import METHODS
+from attnkit.recipe import load_recipe
 from tests.factory import PAD_ID, left_padded_batch, position_ids_from_mask, single_threaded
 from tests.method_examples import EXAMPLES, MethodExample
 
 NAMES = sorted(METHODS)
 HOOK_DICTS = (
-    "_forward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
+    "_forward_pre_hooks",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
 )
 
 
@@ -74,7 +79,9 @@ def applied(model, entry: MethodExample, which: str = "example") -> attnkit.Hand
 def test_every_registered_method_has_an_example(name):
     entry = example_for(name)
     assert entry.example["method"] == entry.identity["method"] == name
-    assert len(entry.seqs) >= 2 and len(entry.seqs[0]) - min(map(len, entry.seqs)) >= 3, "one row padded by several tokens"
+    assert len(entry.seqs) >= 2 and len(entry.seqs[0]) - min(map(len, entry.seqs)) >= 3, (
+        "one row padded by several tokens"
+    )
 
 
 def test_a_method_without_an_entry_fails_naming_the_file():
@@ -84,7 +91,9 @@ def test_a_method_without_an_entry_fails_naming_the_file():
 
 def test_examples_name_only_registered_methods():
     """The other direction: an entry for a method that was renamed or removed is stale."""
-    assert sorted(set(EXAMPLES) - set(METHODS)) == [], "entries for unregistered methods: remove them or register the methods"
+    assert sorted(set(EXAMPLES) - set(METHODS)) == [], (
+        "entries for unregistered methods: remove them or register the methods"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,7 +145,7 @@ def test_left_padded_batch_equals_single_rows(name):
         alone = [entry.logits(model, one_row(seq))[0] for seq in entry.seqs]
         assert handle.stats(total=True)[name][entry.stat] > 0
     for row, (seq, single) in enumerate(zip(entry.seqs, alone)):
-        got = together[row] if entry.decode_steps else together[row, -len(seq):]
+        got = together[row] if entry.decode_steps else together[row, -len(seq) :]
         torch.testing.assert_close(got, single, rtol=entry.tolerance, atol=entry.tolerance)
 
 

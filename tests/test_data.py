@@ -12,8 +12,8 @@ import pytest
 
 from attnkit import data
 from attnkit.data import DataError, Example, fewshot_items, make_splits
-from attnkit.tasks.choice import load_items
 from attnkit.recipe.tasks import ChoiceTask
+from attnkit.tasks.choice import load_items
 
 LABELS3 = ["a", "b", "c"]
 
@@ -209,7 +209,9 @@ def test_items_are_read_by_the_choice_task(tmp_path):
     path = tmp_path / "d" / "items.jsonl"
     assert data.write_jsonl(path, items) == len(items)
     loaded = load_items(ChoiceTask(data=str(path)))
-    assert [(i.prompt, i.choices, i.answer) for i in loaded] == [(r["prompt"], r["choices"], r["answer"]) for r in items]
+    assert [(i.prompt, i.choices, i.answer) for i in loaded] == [
+        (r["prompt"], r["choices"], r["answer"]) for r in items
+    ]
 
 
 # --------------------------------------------------------------------------- BIG-bench (fake archive, no download)

@@ -7,18 +7,18 @@ import torch
 
 import attnkit
 from attnkit import compat
-from attnkit.engine import attention, plan
-from attnkit.methods import ACT, HeadMask, Razor, SinkRedistribute, SnapKV, Streaming
-from attnkit.methods import Method
+from attnkit.engine import plan
+from attnkit.methods import ACT, HeadMask, Method, Razor, SinkRedistribute, SnapKV, Streaming
 from attnkit.recipe.methods import MethodConfig
 from attnkit.tasks.report import describe_stats
 from tests.factory import ARCHS, SUPPORTED_ATTN, arch_attn_pairs, left_padded_batch, tiny_inputs, tiny_model
 
 
-
 def model_of(arch):
     """The arch with its first supported backend (sdpa, or eager where sdpa is refused)."""
     return tiny_model(arch, attn_implementation=SUPPORTED_ATTN[arch][0])
+
+
 MASK = {"method": "head_mask", "heads": {1: [0, 2], 2: [3]}, "scale": 0.0}
 
 
@@ -29,7 +29,11 @@ def logits(model, **inputs):
 
 def zero_columns(model, heads: dict[int, list[int]]):
     """The same model with the o_proj input columns of ``heads`` zeroed, by hand."""
-    dim = model.config.head_dim if getattr(model.config, "head_dim", None) else model.config.hidden_size // model.config.num_attention_heads
+    dim = (
+        model.config.head_dim
+        if getattr(model.config, "head_dim", None)
+        else model.config.hidden_size // model.config.num_attention_heads
+    )
     for layer, indices in heads.items():
         weight = model.model.layers[layer].self_attn.o_proj.weight
         for head in indices:
@@ -272,7 +276,10 @@ def test_a_cache_attnkit_cannot_see_raises_at_the_first_decode_step(monkeypatch)
     inputs = tiny_inputs(model, length=10)
     monkeypatch.setattr(compat, "call_cache", lambda kwargs: None)  # as if transformers renamed the keyword again
     with torch.no_grad(), attnkit.apply(model, [HeadMask(heads={1: [0]})]) as handle:
-        with pytest.raises(compat.TransformersChanged, match=r"1-token call for a prefill after 0 cached tokens, but the cache the model returned holds 11.*transformers 5\.\d+.*Upgrade attnkit"):
+        with pytest.raises(
+            compat.TransformersChanged,
+            match=r"1-token call for a prefill after 0 cached tokens, but the cache the model returned holds 11.*transformers 5\.\d+.*Upgrade attnkit",
+        ):
             model.generate(**inputs, max_new_tokens=3, do_sample=False)
         assert handle.stats(total=True)["head_mask"]["phases"] == {"prefill": 2}  # the second call was the first step
 
@@ -334,7 +341,9 @@ class InputReader(Method):
 
     def attach(self, at):
         for layer in self.layers:
-            at.layer_input(layer, lambda hidden, state, layer=layer: self.seen.append((layer, state.phase, hidden.clone())))
+            at.layer_input(
+                layer, lambda hidden, state, layer=layer: self.seen.append((layer, state.phase, hidden.clone()))
+            )
 
 
 @pytest.mark.parametrize("arch", ["llama-gqa", "gemma3-gqa", "qwen3-gqa"])

@@ -83,7 +83,11 @@ def test_config_facts():
         assert getattr(tiny_config(a), "sliding_window", None) is None
     # overrides pass through; layer pattern follows num_hidden_layers
     assert tiny_config("gemma3-gqa", num_hidden_layers=5).layer_types == [
-        "sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
+        "sliding_attention",
+        "sliding_attention",
+        "full_attention",
+        "sliding_attention",
+        "sliding_attention",
     ]
     assert tiny_config("llama-gqa", num_key_value_heads=4).num_key_value_heads == 4
     with pytest.raises(ValueError, match="unknown arch"):

@@ -8,9 +8,9 @@ import torch
 import attnkit
 from attnkit import kernels
 from attnkit.engine.plan import AttentionCall
-from attnkit.primitives import layer_window
 from attnkit.methods import ACT
 from attnkit.methods.act import voter_counts
+from attnkit.primitives import layer_window
 from attnkit.recipe.methods import MethodConfig
 from tests.factory import ARCHS, SUPPORTED_ATTN, left_padded_batch, tiny_model
 
@@ -89,7 +89,10 @@ def reference(q, k, scale, valid, window):
 
 
 @needs_triton
-@pytest.mark.parametrize("m,n,window,pad", [(70, 70, 0, False), (70, 70, 0, True), (130, 130, 20, True), (3, 100, 0, True), (1, 90, 16, False)])
+@pytest.mark.parametrize(
+    "m,n,window,pad",
+    [(70, 70, 0, False), (70, 70, 0, True), (130, 130, 20, True), (3, 100, 0, True), (1, 90, 16, False)],
+)
 def test_kernels_equal_reference(m, n, window, pad):
     torch.manual_seed(m + n)
     q, k = torch.randn(2, 3, m, 32), torch.randn(2, 3, n, 32)

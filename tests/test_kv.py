@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import attnkit
@@ -23,7 +22,7 @@ from attnkit.compat import cache_argument, output_cache
 from attnkit.engine.kvcache import CompressedLayer, KVCacheError, cache_bytes, compensation, compensation_bias
 from attnkit.methods import HeadMask, Razor, SnapKV, Streaming
 from attnkit.recipe import RecipeError, load_recipe
-from tests.factory import left_padded_batch, position_ids_from_mask, tiny_inputs, tiny_model
+from tests.factory import left_padded_batch, tiny_inputs, tiny_model
 
 ARCHS = ["llama-mha", "llama-gqa", "llama-mqa", "qwen3-gqa", "gemma3-gqa", "phi3-mha"]
 
@@ -125,7 +124,9 @@ def reference_logits(model, inputs, kept, steps, compensation=False):
 def full_kept(kept: dict, model) -> dict:
     """Kept sets for every layer; layers attnkit left whole read everything."""
     kv = model.config.num_key_value_heads
-    return {layer: {h: kept.get(layer, {}).get(h) for h in range(kv)} for layer in range(model.config.num_hidden_layers)}
+    return {
+        layer: {h: kept.get(layer, {}).get(h) for h in range(kv)} for layer in range(model.config.num_hidden_layers)
+    }
 
 
 # --- selection -------------------------------------------------------------------------------------
@@ -157,7 +158,9 @@ def test_snapkv_keeps_reference_top_k(arch, pooling, reduction):
     window, budget = 6, 16
     reference = snapkv_reference_scores(model, inputs, window=window, kernel=5, pooling=pooling, reduction=reduction)
     model.set_attn_implementation("sdpa")
-    with attnkit.apply(model, [SnapKV(budget=budget, window=window, kernel=5, pooling=pooling, reduction=reduction)]) as handle:
+    with attnkit.apply(
+        model, [SnapKV(budget=budget, window=window, kernel=5, pooling=pooling, reduction=reduction)]
+    ) as handle:
         out = generate(model, inputs, steps=1)
         stats = handle.stats(total=True)["snapkv"]
     got = kept_columns(output_cache(out))
@@ -210,7 +213,11 @@ def test_several_new_tokens_at_once_equal_masked_reference(method):
     model = tiny_model("llama-gqa", dtype=torch.float64)
     inputs = tiny_inputs(model, length=36)
     more = torch.randint(0, model.config.vocab_size, (1, 3), generator=torch.Generator().manual_seed(5))
-    chosen = SnapKV(budget=14, window=4, kernel=3) if method == "snapkv" else Razor(heads={0: [0]}, sink=2, local=6, ratio=None)
+    chosen = (
+        SnapKV(budget=14, window=4, kernel=3)
+        if method == "snapkv"
+        else Razor(heads={0: [0]}, sink=2, local=6, ratio=None)
+    )
 
     def continue_with():
         """(logits of the three tokens fed at once after the prompt, the prompt's cache)"""
@@ -263,7 +270,9 @@ def test_compensation_token_formula():
 
 
 @pytest.mark.parametrize("arch", ["llama-gqa", "gemma3-gqa"])
-@pytest.mark.parametrize("method", [SnapKV(budget=64, window=4), Streaming(budget=0.999999), Razor(heads={0: [0]}, local=64)])
+@pytest.mark.parametrize(
+    "method", [SnapKV(budget=64, window=4), Streaming(budget=0.999999), Razor(heads={0: [0]}, local=64)]
+)
 def test_budget_covering_the_prompt_is_bit_identical(arch, method):
     model = tiny_model(arch)
     inputs = tiny_inputs(model, length=30)
@@ -300,7 +309,9 @@ def test_left_padded_batch_equals_single_rows(method):
         singles = [generate(model, {"input_ids": torch.tensor([s])}, steps=3) for s in seqs]
     for row, single in enumerate(singles):
         assert torch.equal(out.sequences[row, -3:], single.sequences[0, -3:])
-        torch.testing.assert_close(torch.stack(out.logits, 1)[row], torch.stack(single.logits, 1)[0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(
+            torch.stack(out.logits, 1)[row], torch.stack(single.logits, 1)[0], rtol=1e-9, atol=1e-9
+        )
 
 
 def test_new_tokens_continue_from_the_prompt_length():
@@ -449,8 +460,12 @@ def test_query_level_artifact_heads_become_kv_heads(tmp_path):
     model = tiny_model("llama-gqa")  # 4 query heads, 2 KV heads
     shape = ModelShape.from_config(model.config)
     artifact = HeadArtifact(
-        attnkit_version="0", model_id="tiny", config_fingerprint=shape.fingerprint, method="retrieval-heads",
-        scores=[[0.0] * 4] * 3, selection=Selection(rule="test", heads={0: [1], 2: [2, 3]}),
+        attnkit_version="0",
+        model_id="tiny",
+        config_fingerprint=shape.fingerprint,
+        method="retrieval-heads",
+        scores=[[0.0] * 4] * 3,
+        selection=Selection(rule="test", heads={0: [1], 2: [2, 3]}),
     )
     path = artifact.save(tmp_path / "heads.json")
     assert resolve_heads(str(path), shape, level="kv").by_layer() == {0: [0], 2: [1]}

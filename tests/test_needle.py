@@ -11,12 +11,10 @@ import json
 
 import pytest
 import torch
-from tests.factory import single_threaded, tiny_model
-from tests.test_tasks import CHAT_TEMPLATE, char_tokenizer
 
 from attnkit.recipe import RecipeError, load_recipe
-from attnkit.tasks import TaskDataError, run_recipe
 from attnkit.recipe.tasks import NeedleTask, PasskeyTask, parse_task
+from attnkit.tasks import TaskDataError, run_recipe
 from attnkit.tasks.haystack import sentence_boundaries
 from attnkit.tasks.needle import (
     PromptBuilder,
@@ -28,10 +26,13 @@ from attnkit.tasks.needle import (
     run_needle,
     run_passkey,
 )
+from tests.factory import single_threaded, tiny_model
+from tests.test_tasks import CHAT_TEMPLATE, char_tokenizer
 
-SENTENCES = [f"Sentence {i} is about the {w} of the river." for i, w in enumerate(
-    ["colour", "depth", "width", "speed", "sound", "smell", "taste", "age", "name", "mood"] * 3
-)]
+SENTENCES = [
+    f"Sentence {i} is about the {w} of the river."
+    for i, w in enumerate(["colour", "depth", "width", "speed", "sound", "smell", "taste", "age", "name", "mood"] * 3)
+]
 HAYSTACK = " ".join(SENTENCES)
 NEEDLE = "The key is red."
 QUESTION = "What is the key?"
@@ -192,8 +193,11 @@ def test_config_defaults_and_answer():
 
 
 def test_lengths_must_fit_the_model(model):
-    with pytest.raises(TaskDataError, match=r"task.lengths: 240 tokens \+ max_new_tokens 32 exceed the model's 256 "
-                                            r"positions.*use lengths up to 224"):
+    with pytest.raises(
+        TaskDataError,
+        match=r"task.lengths: 240 tokens \+ max_new_tokens 32 exceed the model's 256 "
+        r"positions.*use lengths up to 224",
+    ):
         check_lengths(model, NeedleTask(lengths=[100, 240]))
     check_lengths(model, NeedleTask(lengths=[224]))
 
@@ -207,8 +211,16 @@ def test_missing_haystack_file(model, tokenizer, tmp_path):
 
 
 def test_run_needle_rows_metrics_and_heatmap(model, tokenizer, haystack_file, tmp_path):
-    task = NeedleTask(haystack=haystack_file, lengths=[100, 180], depths=[0.0, 0.5, 1.0], needle=NEEDLE,
-                      question=QUESTION, answer="red", max_new_tokens=5, chat_template=False)
+    task = NeedleTask(
+        haystack=haystack_file,
+        lengths=[100, 180],
+        depths=[0.0, 0.5, 1.0],
+        needle=NEEDLE,
+        question=QUESTION,
+        answer="red",
+        max_new_tokens=5,
+        chat_template=False,
+    )
     result = run_needle(model, tokenizer, task, progress=False)
     assert [(r["length"], r["depth"]) for r in result.rows] == [(n, d) for n in (100, 180) for d in (0.0, 0.5, 1.0)]
     for row in result.rows:
@@ -234,8 +246,15 @@ def test_needle_scores_a_model_that_answers(tokenizer, haystack_file, monkeypatc
         return torch.cat([input_ids, new], dim=1)
 
     monkeypatch.setattr(model, "generate", generate)
-    task = NeedleTask(haystack=haystack_file, lengths=[100], depths=[0.2, 0.8], needle=NEEDLE, question=QUESTION,
-                      answer="red", chat_template=False)
+    task = NeedleTask(
+        haystack=haystack_file,
+        lengths=[100],
+        depths=[0.2, 0.8],
+        needle=NEEDLE,
+        question=QUESTION,
+        answer="red",
+        chat_template=False,
+    )
     metrics = run_needle(model, tokenizer, task, progress=False).metrics
     assert metrics["exact_match"] == 1.0 and metrics["recall"] == 1.0
     task = NeedleTask(**{**task.model_dump(), "needle": "The key is blue.", "answer": "blue"})
@@ -244,8 +263,15 @@ def test_needle_scores_a_model_that_answers(tokenizer, haystack_file, monkeypatc
 
 
 def test_batches_are_left_padded_like_single_prompts(model, tokenizer, haystack_file):
-    task = dict(haystack=haystack_file, lengths=[90, 140, 200], depths=[0.1, 0.9], needle=NEEDLE, question=QUESTION,
-                max_new_tokens=6, chat_template=False)
+    task = dict(
+        haystack=haystack_file,
+        lengths=[90, 140, 200],
+        depths=[0.1, 0.9],
+        needle=NEEDLE,
+        question=QUESTION,
+        max_new_tokens=6,
+        chat_template=False,
+    )
     single = run_needle(model, tokenizer, NeedleTask(**task, batch_size=1), progress=False).rows
     batched = run_needle(model, tokenizer, NeedleTask(**task, batch_size=4), progress=False).rows
     assert [r["output"] for r in batched] == [r["output"] for r in single]
@@ -253,8 +279,9 @@ def test_batches_are_left_padded_like_single_prompts(model, tokenizer, haystack_
 
 
 def test_run_passkey(model, tokenizer):
-    task = PasskeyTask(lengths=[120, 200], depths=[0.25, 0.75], max_new_tokens=4, chat_template=False,
-                       template="{context}\n{question}")
+    task = PasskeyTask(
+        lengths=[120, 200], depths=[0.25, 0.75], max_new_tokens=4, chat_template=False, template="{context}\n{question}"
+    )
     first = run_passkey(model, tokenizer, task, progress=False)
     again = run_passkey(model, tokenizer, task, progress=False)
     keys = [r["passkey"] for r in first.rows]
@@ -275,13 +302,23 @@ def test_passkey_prompt_holds_the_passkey_once(tokenizer):
 
 
 def test_recipe_runs_needle_with_baseline_and_writes_heatmaps(model, tokenizer, haystack_file, tmp_path):
-    recipe = load_recipe({
-        "name": "needle-tiny",
-        "methods": [{"method": "head_mask", "heads": {1: [0, 3]}}],
-        "task": {"kind": "needle", "haystack": haystack_file, "lengths": [100, 150], "depths": [0.0, 1.0],
-                 "needle": NEEDLE, "question": QUESTION, "answer": "red", "max_new_tokens": 4},
-        "baseline": True,
-    })
+    recipe = load_recipe(
+        {
+            "name": "needle-tiny",
+            "methods": [{"method": "head_mask", "heads": {1: [0, 3]}}],
+            "task": {
+                "kind": "needle",
+                "haystack": haystack_file,
+                "lengths": [100, 150],
+                "depths": [0.0, 1.0],
+                "needle": NEEDLE,
+                "question": QUESTION,
+                "answer": "red",
+                "max_new_tokens": 4,
+            },
+            "baseline": True,
+        }
+    )
     report = run_recipe(recipe, out_dir=tmp_path, progress=False, model=model, tokenizer=tokenizer)
     assert report["runs"]["baseline"]["files"] == ["baseline_needle.png"]
     assert report["runs"]["attnkit"]["files"] == ["needle.png"]

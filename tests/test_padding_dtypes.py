@@ -18,8 +18,13 @@ ALL_LAYERS = {"layers": "0-2", "heads": "all"}
 METHODS = {  # name -> (method on some heads, the same method on every layer)
     "act_eager": lambda heads: ACT(heads=heads, threshold=0.08, path="eager"),  # probability edit, eager math
     "act_fast": lambda heads: ACT(heads=heads, threshold=0.08, path="fast"),  # exact correction of the kernel output
-    "var": lambda heads: SinkRedistribute(sink_dims=[0], tau=1.0, span={"start": 1, "end": 5},
-                             first_layer=1 if heads is HEADS else 0, except_last_layer=False),
+    "var": lambda heads: SinkRedistribute(
+        sink_dims=[0],
+        tau=1.0,
+        span={"start": 1, "end": 5},
+        first_layer=1 if heads is HEADS else 0,
+        except_last_layer=False,
+    ),
 }
 # float64: the fast path's correction divides the kernel output's rounding error by the non-sink
 # mass (1 - sink mass), which is small on these sharp tiny models: 7.7e-8 seen at PAD 20.
@@ -38,7 +43,7 @@ def run(model, method, rows):
         together = model(**batch, position_ids=position_ids_from_mask(batch["attention_mask"])).logits
         fired = handle.stats()[method.label]
         alone = [model(input_ids=torch.tensor([seq])).logits[0] for seq in rows]
-    return [together[row, -len(seq):] for row, seq in enumerate(rows)], alone, fired
+    return [together[row, -len(seq) :] for row, seq in enumerate(rows)], alone, fired
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])

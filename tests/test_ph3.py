@@ -175,9 +175,9 @@ def full_record(model, ids):
     z, a, hooks = {}, {}, []
     for layer, module in attention_modules(model).items():
         hooks.append(
-            module.o_proj.register_forward_pre_hook(lambda m, args, l=layer: z.__setitem__(l, args[0].clone()))
+            module.o_proj.register_forward_pre_hook(lambda m, args, lay=layer: z.__setitem__(lay, args[0].clone()))
         )
-        hooks.append(module.register_forward_hook(lambda m, args, out, l=layer: a.__setitem__(l, out[0].clone())))
+        hooks.append(module.register_forward_hook(lambda m, args, out, lay=layer: a.__setitem__(lay, out[0].clone())))
     with torch.no_grad():
         model(input_ids=ids)
     for hook in hooks:
@@ -192,13 +192,13 @@ def direct_patched_ld(model, ids, clean, corrupt, layer, head, memory_token, con
     (z_clean, a_clean), (z_corr, _) = clean, corrupt
     dim = ModelShape.from_config(model.config).head_dim
     hooks = []
-    for l, module in attention_modules(model).items():
+    for lay, module in attention_modules(model).items():
 
-        def hook(m, args, out, l=l):
-            if l != layer:
-                return (a_clean[l], *out[1:])
-            z = z_clean[l].clone()
-            z[..., head * dim : (head + 1) * dim] = z_corr[l][..., head * dim : (head + 1) * dim]
+        def hook(m, args, out, lay=lay):
+            if lay != layer:
+                return (a_clean[lay], *out[1:])
+            z = z_clean[lay].clone()
+            z[..., head * dim : (head + 1) * dim] = z_corr[lay][..., head * dim : (head + 1) * dim]
             return (m.o_proj(z), *out[1:])
 
         hooks.append(module.register_forward_hook(hook))
@@ -228,10 +228,10 @@ def test_path_patching_equals_direct_recomputation(arch, attn):
     mem, ctx = 40, 77
     clean, corrupt = full_record(model, clean_ids), full_record(model, corrupt_ids)
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads
-    last = lambda d: torch.stack([d[l][0, -1] for l in range(L)])  # noqa: E731
+    last = lambda d: torch.stack([d[lay][0, -1] for lay in range(L)])  # noqa: E731
     with torch.no_grad():
         hidden = model(input_ids=clean_ids, output_hidden_states=True).hidden_states
-    resid = torch.stack([hidden[l][0, -1] for l in range(L)])
+    resid = torch.stack([hidden[lay][0, -1] for lay in range(L)])
     assert tail_supported(model) == (arch in ("llama-gqa", "qwen3-gqa", "phi3-mha"))
     for tail in (resid, None):  # layer tails where supported, and the whole-model forward
         ld_clean, ld_patched = frozen_logit_diffs(
@@ -255,7 +255,7 @@ def test_last_layer_path_patching_is_activation_patching():
     mem, ctx = 10, 20
     L, H, D = 3, 4, 16
     clean, corrupt = full_record(model, clean_ids), full_record(model, corrupt_ids)
-    last = lambda d: torch.stack([d[l][0, -1] for l in range(L)])  # noqa: E731
+    last = lambda d: torch.stack([d[lay][0, -1] for lay in range(L)])  # noqa: E731
     with torch.no_grad():
         hidden = model(input_ids=clean_ids, output_hidden_states=True).hidden_states
     _, ld_patched = frozen_logit_diffs(
@@ -428,7 +428,7 @@ def test_ph3_prunes_the_ranked_heads_like_head_mask(artifact):
     model, path = artifact
     ranking = json.loads(path.read_text())["parameters"]["memory_heads"]
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
-    heads = [[l, h] for l, h, _ in ranking[:2]]
+    heads = [[lay, h] for lay, h, _ in ranking[:2]]
     with torch.no_grad(), attnkit.apply(model, [HeadMask(heads=heads, scale=0.0)]):
         expected = model(input_ids=ids).logits
     with torch.no_grad(), attnkit.apply(model, [PH3(heads=str(path), steer="context", k=2)]) as handle:
@@ -436,7 +436,7 @@ def test_ph3_prunes_the_ranked_heads_like_head_mask(artifact):
         stats = handle.stats()["ph3"]
     assert torch.equal(got, expected)
     assert stats["k"] == 2 and stats["k_source"] == "recipe" and stats["heads"] == 2
-    assert stats["pruned"] == ", ".join(f"L{l}H{h}" for l, h in heads)
+    assert stats["pruned"] == ", ".join(f"L{lay}H{h}" for lay, h in heads)
 
 
 def test_identity_and_removal_are_bit_identical(artifact):
@@ -521,8 +521,8 @@ def test_sweep_chooses_k_and_auto_uses_it(artifact, tokenizer, data):
 def test_ph3_composes_with_head_mask_in_one_recipe(artifact):
     model, path = artifact
     ranking = json.loads(path.read_text())["parameters"]["context_heads"]
-    taken = {(l, h) for l, h, _ in ranking[:2]}
-    extra = next([l, h] for l in range(3) for h in range(4) if (l, h) not in taken)
+    taken = {(lay, h) for lay, h, _ in ranking[:2]}
+    extra = next([lay, h] for lay in range(3) for h in range(4) if (lay, h) not in taken)
     recipe = load_recipe(
         {
             "methods": [

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from attnkit.heads import HeadArtifact, HeadSetError, ModelShape, Selection, config_fingerprint, resolve_heads
-from attnkit.recipe.methods import HeadMaskConfig
 from attnkit.recipe import RecipeError, check_against_model, load_recipe
+from attnkit.recipe.methods import HeadMaskConfig
 from tests.factory import tiny_config
 
 SHAPE = ModelShape(num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, model_id="smol", fingerprint="abc")
@@ -52,12 +52,18 @@ def test_set_overrides_a_field():
     "body,expected",
     [
         ("methods:\n  - method: head_mask\n    heads: all\n    scael: 0.5\n", "methods[0].scael: unknown key"),
-        ("methods:\n  - method: head_mask\n    heads: all\n    scale: lots\n", "methods[0].scale: Input should be a valid number"),
+        (
+            "methods:\n  - method: head_mask\n    heads: all\n    scale: lots\n",
+            "methods[0].scale: Input should be a valid number",
+        ),
         ("methods:\n  - method: nope\n", "methods[0].method: unknown method 'nope'; known methods: act, head_mask"),
         ("methods:\n  - heads: all\n", "methods[0]: each method needs a `method:` name"),
         ("methods:\n  - method: head_mask\n", "methods[0].heads: Field required"),
         ("task:\n  kind: generate\n", "task: Value error, give exactly one of `prompts`"),
-        ("task:\n  kind: generate\n  prompts: [a]\n  max_new_tokens: 0\n", "task.max_new_tokens: Input should be greater than or equal to 1"),
+        (
+            "task:\n  kind: generate\n  prompts: [a]\n  max_new_tokens: 0\n",
+            "task.max_new_tokens: Input should be greater than or equal to 1",
+        ),
         ("task:\n  kind: dance\n", "task: Input tag 'dance' found using 'kind' does not match"),
         ("model:\n  dtype: float8\n", "model.dtype: Input should be 'float32', 'bfloat16', 'float16' or 'auto'"),
         ("modle: {}\n", "modle: unknown key"),
@@ -94,8 +100,13 @@ def test_heads_checked_against_model():
 
 @pytest.mark.parametrize(
     "spec,count",
-    [("all", 270), ({"layers": "2-29", "heads": "all"}, 252), ({3: [0, 1], "5-6": "all"}, 20), ([[0, 0], [29, 8]], 2),
-     ({"layers": "0,3,5-7", "heads": "0-2"}, 15)],
+    [
+        ("all", 270),
+        ({"layers": "2-29", "heads": "all"}, 252),
+        ({3: [0, 1], "5-6": "all"}, 20),
+        ([[0, 0], [29, 8]], 2),
+        ({"layers": "0,3,5-7", "heads": "0-2"}, 15),
+    ],
 )
 def test_head_set_forms(spec, count):
     assert len(resolve_heads(spec, SHAPE)) == count
@@ -117,8 +128,12 @@ def artifact_for(config, path):
     shape = ModelShape.from_config(config, "tiny")
     scores = [[0.0] * shape.num_heads for _ in range(shape.num_layers)]
     return HeadArtifact(
-        attnkit_version="0.1.0", model_id="tiny", config_fingerprint=config_fingerprint(config), method="test",
-        scores=scores, selection=Selection(rule="top-2", heads={1: [0, 2]}),
+        attnkit_version="0.1.0",
+        model_id="tiny",
+        config_fingerprint=config_fingerprint(config),
+        method="test",
+        scores=scores,
+        selection=Selection(rule="top-2", heads={1: [0, 2]}),
     ).save(path)
 
 

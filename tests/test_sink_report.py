@@ -8,16 +8,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.factory import ARCHS, SUPPORTED_ATTN, single_threaded, tiny_model
-from tests.test_tasks import char_tokenizer
 from typer.testing import CliRunner
 
 import attnkit
 import attnkit.models
 from attnkit.cli import app
-from attnkit.sink_report import SinkReport, sink_heatmap, sink_stats
 from attnkit.methods import HeadMask
 from attnkit.plots import head_map
+from attnkit.sink_report import SinkReport, sink_heatmap, sink_stats
+from tests.factory import ARCHS, SUPPORTED_ATTN, single_threaded, tiny_model
+from tests.test_tasks import char_tokenizer
 
 TEXT = "The cat sat on the mat."
 
@@ -151,7 +151,9 @@ def test_png_written(report, tmp_path):
     sink_heatmap(report, tmp_path / "sinks.png")
     png = (tmp_path / "sinks.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
-    figure = head_map(report.later_max, tmp_path / "sub" / "heads.png", "later sinks", annotate=report.later_sink_counts)
+    figure = head_map(
+        report.later_max, tmp_path / "sub" / "heads.png", "later sinks", annotate=report.later_sink_counts
+    )
     assert (tmp_path / "sub" / "heads.png").stat().st_size > 1_000
     assert figure.axes[0].get_title() == "later sinks"
 

@@ -7,12 +7,10 @@ import string
 
 import pytest
 import torch
-from tests.factory import BOS_ID, EOS_ID, PAD_ID, tiny_model
 from tokenizers import Tokenizer, decoders, models, processors
 from transformers import PreTrainedTokenizerFast
 
 from attnkit.recipe import RecipeError, load_recipe
-from attnkit.tasks.choice import encode_choice
 from attnkit.recipe.tasks import ChoiceTask, GenerateTask
 from attnkit.tasks import (
     TaskDataError,
@@ -22,6 +20,8 @@ from attnkit.tasks import (
     summarize,
     wilson_interval,
 )
+from attnkit.tasks.choice import encode_choice
+from tests.factory import BOS_ID, EOS_ID, PAD_ID, tiny_model
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -198,9 +198,9 @@ def test_choice_validation_names_file_and_line(model, tokenizer, tmp_path):
     with pytest.raises(TaskDataError) as err:
         run_choice(model, tokenizer, ChoiceTask(data=data), progress=False)
     message = str(err.value)
-    assert "bad.jsonl:2: \"answer\" 2 is out of range; there are 2 choices, so use 0-1" in message
+    assert 'bad.jsonl:2: "answer" 2 is out of range; there are 2 choices, so use 0-1' in message
     assert "bad.jsonl:3: \"answer\" 'z' is not one of the choices" in message
-    assert "bad.jsonl:4: \"choices\" must be a list of at least 2 strings" in message
+    assert 'bad.jsonl:4: "choices" must be a list of at least 2 strings' in message
     assert "bad.jsonl:1" not in message
 
 

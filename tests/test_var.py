@@ -11,11 +11,10 @@ import torch
 
 import attnkit
 from attnkit.compat import cache_argument
-from attnkit.methods import SinkRedistribute
-from attnkit.methods import Method
-from attnkit.recipe.methods import MethodConfig
+from attnkit.methods import Method, SinkRedistribute
 from attnkit.methods.sink_redistribute import redistribute
-from tests.factory import SUPPORTED_ATTN, left_padded_batch, position_ids_from_mask, tiny_model
+from attnkit.recipe.methods import MethodConfig
+from tests.factory import left_padded_batch, position_ids_from_mask, tiny_model
 
 SINK_DIM = 5
 SINK_TOKENS = (1, 61, 7, 104)  # BOS and three ordinary tokens made "massive"
@@ -101,10 +100,13 @@ class ReferenceVAR(Method):
             found = []
             for row in range(hidden.shape[0]):
                 n = self.prompt_rows or hidden.shape[1]
-                found.append({
-                    t for t in range(n)
-                    if (mask is None or mask[row, t]) and phi(hidden[row, t].tolist(), self.dims) > self.tau
-                })
+                found.append(
+                    {
+                        t
+                        for t in range(n)
+                        if (mask is None or mask[row, t]) and phi(hidden[row, t].tolist(), self.dims) > self.tau
+                    }
+                )
             plan.state.scratch.setdefault("reference_var", {})[layer] = found
 
         return hook
@@ -254,7 +256,9 @@ def test_decode_redistributes_against_prefill_sinks(arch):
         steps.append(model(input_ids=ids[:, :10], **cache_argument(model, cache), use_cache=True).logits[0, -1])
         prefill = handle.stats()["sink_redistribute"]
         for t in range(10, 15):
-            steps.append(model(input_ids=ids[:, t : t + 1], **cache_argument(model, cache), use_cache=True).logits[0, -1])
+            steps.append(
+                model(input_ids=ids[:, t : t + 1], **cache_argument(model, cache), use_cache=True).logits[0, -1]
+            )
         total = handle.stats(total=True)["sink_redistribute"]
     assert prefill["span_sinks"] == 2 * 2 and prefill["text_sinks"] == 2 * 1
     assert total["layer_calls"] == 2 * 6 and total["text_sinks"] == prefill["text_sinks"], "decode finds no new sinks"
@@ -352,7 +356,11 @@ def test_span_markers_equal_the_declared_span():
     batch["position_ids"] = position_ids_from_mask(batch["attention_mask"])
     by_span, s_span = run(model, [var(span={"start": 4, "end": 9})], input_ids=torch.tensor([seq]))
     by_ids, s_ids = run(model, [var(span=None, span_markers=[[90, 91], 92])], **batch)
-    by_text, _ = run(model, [SinkRedistribute(sink_dims=[SINK_DIM], tau=TAU, span_markers=["<ctx>", "</ctx>"], tokenizer=StubTokenizer())], **batch)
+    by_text, _ = run(
+        model,
+        [SinkRedistribute(sink_dims=[SINK_DIM], tau=TAU, span_markers=["<ctx>", "</ctx>"], tokenizer=StubTokenizer())],
+        **batch,
+    )
     assert s_ids["sink_redistribute"]["rows_without_span"] == 1 and s_ids["sink_redistribute"]["span_tokens"] == 5
     assert s_span["sink_redistribute"]["rows_redistributed"] == s_ids["sink_redistribute"]["rows_redistributed"] > 0
     torch.testing.assert_close(by_ids[0], by_span[0], rtol=1e-12, atol=1e-12)
@@ -395,10 +403,23 @@ def test_config_and_apply_errors():
     with pytest.raises(RecipeError, match=r"methods\[0\]\.sink_dims: Field required"):
         load_recipe({"methods": [{"method": "sink_redistribute", "span": {"start": 0, "end": 4}}]})
     with pytest.raises(RecipeError, match="either span or span_markers"):
-        load_recipe({"methods": [{"method": "sink_redistribute", "sink_dims": [1], "span": {"start": 0, "end": 4}, "span_markers": [3, 4]}]})
+        load_recipe(
+            {
+                "methods": [
+                    {
+                        "method": "sink_redistribute",
+                        "sink_dims": [1],
+                        "span": {"start": 0, "end": 4},
+                        "span_markers": [3, 4],
+                    }
+                ]
+            }
+        )
     with pytest.raises(RecipeError, match="span end"):
         load_recipe({"methods": [{"method": "sink_redistribute", "sink_dims": [1], "span": {"start": 4, "end": 4}}]})
-    recipe = load_recipe({"methods": [{"method": "sink_redistribute", "sink_dims": [2533, 1415], "span_markers": ["<ctx>", "</ctx>"]}]})
+    recipe = load_recipe(
+        {"methods": [{"method": "sink_redistribute", "sink_dims": [2533, 1415], "span_markers": ["<ctx>", "</ctx>"]}]}
+    )
     assert recipe.methods[0].p == 0.6 and recipe.methods[0].tau == 20 and recipe.methods[0].summ == 0.2
 
     model = text_model("llama-gqa")
@@ -431,16 +452,34 @@ def tiny_llava():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=16, patch_size=4, projection_dim=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=4,
+        projection_dim=32,
     )
     text = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, initializer_range=0.1,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=IMAGE, image_seq_length=PATCHES, vision_feature_layer=-1
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE,
+        image_seq_length=PATCHES,
+        vision_feature_layer=-1,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -508,7 +547,9 @@ def test_decode_on_a_sliding_layer_whose_window_has_left_the_span_sinks(arch):
     with torch.no_grad(), attnkit.apply(model, [var(span=span, summ=0.05)]) as handle:
         steps.append(model(input_ids=ids[:, :10], **cache_argument(model, cache), use_cache=True).logits[0, -1])
         for t in range(10, 15):
-            steps.append(model(input_ids=ids[:, t : t + 1], **cache_argument(model, cache), use_cache=True).logits[0, -1])
+            steps.append(
+                model(input_ids=ids[:, t : t + 1], **cache_argument(model, cache), use_cache=True).logits[0, -1]
+            )
         assert handle.stats(total=True)["sink_redistribute"]["rows_redistributed"] > 0
     reference_method = ReferenceVAR([{2, 3, 4}], prompt_rows=10, summ=0.05)
     reference, _ = run(model, [reference_method], input_ids=ids)

@@ -16,7 +16,11 @@ app = typer.Typer(
 
 
 @app.callback()
-def main(quiet: bool = typer.Option(False, "--quiet", "-q", help="Print results and errors only, no notes on downloads or conversions.")) -> None:
+def main(
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="Print results and errors only, no notes on downloads or conversions."
+    ),
+) -> None:
     """Training-free attention interventions for Hugging Face models, from YAML recipes."""
     configure_logging(quiet)
 

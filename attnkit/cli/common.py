@@ -10,7 +10,7 @@ import logging
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -45,10 +45,12 @@ DTypeOption = Annotated[DType, typer.Option(help="Load the weights in this dtype
 
 def output_option(default: str) -> Any:
     """``-o/--output``, an artifact or report path whose default is named in the help."""
-    return typer.Option(None, "--output", "-o", help=f"Where to write (default {default}); a plot goes next to it (.png).")
+    return typer.Option(
+        None, "--output", "-o", help=f"Where to write (default {default}); a plot goes next to it (.png)."
+    )
 
 
-def default_output(output: Optional[Path], prefix: str, model: str) -> Path:
+def default_output(output: Path | None, prefix: str, model: str) -> Path:
     """An artifact path: ``output`` if given, else ``heads/<prefix>-<model>.json``."""
     return output or Path("heads") / f"{prefix}-{Path(model).stem}.json"
 
@@ -121,9 +123,11 @@ def head_summary(artifact: Any, top: int = 10) -> str:
     count = sum(len(h) for h in artifact.selected.values())
     order = np.argsort(-np.nan_to_num(scores, nan=-np.inf).ravel(), kind="stable")[:top]
     best = ", ".join(f"L{i // scores.shape[1]}H{i % scores.shape[1]} ({scores.flat[i]:.3g})" for i in order)
-    return "\n".join([
-        f"method: {artifact.method}   model: {artifact.model_id}   level: {artifact.level}",
-        f"data: {artifact.data or '-'}   samples: {artifact.samples}   seed: {artifact.seed}",
-        f"selected: {count} of {scores.size} {level} in {len(artifact.selected)} layers",
-        f"top {len(order)} by score: {best}",
-    ])
+    return "\n".join(
+        [
+            f"method: {artifact.method}   model: {artifact.model_id}   level: {artifact.level}",
+            f"data: {artifact.data or '-'}   samples: {artifact.samples}   seed: {artifact.seed}",
+            f"selected: {count} of {scores.size} {level} in {len(artifact.selected)} layers",
+            f"top {len(order)} by score: {best}",
+        ]
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -17,7 +17,7 @@ app = typer.Typer()
 def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Report folder (default: the recipe's `output`)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Report folder (default: the recipe's `output`)."),
     progress: Progress = True,
 ) -> None:
     """Load the model, apply the recipe, run its task and write a report."""
@@ -76,5 +76,5 @@ def describe(config_class: Any) -> str:
     return ", ".join(parts)
 
 
-def first_line(doc: Optional[str]) -> str:
+def first_line(doc: str | None) -> str:
     return (doc or "").strip().splitlines()[0] if doc else ""

@@ -15,8 +15,9 @@ query builds each group's mask from the slots' logical columns.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +97,9 @@ class KVGroup:
         return self._query_index
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.keys, self.values, self.columns, self.bias = (fn(t) for t in (self.keys, self.values, self.columns, self.bias))
+        self.keys, self.values, self.columns, self.bias = (
+            fn(t) for t in (self.keys, self.values, self.columns, self.bias)
+        )
         self._kv_index = self._query_index = None  # the device may have changed
 
 
@@ -117,7 +120,9 @@ def keep(keys: torch.Tensor, values: torch.Tensor, heads: list[int], columns: to
     return KVGroup(list(heads), k, v, columns.clone(), bias, dense=bool(valid.all()))
 
 
-def with_token(group: KVGroup, keys: torch.Tensor, values: torch.Tensor, column: torch.Tensor, bias: torch.Tensor) -> KVGroup:
+def with_token(
+    group: KVGroup, keys: torch.Tensor, values: torch.Tensor, column: torch.Tensor, bias: torch.Tensor
+) -> KVGroup:
     """``group`` plus one extra slot per head: keys/values [b, h, d], column and bias [b, h]."""
     return KVGroup(
         list(group.heads),
@@ -199,7 +204,9 @@ class CompressedLayer(CacheLayerMixin):
         raise KVCacheError("a compressed cache cannot be reset for reuse; start a new cache for a new input")
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise KVCacheError("a compressed cache cannot be cropped (assisted decoding is not supported with KV compression)")
+        raise KVCacheError(
+            "a compressed cache cannot be cropped (assisted decoding is not supported with KV compression)"
+        )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for group in self.groups:
@@ -319,7 +326,9 @@ def sdpa_without_cudnn() -> Any:
     return sdpa_kernel(allowed or [SDPBackend.MATH])
 
 
-def masked_attention(call: Any, query: torch.Tensor, group: KVGroup, logical_length: int, backend: Callable[..., Any], **kwargs: Any) -> torch.Tensor:
+def masked_attention(
+    call: Any, query: torch.Tensor, group: KVGroup, logical_length: int, backend: Callable[..., Any], **kwargs: Any
+) -> torch.Tensor:
     """Queries [b, heads, q, d] (the last q logical columns) over ``group`` through the backend, with the slots' mask."""
     q_len = query.shape[2]
     q_cols = torch.arange(logical_length - q_len, logical_length, device=query.device)
@@ -333,7 +342,9 @@ def masked_attention(call: Any, query: torch.Tensor, group: KVGroup, logical_len
     return output
 
 
-def row_spans(attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def row_spans(
+    attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(first real column, real length) per row of a left-padded prefill; errors on right padding."""
     if attention_mask is None:
         full = torch.full((batch,), length, device=device, dtype=torch.long)
@@ -344,8 +355,7 @@ def row_spans(attention_mask: torch.Tensor | None, batch: int, length: int, devi
     expected = torch.arange(length, device=device)[None] >= starts[:, None]
     if not torch.equal(mask.bool(), expected):
         raise KVCacheError(
-            "KV compression needs left padding (padding tokens before the prompt); set "
-            "tokenizer.padding_side = 'left'"
+            "KV compression needs left padding (padding tokens before the prompt); set tokenizer.padding_side = 'left'"
         )
     return starts, lengths
 
@@ -365,7 +375,9 @@ def top_columns(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return torch.where(ordered < scores.shape[-1], ordered, -1)
 
 
-def compensation(keys: torch.Tensor, values: torch.Tensor, dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def compensation(
+    keys: torch.Tensor, values: torch.Tensor, dropped: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """RazorAttention's compensation token for each head: the mean of its dropped keys and values.
 
     keys/values [b, h, length, d]; dropped [b, h, length] bool. Returns (key, value [b, h, d],

@@ -22,4 +22,15 @@ def get_method(name: str) -> type[Method]:
         raise KeyError(f"unknown method {name!r}; known methods: {known} (see `attnkit list`)") from None
 
 
-__all__ = ["ACT", "METHODS", "HeadMask", "Method", "PH3", "Razor", "SinkRedistribute", "SnapKV", "Streaming", "get_method"]
+__all__ = [
+    "ACT",
+    "METHODS",
+    "HeadMask",
+    "Method",
+    "PH3",
+    "Razor",
+    "SinkRedistribute",
+    "SnapKV",
+    "Streaming",
+    "get_method",
+]

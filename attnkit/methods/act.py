@@ -181,7 +181,11 @@ def chunked_stats(
     Never holds more than about ``chunk_mb`` of scores; a chunk reads only the keys its rows can
     see (the causal prefix), so the work is half of a full score matrix.
     """
-    if kernels.available(query) and call.softcap is None and (call.raw_mask is None or call.raw_mask.dtype == torch.bool):
+    if (
+        kernels.available(query)
+        and call.softcap is None
+        and (call.raw_mask is None or call.raw_mask.dtype == torch.bool)
+    ):
         lse, sums = kernels.sink_stats(
             query, key, call.scaling, key_valid, layer_window(call.module.config, call.layer), with_means
         )

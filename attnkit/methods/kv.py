@@ -48,7 +48,7 @@ class KVMethod(Method):
     Sliding-window layers are left as they are: their cache is already bounded by the window.
     """
 
-    def attach(self, at: "Attachment") -> None:
+    def attach(self, at: Attachment) -> None:
         config = text_config(at.model.config)
         layers = [layer for layer in range(at.shape.num_layers) if layer_window(config, layer) is None]
         self.num_layers = at.shape.num_layers
@@ -64,7 +64,7 @@ class KVMethod(Method):
         for layer in layers:
             at.compress_kv(layer, self._compressor(owner))
 
-    def prepare(self, at: "Attachment") -> None:
+    def prepare(self, at: Attachment) -> None:
         """Resolve what the method needs from the model (head sets); called once at attach."""
 
     def _compressor(self, owner: Any):

@@ -45,7 +45,9 @@ class Razor(KVMethod):
 
     def recent(self, lengths: torch.Tensor) -> torch.Tensor:
         """L_h per row (the config's rule, once per prefill and layer)."""
-        return torch.tensor([self.config.recent(n) for n in lengths.tolist()], dtype=lengths.dtype, device=lengths.device)
+        return torch.tensor(
+            [self.config.recent(n) for n in lengths.tolist()], dtype=lengths.dtype, device=lengths.device
+        )
 
     def select(self, call, keys, values, starts, lengths) -> list[KVGroup] | None:
         cfg = self.config
@@ -68,7 +70,9 @@ class Razor(KVMethod):
             group = self.with_compensation(group, keys, values, scores == 0)
         return groups + [group]
 
-    def with_compensation(self, group: KVGroup, keys: torch.Tensor, values: torch.Tensor, dropped: torch.Tensor) -> KVGroup:
+    def with_compensation(
+        self, group: KVGroup, keys: torch.Tensor, values: torch.Tensor, dropped: torch.Tensor
+    ) -> KVGroup:
         """Append each head's compensation token (mean of its dropped keys/values)."""
         index = group.kv_index()
         key, value, count, column = compensation(keys.index_select(1, index), values.index_select(1, index), dropped)

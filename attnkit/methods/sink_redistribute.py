@@ -74,6 +74,7 @@ from attnkit.sinks import at_positions, massive_activation
 PORTION_EPS = 1e-6
 """The reference adds this to every span weight in the portion's denominator."""
 
+
 @register
 class SinkRedistribute(Method):
     """Redistributes sink attention to a target span's non-sink tokens (VAR, Kang et al. 2025)."""
@@ -90,7 +91,9 @@ class SinkRedistribute(Method):
         hidden = text_config(at.model.config).hidden_size
         bad = [d for d in cfg.sink_dims if not 0 <= d < hidden]
         if bad:
-            raise ValueError(f"sink_redistribute: sink_dims {bad} out of range; the model's hidden size is {hidden} (0-{hidden - 1})")
+            raise ValueError(
+                f"sink_redistribute: sink_dims {bad} out of range; the model's hidden size is {hidden} (0-{hidden - 1})"
+            )
         last = at.shape.num_layers - (2 if cfg.except_last_layer else 1)
         layers = list(range(cfg.first_layer, last + 1))
         if not layers:

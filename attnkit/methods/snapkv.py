@@ -68,7 +68,9 @@ class SnapKV(KVMethod):
         return pyramid_budgets(budgets, lengths, cfg.window, cfg.pyramid_beta, layer, self.num_layers)
 
 
-def pyramid_budgets(budgets: torch.Tensor, lengths: torch.Tensor, window: int, beta: int, layer: int, layers: int) -> torch.Tensor:
+def pyramid_budgets(
+    budgets: torch.Tensor, lengths: torch.Tensor, window: int, beta: int, layer: int, layers: int
+) -> torch.Tensor:
     """PyramidKV's per-layer budget (window included): a linear ramp from ~2x the average prefix
     budget at layer 0 down to 1/beta of it at the top, the average staying the same.
 

@@ -31,6 +31,7 @@ class ModelSpec(BaseModel):
     device_map: str | dict[str, Any] | None = None
     trust_remote_code: bool = False
 
+
 class Recipe(BaseModel):
     """A model, an ordered list of methods, and a task to run."""
 
@@ -50,6 +51,7 @@ class Recipe(BaseModel):
 
     def output_dir(self) -> Path:
         return Path(self.output.format(recipe_name=self.name))
+
 
 def parse_methods(value: Any) -> list[MethodConfig]:
     """Each entry validated by its own method's config class; errors carry ``methods[i]``."""
@@ -72,6 +74,7 @@ def parse_methods(value: Any) -> list[MethodConfig]:
     if errors:
         raise RecipeError(errors)
     return configs
+
 
 def set_override(data: dict[str, Any], assignment: str) -> None:
     """Apply ``methods.0.scale=0.5`` to the raw recipe dict; the value is read as YAML."""
@@ -98,6 +101,7 @@ def set_override(data: dict[str, Any], assignment: str) -> None:
         else:
             node = node[key]
 
+
 def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> Recipe:
     """Read a recipe from a YAML path, YAML text or a dict, apply ``--set`` overrides, validate."""
     name = "recipe"
@@ -105,7 +109,9 @@ def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | None
         data = copy.deepcopy(source)
     else:
         path = Path(source)
-        if isinstance(source, Path) or (len(str(source)) < 4096 and "\n" not in str(source) and path.suffix in {".yaml", ".yml"}):
+        if isinstance(source, Path) or (
+            len(str(source)) < 4096 and "\n" not in str(source) and path.suffix in {".yaml", ".yml"}
+        ):
             if not path.is_file():
                 raise RecipeError([f"recipe file {str(path)!r} not found"])
             name = path.stem
@@ -140,6 +146,7 @@ def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | None
     if errors:
         raise RecipeError(errors, name)
     return recipe
+
 
 def check_against_model(recipe: Recipe, shape: ModelShape) -> None:
     """Validate every head set in the recipe against the model's layers and heads."""

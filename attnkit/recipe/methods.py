@@ -62,7 +62,9 @@ class KVConfig(MethodConfig):
 
 def check_budget(value: float) -> float:
     if value <= 0:
-        raise ValueError(f"budget {value} must be positive: a token count (e.g. 1024) or a fraction of the prompt (e.g. 0.2)")
+        raise ValueError(
+            f"budget {value} must be positive: a token count (e.g. 1024) or a fraction of the prompt (e.g. 0.2)"
+        )
     if value >= 1 and value != int(value):
         raise ValueError(f"budget {value} is neither a whole token count nor a fraction below 1")
     return value
@@ -118,11 +120,16 @@ class PH3Error(HeadSetError):
         self.field = field
 
 
-def ph3_heads(artifact: HeadArtifact, steer: str, k: int | str, path: Any = "the artifact") -> tuple[list[tuple[int, int]], int, str]:
+def ph3_heads(
+    artifact: HeadArtifact, steer: str, k: int | str, path: Any = "the artifact"
+) -> tuple[list[tuple[int, int]], int, str]:
     """The heads to prune, the k used, and where k came from (the recipe or the validation sweep)."""
     if artifact.method != PROFILER:
-        raise PH3Error(f"{path} was written by the {artifact.method!r} profiler, not {PROFILER!r}; "
-                       f"run `attnkit profile {PROFILER}` for ph3", "heads")
+        raise PH3Error(
+            f"{path} was written by the {artifact.method!r} profiler, not {PROFILER!r}; "
+            f"run `attnkit profile {PROFILER}` for ph3",
+            "heads",
+        )
     key = RANKING[steer]
     ranking = artifact.parameters.get(key)
     if not isinstance(ranking, list):
@@ -133,14 +140,19 @@ def ph3_heads(artifact: HeadArtifact, steer: str, k: int | str, path: Any = "the
         sweep = artifact.parameters.get("sweep") or {}
         chosen = (sweep.get("chosen") or {}).get(steer)
         if chosen is None:
-            raise PH3Error(f"k: auto needs the validation sweep's choice, and {path} has none for steer: {steer}; "
-                           f"run `attnkit profile ph3-sweep --heads {path} --data VALIDATION.jsonl`, or give k as a number",
-                           "k")
+            raise PH3Error(
+                f"k: auto needs the validation sweep's choice, and {path} has none for steer: {steer}; "
+                f"run `attnkit profile ph3-sweep --heads {path} --data VALIDATION.jsonl`, or give k as a number",
+                "k",
+            )
         k = int(chosen)
         source = f"validation sweep on {sweep.get('data')} (n={sweep.get('n')})"
     if k > len(ranking):
-        raise PH3Error(f"k={k} but {path} ranks only {len(ranking)} {kind} heads (steer: {steer} prunes {kind} "
-                       f"heads); use k <= {len(ranking)}", "k")
+        raise PH3Error(
+            f"k={k} but {path} ranks only {len(ranking)} {kind} heads (steer: {steer} prunes {kind} "
+            f"heads); use k <= {len(ranking)}",
+            "k",
+        )
     return [(int(layer), int(head)) for layer, head, _ in ranking[:k]], k, source
 
 
@@ -157,10 +169,13 @@ class RazorConfig(KVConfig):
     )
     sink: int = Field(4, ge=0, description="initial tokens every head keeps (N0)")
     local: int = Field(4000, ge=1, description="minimum recent window of non-retrieval heads (S0)")
-    ratio: float | None = Field(5.0, gt=1, description="compression ratio C: the recent window is max(local, N / C); null: always `local`")
+    ratio: float | None = Field(
+        5.0, gt=1, description="compression ratio C: the recent window is max(local, N / C); null: always `local`"
+    )
     compensation: Literal["weighted", "plain", "none"] = Field(
-        "weighted", description="weighted: the paper's compensation token counted as the N_d tokens it replaces; "
-        "plain: counted once; none: dropped tokens are simply gone"
+        "weighted",
+        description="weighted: the paper's compensation token counted as the N_d tokens it replaces; "
+        "plain: counted once; none: dropped tokens are simply gone",
     )
 
     def recent(self, length: int) -> int:
@@ -184,13 +199,14 @@ class SnapKVConfig(BudgetConfig):
     kernel: int = Field(7, ge=1, description="1-D pooling kernel over the summed window attention (odd)")
     pooling: Literal["max", "avg"] = "max"
     schedule: Literal["uniform", "pyramid"] = Field(
-        "uniform", description="uniform: every layer keeps `budget`; pyramid: PyramidKV's schedule, "
-        "more in lower layers, fewer in upper ones, the same total"
+        "uniform",
+        description="uniform: every layer keeps `budget`; pyramid: PyramidKV's schedule, "
+        "more in lower layers, fewer in upper ones, the same total",
     )
     pyramid_beta: int = Field(20, ge=1, description="PyramidKV's beta: the top layer keeps (budget - window) / beta")
 
     @model_validator(mode="after")
-    def _fits(self) -> "SnapKVConfig":
+    def _fits(self) -> SnapKVConfig:
         if self.budget >= 1 and self.budget <= self.window:
             raise ValueError(
                 f"budget {int(self.budget)} must be larger than window {self.window}: the window alone "
@@ -211,7 +227,7 @@ class StreamingConfig(BudgetConfig):
     sink: int = Field(4, ge=0, description="initial tokens always kept (attention sinks)")
 
     @model_validator(mode="after")
-    def _fits(self) -> "StreamingConfig":
+    def _fits(self) -> StreamingConfig:
         if self.budget >= 1 and self.budget <= self.sink:
             raise ValueError(f"budget {int(self.budget)} must be larger than sink {self.sink} to keep any recent token")
         return self
@@ -228,7 +244,7 @@ class Span(BaseModel):
     end: int = Field(gt=0)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "Span":
+    def _ordered(self) -> Span:
         if self.end <= self.start:
             raise ValueError(f"span end ({self.end}) must be greater than start ({self.start})")
         return self
@@ -254,7 +270,7 @@ class SinkRedistributeConfig(MethodConfig):
     )
 
     @model_validator(mode="after")
-    def _one_target(self) -> "SinkRedistributeConfig":
+    def _one_target(self) -> SinkRedistributeConfig:
         if self.span is not None and self.span_markers is not None:
             raise ValueError("give either span or span_markers, not both")
         return self

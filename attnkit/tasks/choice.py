@@ -146,7 +146,9 @@ def label_word_scores(model: Any, pad_id: int, batch: list[tuple[list[int], list
     device = model.device
     with torch.no_grad():
         logits = model(
-            input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
             logits_to_keep=1,
         ).logits[:, -1]
     logprobs = logits.float().log_softmax(-1).cpu()
@@ -168,7 +170,9 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def paired_comparison(baseline: list[dict[str, Any]], treated: list[dict[str, Any]], z: float = 1.959964) -> dict[str, Any]:
+def paired_comparison(
+    baseline: list[dict[str, Any]], treated: list[dict[str, Any]], z: float = 1.959964
+) -> dict[str, Any]:
     """The same items scored twice: accuracy difference with a 95% CI on the paired differences,
     the discordant pairs, and McNemar's exact two-sided p-value."""
     diffs = [int(t["correct"]) - int(b["correct"]) for b, t in zip(baseline, treated, strict=True)]
@@ -179,8 +183,14 @@ def paired_comparison(baseline: list[dict[str, Any]], treated: list[dict[str, An
     gained, lost = diffs.count(1), diffs.count(-1)
     discordant = gained + lost
     tail = sum(math.comb(discordant, k) for k in range(min(gained, lost) + 1)) / 2**discordant if discordant else 1.0
-    return {"n": n, "accuracy_difference": mean, "difference_ci95": [mean - half, mean + half],
-            "gained": gained, "lost": lost, "mcnemar_p": min(1.0, 2 * tail)}
+    return {
+        "n": n,
+        "accuracy_difference": mean,
+        "difference_ci95": [mean - half, mean + half],
+        "gained": gained,
+        "lost": lost,
+        "mcnemar_p": min(1.0, 2 * tail),
+    }
 
 
 def item_rows(items: list[Item], scores_per_item: list[list[float]]) -> list[dict[str, Any]]:
@@ -201,7 +211,9 @@ def item_rows(items: list[Item], scores_per_item: list[list[float]]) -> list[dic
     return rows
 
 
-def sequence_scores(model: Any, tokenizer: Any, items: list[Item], chat: bool, task: ChoiceTask, progress: bool) -> list[list[float]]:
+def sequence_scores(
+    model: Any, tokenizer: Any, items: list[Item], chat: bool, task: ChoiceTask, progress: bool
+) -> list[list[float]]:
     """Each choice's summed (or per-token mean) log-prob, all (item, choice) pairs in batches."""
     pairs = []
     for item in items:

@@ -20,8 +20,9 @@ from __future__ import annotations
 import re
 import string
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -100,8 +101,12 @@ def bigbench_conflict_rows(task: Mapping[str, Any]) -> tuple[list[dict[str, str]
         if not match or len(context) != 1 or len(memory) != 1:
             skipped += 1
             continue
-        row = {"question": match["question"], "context": match["context"],
-               "context_answer": context[0].strip(), "memory_answer": memory[0].strip()}
+        row = {
+            "question": match["question"],
+            "context": match["context"],
+            "context_answer": context[0].strip(),
+            "memory_answer": memory[0].strip(),
+        }
         if item_problem(row):
             skipped += 1
             continue
@@ -116,8 +121,9 @@ def swapped_context(item: ConflictItem) -> str | None:
     return item.context.replace(item.context_answer, item.memory_answer)
 
 
-def build_prompt(item: ConflictItem, task: ConflictTask, *, with_context: bool | None = None,
-                 context: str | None = None) -> str:
+def build_prompt(
+    item: ConflictItem, task: ConflictTask, *, with_context: bool | None = None, context: str | None = None
+) -> str:
     """The prompt text for ``item``: the task's template, or its closed-book template without context."""
     use_context = task.with_context if with_context is None else with_context
     if not use_context:
@@ -147,12 +153,16 @@ def first_answer_tokens(tokenizer: Any, prompt: str, item: ConflictItem, chat: b
     start = min(ctx_start, mem_start)
     if ctx_ids[:start] != mem_ids[:start] or ctx_start != mem_start:
         # The boundary token merges differently for the two answers; score from the shorter shared part.
-        raise TaskDataError(f"{item.where}: the two answers change the prompt's last token differently; "
-                            "end the template with a separator (e.g. 'Answer:')")
+        raise TaskDataError(
+            f"{item.where}: the two answers change the prompt's last token differently; "
+            "end the template with a separator (e.g. 'Answer:')"
+        )
     return ctx_ids[:start], ctx_ids[start], mem_ids[start]
 
 
-def pair_logprobs(model: Any, pad_id: int, pairs: list[tuple[list[int], list[int], int, int]]) -> list[tuple[float, float, int, int]]:
+def pair_logprobs(
+    model: Any, pad_id: int, pairs: list[tuple[list[int], list[int], int, int]]
+) -> list[tuple[float, float, int, int]]:
     """Summed log-prob (and token count) of each item's context and memory answer.
 
     The shared prefix of both sequences runs once (left-padded batch, cache kept); both answers'
@@ -174,15 +184,24 @@ def pair_logprobs(model: Any, pad_id: int, pairs: list[tuple[list[int], list[int
         tail_ids[row, : len(tail)] = torch.tensor(tail)
         tail_mask[row, : len(tail)] = 1
     with torch.no_grad():
-        out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                    use_cache=True, logits_to_keep=1)
+        out = model(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            use_cache=True,
+            logits_to_keep=1,
+        )
         cache = compat.output_cache(out)
         cache.batch_repeat_interleave(2)
         full_mask = torch.cat([mask.repeat_interleave(2, dim=0), tail_mask], dim=1)
         tail_positions = mask.sum(-1).repeat_interleave(2)[:, None] + torch.arange(width)[None]
-        tail_logits = model(input_ids=tail_ids.to(device), attention_mask=full_mask.to(device),
-                            position_ids=tail_positions.to(device), use_cache=True,
-                            **compat.cache_argument(model, cache)).logits
+        tail_logits = model(
+            input_ids=tail_ids.to(device),
+            attention_mask=full_mask.to(device),
+            position_ids=tail_positions.to(device),
+            use_cache=True,
+            **compat.cache_argument(model, cache),
+        ).logits
     first = out.logits[:, -1].float().log_softmax(-1).cpu().repeat_interleave(2, dim=0)
     rest = tail_logits.float().log_softmax(-1).cpu()
     # token j of a tail is predicted by the prefix's last logits (j = 0) or by tail position j - 1
@@ -232,18 +251,25 @@ def rate_metrics(outcomes: list[str], prefix: str = "", kinds: Iterable[str] = O
     return metrics
 
 
-def generate_answers(model: Any, tokenizer: Any, prompts: list[str], chat: bool, task: ConflictTask,
-                     advance: Any) -> list[str]:
+def generate_answers(
+    model: Any, tokenizer: Any, prompts: list[str], chat: bool, task: ConflictTask, advance: Any
+) -> list[str]:
     """Greedy completions of ``prompts``, left-padded batches."""
     stop = eos_ids(model, tokenizer)
     out = []
     for i in range(0, len(prompts), task.batch_size):
         batch = prompts[i : i + task.batch_size]
-        inputs = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left",
-                           add_special_tokens=not chat).to(model.device)
+        inputs = tokenizer(
+            batch, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=not chat
+        ).to(model.device)
         with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=task.max_new_tokens, do_sample=False,
-                                    eos_token_id=stop or None, pad_token_id=tokenizer.pad_token_id)
+            output = model.generate(
+                **inputs,
+                max_new_tokens=task.max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop or None,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         out.extend(tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
         advance(len(batch))
     return out
@@ -255,8 +281,13 @@ def run_conflict(model: Any, tokenizer: Any, task: ConflictTask, *, progress: bo
     chat = task.chat_template
     prompts = [prompt_text(tokenizer, build_prompt(item, task), chat) for item in items]
     rows: list[dict[str, Any]] = [
-        {"question": it.question, "relation": it.relation, "with_context": task.with_context,
-         "context_answer": it.context_answer, "memory_answer": it.memory_answer}
+        {
+            "question": it.question,
+            "relation": it.relation,
+            "with_context": task.with_context,
+            "context_answer": it.context_answer,
+            "memory_answer": it.memory_answer,
+        }
         for it in items
     ]
     start = time.perf_counter()

@@ -15,9 +15,10 @@ import random
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -121,7 +122,13 @@ class PromptBuilder:
     ):
         if not haystack.strip():
             raise TaskDataError("the haystack is empty; give a text file with some prose (task.haystack)")
-        self.tokenizer, self.question, self.template, self.chat, self.system = tokenizer, question, template, chat, system
+        self.tokenizer, self.question, self.template, self.chat, self.system = (
+            tokenizer,
+            question,
+            template,
+            chat,
+            system,
+        )
         self.haystack = haystack
         self._ids = self.encode_haystack(haystack)
         if not self._ids:
@@ -219,7 +226,9 @@ class PromptBuilder:
             if enc["input_ids"] == ids:
                 return [tuple(o) for o in enc["offset_mapping"]]
         # slow tokenizers: lengths of decoded prefixes (quadratic, but only a fallback)
-        return [(len(self.tokenizer.decode(ids[:i])), len(self.tokenizer.decode(ids[: i + 1]))) for i in range(len(ids))]
+        return [
+            (len(self.tokenizer.decode(ids[:i])), len(self.tokenizer.decode(ids[: i + 1]))) for i in range(len(ids))
+        ]
 
 
 def token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
@@ -288,7 +297,9 @@ def read_haystack(path: str | Path | None, option: str) -> tuple[str, str]:
         raise TaskDataError(str(err)) from None
 
 
-def generate_replies(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[str, int]]:
+def generate_replies(
+    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int
+) -> list[tuple[str, int]]:
     """Greedy replies (text, new tokens) to a batch of token-id prompts, left-padded when they differ."""
     stop = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
@@ -298,12 +309,12 @@ def generate_replies(model: Any, tokenizer: Any, prompts: list[list[int]], max_n
         do_sample=False, eos_token_id=stop or None, pad_token_id=pad,
     )  # fmt: skip
     new = output[:, ids.shape[1] :]
-    return [(tokenizer.decode(row[:n], skip_special_tokens=True), n) for row, n in zip(new, count_new_tokens(new, stop))]
+    return [
+        (tokenizer.decode(row[:n], skip_special_tokens=True), n) for row, n in zip(new, count_new_tokens(new, stop))
+    ]
 
 
-def run_cells(
-    model: Any, tokenizer: Any, task: GridTask, cells: list[Cell], metric: str, progress: bool
-) -> TaskResult:
+def run_cells(model: Any, tokenizer: Any, task: GridTask, cells: list[Cell], metric: str, progress: bool) -> TaskResult:
     """Generate and score every cell; metrics overall and per length; a heatmap writer for the runner."""
     rows: list[dict[str, Any]] = []
     order = sorted(range(len(cells)), key=lambda i: len(cells[i].prompt.input_ids))  # similar lengths per batch
@@ -313,7 +324,9 @@ def run_cells(
         for b in range(0, len(order), task.batch_size):
             chosen = order[b : b + task.batch_size]
             began = time.perf_counter()
-            replies = generate_replies(model, tokenizer, [cells[i].prompt.input_ids for i in chosen], task.max_new_tokens)
+            replies = generate_replies(
+                model, tokenizer, [cells[i].prompt.input_ids for i in chosen], task.max_new_tokens
+            )
             seconds = (time.perf_counter() - began) / len(chosen)
             for i, (reply, n) in zip(chosen, replies):
                 cell = cells[i]

@@ -67,8 +67,11 @@ def describe_methods(report: dict[str, Any]) -> list[str]:
 def describe_stats(stats: dict[str, Any]) -> str:
     """Counters on one line; per-layer tables (dicts) are left to :func:`kv_table`."""
     phases = ", ".join(f"{phase} {n}" for phase, n in stats.get("phases", {}).items())
-    items = [f"{k}={fmt(v)}" + (f" ({phases})" if k == "calls" and phases else "")
-             for k, v in stats.items() if not isinstance(v, dict)]
+    items = [
+        f"{k}={fmt(v)}" + (f" ({phases})" if k == "calls" and phases else "")
+        for k, v in stats.items()
+        if not isinstance(v, dict)
+    ]
     if stats.get("kv_bytes_before"):
         items.append(f"kv_kept={stats['kv_bytes_after'] / stats['kv_bytes_before']:.3f}")
     return ", ".join(items)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import platform
 import resource
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import transformers
