@@ -378,3 +378,19 @@ def test_a_cache_repeated_for_a_larger_batch_keeps_its_positions():
     expected = run(moved=True)
     with attnkit.apply(model, [Repositioner(mapped(TABLE))]):
         assert largest(run(moved=False), expected) < tolerance(model)
+
+
+def test_a_cropped_cache_rewinds_the_positions_it_holds():
+    """Cache.crop (assisted decoding, a benchmark rewinding) cuts what the stage keeps beside the
+    cache: decoding again after a crop gives the same logits as the first time."""
+    model = tiny_model("llama-gqa", attn_implementation="sdpa", dtype=torch.float64)
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+    shift = torch.arange(64) * 2 + 1
+    with torch.no_grad(), attnkit.apply(model, [Repositioner(mapped(shift))]):
+        out = model(input_ids=ids, use_cache=True)
+        cache = out.past_key_values
+        steps = [model(input_ids=ids[:, i : i + 1], past_key_values=cache).logits for i in range(3)]
+        cache.crop(-3)
+        again = [model(input_ids=ids[:, i : i + 1], past_key_values=cache).logits for i in range(3)]
+    for first, second in zip(steps, again, strict=True):
+        assert torch.equal(first, second)

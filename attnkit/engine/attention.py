@@ -96,6 +96,11 @@ def attnkit_attention(
     if decoding:
         for step in layer.decode_steps:
             call = step(call)
+    if layer.positions is not None and not layer.needs_eager and call.softcap is None:
+        output, weights = layer.positions.attend(call), None
+        if output is None:  # the hook left this call alone
+            output, weights = backend(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        return output, weights
     scores = layer.positions.logits(call) if layer.positions is not None else None
     if scores is not None:
         output, weights = edited_attention(call, layer, scores)

@@ -48,7 +48,7 @@ class CallTracker:
                 self.sequences[cache] = {}
             state.sequence = self.sequences[cache]
         if positions is not None and self.keeps_positions:
-            state.sequence["positions"] = append_tokens(state.key_positions, positions)
+            state.sequence["positions"] = append_tokens(state.key_positions, positions, past)
         self.plan.state = state
         self.plan.calls += 1
         for stats in self.stats:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from attnkit.engine.state import CallState
-from attnkit.primitives import logits
+from attnkit.primitives import compute_dtype, logits, unrotate
 
 if TYPE_CHECKING:
     from attnkit.engine.positions import PositionStage
@@ -39,6 +39,35 @@ class AttentionCall:
     """The mask exactly as the backend received it (None, boolean keep-mask, or additive)."""
     scaling: float = 1.0
     softcap: float | None = None
+    carried: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(cos, sin) [batch, keys, rotary dims]: the rotation every key carries (the call's queries are
+    the last keys), set by the positions stage before its hook runs."""
+    rotate_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    """(x [batch, heads, n, dim], positions [batch, 1 or heads, n]) -> x rotated there with the
+    layer's own rotary: set by the positions stage for its hook."""
+    raw: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    """The un-rotated query and key, made on first use."""
+
+    def unrotated_query(self) -> torch.Tensor:
+        """The query with the rotation it carries undone [batch, heads, queries, dim], at least float32."""
+        if "query" not in self.raw:
+            cos, sin = self._carried(-self.query.shape[-2])
+            self.raw["query"] = unrotate(self.query.to(cos.dtype), cos, sin)
+        return self.raw["query"]
+
+    def unrotated_key(self) -> torch.Tensor:
+        """The keys with the rotation they carry undone [batch, kv heads, keys, dim], at least float32."""
+        if "key" not in self.raw:
+            cos, sin = self._carried(0)
+            self.raw["key"] = unrotate(self.key.to(cos.dtype), cos, sin)
+        return self.raw["key"]
+
+    def _carried(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.carried is None:
+            raise RuntimeError("the un-rotated query and key exist inside a positions hook only")
+        dtype = compute_dtype(self.query)
+        cos, sin = (t[:, start:].to(dtype)[:, None] for t in self.carried)
+        return cos, sin
 
     def logits(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """Attention logits (at least float32) as this layer computes them (scale, softcap), unmasked."""

@@ -17,14 +17,14 @@ longrope takes the factors of the largest of them).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from attnkit import compat
 from attnkit.engine.plan import AttentionCall
 from attnkit.engine.state import append_tokens
-from attnkit.primitives import compute_dtype, logits, repeat_kv, rotate, unrotate
+from attnkit.primitives import compute_dtype, logits, repeat_kv, rotate
 
 
 @dataclass
@@ -41,11 +41,36 @@ class QueryGroup:
 
 
 @dataclass
+class QueryBlocks:
+    """Query rows that see each block of keys from a position of its own, for orderings that differ
+    from one query to the next: a key of block ``v`` rotated at ``keys`` is read by a query rotated at
+    ``queries[..., v]``. RoPE depends only on the difference, so this equals moving the block's keys
+    per query, at the cost of one query rotation per block instead of one key rotation per query."""
+
+    blocks: torch.Tensor
+    """long [batch, keys]: the block of every key, 0 to V - 1."""
+    queries: torch.Tensor
+    """[batch, 1 or heads, queries, V]: where each query is rotated to read each block."""
+    keys: torch.Tensor
+    """[batch, keys]: where the keys are rotated (one rotation for every query and block)."""
+    rotated: torch.Tensor | None = None
+    """The keys already rotated at ``keys`` [batch, kv heads, keys, dim], where the method keeps them
+    (a decode step then rotates its query only, not the whole cache); None: rotated here."""
+    rows: torch.Tensor | None = None
+    """bool [batch, queries]: the query rows read this way; None for every row."""
+
+
+@dataclass
 class Repositioning:
     """What a positions hook returns. A query row in no group keeps the call's own positions (its
-    logits computed from the query and key as they came); a row in several takes the last group's."""
+    logits computed from the query and key as they came); a row in several takes the last group's,
+    and rows of ``blocks`` come after every group."""
 
     groups: list[QueryGroup]
+    blocks: list[QueryBlocks] = field(default_factory=list)
+    mask: torch.Tensor | None = None
+    """An additive mask [batch, 1 or heads, queries, keys] to use instead of the call's (a method that
+    also changes which keys a query sees: PINE's segments see each other); None keeps the call's."""
 
 
 PositionsFn = Callable[[AttentionCall], "Repositioning | None"]
@@ -59,12 +84,31 @@ class PositionStage:
     fn: PositionsFn
     rotary: compat.Rotary
 
+    def plan(self, call: AttentionCall) -> Repositioning | None:
+        """The hook's plan for this call (None: leave it alone); sets the call's carried rotation and,
+        where the plan gives one, its mask."""
+        call.carried = carried_rotation(call, self.rotary)
+        call.rotate_at = lambda x, positions: rotate(x, *rotation(self.rotary, call.query, positions, x.dtype))
+        plan = self.fn(call)
+        if plan is None or not (plan.groups or plan.blocks):
+            return None
+        if plan.mask is not None:
+            call.mask = plan.mask
+        return plan
+
     def logits(self, call: AttentionCall) -> torch.Tensor | None:
         """The layer's unmasked logits [batch, heads, queries, keys] at the positions the hook asks
-        for; None where it leaves the call alone."""
-        carried = carried_rotation(call, self.rotary)
-        plan = self.fn(call)
-        return None if plan is None or not plan.groups else repositioned_logits(call, plan, self.rotary, carried)
+        for, for layers whose scores or probabilities are edited next; None where it leaves the call
+        alone."""
+        plan = self.plan(call)
+        return None if plan is None else repositioned_logits(call, plan, self.rotary)
+
+    def attend(self, call: AttentionCall) -> torch.Tensor | None:
+        """The layer's attention output [batch, queries, heads, dim] at the positions the hook asks
+        for, without the full matrix: each query group through the backend's fused kernel (sdpa),
+        the rows of query blocks in chunks; None where the hook leaves the call alone."""
+        plan = self.plan(call)
+        return None if plan is None else repositioned_attention(call, plan, self.rotary)
 
 
 def position_stage(model: torch.nn.Module, attention: torch.nn.Module, fn: PositionsFn, head_dim: int) -> PositionStage:
@@ -118,9 +162,10 @@ def carried_rotation(call: AttentionCall, rotary: compat.Rotary) -> tuple[torch.
         )
     store = state.sequence.setdefault("rotations", {})
     held = store.get(rotary, (None, None))
-    if held[0] is None or held[0].shape[1] == state.past_length:
+    if held[0] is None or held[0].shape[1] != state.total_length:
         cos, sin = rotary(call.query, state.positions.to(call.query.device))
-        held = store[rotary] = (append_tokens(held[0], cos), append_tokens(held[1], sin))
+        past = state.past_length
+        held = store[rotary] = (append_tokens(held[0], cos, past), append_tokens(held[1], sin, past))
     if held[0].shape[1] != state.total_length:
         raise RuntimeError(
             f"layer {call.layer}: the sequence holds {state.total_length} tokens with this call, but the positions "
@@ -136,28 +181,113 @@ def carried_rotation(call: AttentionCall, rotary: compat.Rotary) -> tuple[torch.
     return held[0][:, -keys:], held[1][:, -keys:]
 
 
-def repositioned_logits(
-    call: AttentionCall, plan: Repositioning, rotary: compat.Rotary, carried: tuple[torch.Tensor, torch.Tensor]
-) -> torch.Tensor:
+def repositioned_logits(call: AttentionCall, plan: Repositioning, rotary: compat.Rotary) -> torch.Tensor:
     """Logits [batch, heads, queries, keys] (at least float32) with each group's rows at its
     positions and the other rows at the call's own; un-rotation and rotation run in that dtype."""
-    dtype = compute_dtype(call.query)
-    cos, sin = (t.to(dtype)[:, None] for t in carried)
     batch, heads, length, _ = call.query.shape
-    query = unrotate(call.query.to(dtype), cos[:, :, -length:], sin[:, :, -length:])
-    key = unrotate(call.key.to(dtype), cos, sin)
-    scores = torch.empty(batch, heads, length, key.shape[-2], dtype=dtype, device=query.device)
+    dtype = compute_dtype(call.query)
+    scores = torch.empty(batch, heads, length, call.key.shape[-2], dtype=dtype, device=call.query.device)
     for group in plan.groups:
         index = taken(group.rows)
         if index is not None:
-            scores = place(scores, group.rows, index, group_logits(call, group, index, query, key, rotary))
-    if all(group.rows is not None for group in plan.groups):
-        own = ~torch.stack([group.rows for group in plan.groups]).any(0)
-        index = taken(own)
-        if index is not None:
-            part = call.logits(call.query[:, :, index], repeat_kv(call.key, heads // call.key.shape[1]))
-            scores = place(scores, own, index, part)
+            query, keys = group_rotated(call, group, index, rotary)
+            scores = place(scores, group.rows, index, logits(query, keys, call.scaling, call.softcap))
+    for blocks in plan.blocks:
+        for index in chunks(blocks, call):
+            scores = place(scores, blocks.rows, index, block_logits(call, blocks, index, rotary))
+    own = own_rows(plan)
+    index = taken(own) if own is not None else None
+    if index is not None:
+        part = call.logits(call.query[:, :, index], repeat_kv(call.key, heads // call.key.shape[1]))
+        scores = place(scores, own, index, part)
     return scores
+
+
+def repositioned_attention(call: AttentionCall, plan: Repositioning, rotary: compat.Rotary) -> torch.Tensor:
+    """The attention output [batch, queries, heads, dim] of :func:`repositioned_logits`, group by
+    group through sdpa and the query blocks in row chunks, never holding the whole matrix."""
+    heads = call.query.shape[1]
+    value = repeat_kv(call.value, heads // call.value.shape[1])
+    out = torch.empty_like(call.query)
+    for group in plan.groups:
+        index = taken(group.rows)
+        if index is not None:
+            query, keys = group_rotated(call, group, index, rotary)
+            part = fused(call, query, keys, value, index)
+            out = place(out, group.rows, index, part)
+    for blocks in plan.blocks:
+        for index in chunks(blocks, call):
+            scores = block_logits(call, blocks, index, rotary)
+            if call.mask is not None:
+                scores = scores + call.mask[:, :, index]
+            part = torch.matmul(torch.softmax(scores, -1).to(value.dtype), value)
+            out = place(out, blocks.rows, index, part)
+    own = own_rows(plan)
+    index = taken(own) if own is not None else None
+    if index is not None:
+        keys = repeat_kv(call.key, heads // call.key.shape[1])
+        out = place(out, own, index, fused(call, call.query[:, :, index], keys, value, index))
+    return out.transpose(1, 2).contiguous()
+
+
+def fused(
+    call: AttentionCall, query: torch.Tensor, keys: torch.Tensor, value: torch.Tensor, index: torch.Tensor | slice
+) -> torch.Tensor:
+    """sdpa over the query rows ``index``, with the call's mask made finite in the query's dtype."""
+    mask = call.mask[:, :, index] if call.mask is not None else None
+    if mask is not None:
+        mask = mask.to(value.dtype).clamp(min=torch.finfo(value.dtype).min)
+    query, keys = query.to(value.dtype), keys.to(value.dtype)
+    return torch.nn.functional.scaled_dot_product_attention(query, keys, value, attn_mask=mask, scale=call.scaling)
+
+
+def own_rows(plan: Repositioning) -> torch.Tensor | None:
+    """bool [batch, queries]: the rows no group or block takes; None when one takes every row."""
+    chosen = [part.rows for part in (*plan.groups, *plan.blocks)]
+    if any(rows is None for rows in chosen):
+        return None
+    return ~torch.stack(chosen).any(0)
+
+
+def chunks(blocks: QueryBlocks, call: AttentionCall, budget: int = 1 << 26) -> list[torch.Tensor | slice]:
+    """The rows of ``blocks`` in chunks whose block logits [heads, rows x blocks, keys] stay within
+    ``budget`` elements."""
+    index = taken(blocks.rows)
+    if index is None:
+        return []
+    rows = torch.arange(call.query.shape[-2], device=call.query.device)[index]
+    per_row = call.query.shape[1] * blocks.queries.shape[-1] * call.key.shape[-2] * call.query.shape[0]
+    step = max(1, budget // per_row)
+    if step >= rows.numel():
+        return [index]
+    return list(rows.split(step))
+
+
+def block_logits(
+    call: AttentionCall, blocks: QueryBlocks, index: torch.Tensor | slice, rotary: compat.Rotary
+) -> torch.Tensor:
+    """Logits [batch, heads, rows, keys] of the query rows ``index`` when each reads every block of
+    keys from its own position: the keys rotated once (or read as they came), every row rotated
+    once per block, one matmul for all blocks, and each key's logit taken from its own block."""
+    heads = call.query.shape[1]
+    query = call.unrotated_query()[:, :, index]
+    if blocks.rotated is not None:
+        keys = blocks.rotated
+    else:
+        keys = rotate(call.unrotated_key(), *rotation(rotary, call.query, blocks.keys[:, None], query.dtype))
+    keys = repeat_kv(keys, heads // keys.shape[1]).to(call.key.dtype)
+    at = blocks.queries[:, :, index]
+    if at.dim() != 4 or at.shape[1] not in (1, heads):
+        raise ValueError(
+            f"block query positions of shape {tuple(blocks.queries.shape)}: expected [batch, 1 or {heads}, queries, blocks]"
+        )
+    batch, _, rows, count = at.shape
+    positions = at.expand(batch, heads, rows, count).reshape(batch, heads, rows * count)
+    turned = rotate(query.repeat_interleave(count, dim=2), *rotation(rotary, call.query, positions, query.dtype))
+    every = logits(turned.to(call.query.dtype), keys, call.scaling, call.softcap)
+    every = every.view(batch, heads, rows, count, keys.shape[-2])
+    pick = blocks.blocks.to(every.device)[:, None, None, None, :].expand(batch, heads, rows, 1, keys.shape[-2])
+    return every.gather(3, pick).squeeze(3)
 
 
 def taken(rows: torch.Tensor | None) -> torch.Tensor | slice | None:
@@ -180,17 +310,12 @@ def place(
     return scores
 
 
-def group_logits(
-    call: AttentionCall,
-    group: QueryGroup,
-    index: torch.Tensor | slice,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    rotary: compat.Rotary,
-) -> torch.Tensor:
-    """One group's logits for the query rows ``index``: the un-rotated ``query`` and ``key``
-    rotated at the group's positions (keys per KV head where their positions are the same for
-    every head, else per query head)."""
+def group_rotated(
+    call: AttentionCall, group: QueryGroup, index: torch.Tensor | slice, rotary: compat.Rotary
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(queries of the rows ``index``, keys per query head), un-rotated and rotated again at the
+    group's positions (the keys per KV head where their positions are the same for every head)."""
+    query, key = call.unrotated_query(), call.unrotated_key()
     heads, repeats = query.shape[1], query.shape[1] // key.shape[1]
     at_queries = head_positions(group.queries, heads, query.shape[-2], "query")[..., index]
     at_keys = head_positions(group.keys, heads, key.shape[-2], "key")
@@ -199,7 +324,7 @@ def group_logits(
         keys = repeat_kv(rotate(key, *rotation(rotary, call.query, at_keys, key.dtype)), repeats)
     else:
         keys = rotate(repeat_kv(key, repeats), *rotation(rotary, call.query, at_keys, key.dtype))
-    return logits(turned.to(call.query.dtype), keys.to(call.key.dtype), call.scaling, call.softcap)
+    return turned.to(call.query.dtype), keys.to(call.key.dtype)
 
 
 def head_positions(positions: torch.Tensor, heads: int, length: int, what: str) -> torch.Tensor:

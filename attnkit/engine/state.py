@@ -48,13 +48,16 @@ class CallState:
         return self.sequence.get("positions")
 
 
-def append_tokens(held: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-    """``held`` [batch, tokens, ...] then ``new``, along the tokens: what a cache holds, kept beside
-    it. A cache whose batch grew since (``Cache.batch_repeat_interleave``, each row repeated: the
-    conflict task's shared prefix) has its rows repeated alike; after any other change of batch the
-    held tokens are dropped, and a stage that needs them says so."""
+def append_tokens(held: torch.Tensor | None, new: torch.Tensor, past: int) -> torch.Tensor:
+    """``held`` [batch, tokens, ...] then ``new``, along the tokens: what a cache of ``past`` tokens
+    holds, kept beside it. A cache cropped since (``Cache.crop``: assisted decoding, a benchmark
+    rewinding) has the held tokens cut to its length; a cache whose batch grew since
+    (``Cache.batch_repeat_interleave``, each row repeated: the conflict task's shared prefix) has
+    its rows repeated alike; after any other change of batch the held tokens are dropped, and a
+    stage that needs them says so."""
     if held is None:
         return new
+    held = held[:, :past]
     if held.shape[0] != new.shape[0]:
         if new.shape[0] % held.shape[0]:
             return new
