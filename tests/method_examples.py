@@ -25,12 +25,15 @@ from typing import Any
 
 import torch
 
+import attnkit
 from tests.factory import tiny_model
+from tests.pine_reference import ReferencePine
 from tests.test_act import HEADS as ACT_HEADS
 from tests.test_act import ReferenceACT
 from tests.test_act import run as run_with
 from tests.test_engine import zero_columns
 from tests.test_kv import full_kept, generate, reference_backend, snapkv_reference_scores
+from tests.test_pine import exact_angles
 from tests.test_var import SINK_DIM, TAU, ReferenceVAR, declared_positions, with_sinks
 
 Logits = Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]
@@ -265,6 +268,33 @@ def razor_kept(model, inputs):
 # The registry of examples
 # --------------------------------------------------------------------------------------------
 
+# --------------------------------------------------------------------------------------------
+# pine: segments between markers, the loops of tests/pine_reference.py
+# --------------------------------------------------------------------------------------------
+
+PINE_OPEN, PINE_CLOSE = 126, 127
+PINE_SEQS = (  # prefix, three segments (each from its opening marker), suffix; then two segments
+    [1, 5, 6, 126, 20, 21, 126, 30, 31, 32, 126, 40, 127, 50, 51, 52],
+    [1, 7, 126, 33, 34, 126, 44, 127, 60, 61],
+)
+
+
+def pine_segments(ids: list[int]) -> list[int]:
+    """Segment ids by the marker rule, written out here so the reference does not read the method's."""
+    opens = [i for i, t in enumerate(ids) if t == PINE_OPEN]
+    close = ids.index(PINE_CLOSE, opens[-1])
+    segment = [0] * len(ids)
+    for number, (start, end) in enumerate(zip(opens, [*opens[1:], close + 1], strict=True), start=1):
+        segment[start:end] = [number] * (end - start)
+    return segment
+
+
+def pine_reference(model, inputs):
+    ids = inputs["input_ids"][0].tolist()
+    with torch.no_grad(), attnkit.apply(model, [ReferencePine(pine_segments(ids))]):
+        return model(**inputs).logits
+
+
 EXAMPLES: dict[str, MethodExample] = {
     "head_mask": MethodExample(
         example={"method": "head_mask", "heads": MASKED_HEADS, "scale": 0.0},
@@ -297,6 +327,14 @@ EXAMPLES: dict[str, MethodExample] = {
         stat="head_outputs_scaled",
         reference=ph3_reference,
         seqs=SHORT_SEQS,
+    ),
+    "pine": MethodExample(
+        example={"method": "pine", "markers": [PINE_OPEN, PINE_CLOSE]},
+        identity={"method": "pine", "markers": [124, 125]},  # markers the prompts do not hold: no segments
+        stat="segments",
+        reference=pine_reference,
+        prepare=exact_angles,  # the readers rotate at other positions than the reference: float32 tables round apart
+        seqs=PINE_SEQS,
     ),
     "snapkv": MethodExample(
         example={"method": "snapkv", **SNAPKV},

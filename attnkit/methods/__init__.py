@@ -7,6 +7,7 @@ from attnkit.methods.act import ACT
 from attnkit.methods.base import METHODS, Method
 from attnkit.methods.head_mask import HeadMask
 from attnkit.methods.ph3 import PH3
+from attnkit.methods.pine import Pine
 from attnkit.methods.razor import Razor
 from attnkit.methods.sink_redistribute import SinkRedistribute
 from attnkit.methods.snapkv import SnapKV
@@ -28,6 +29,7 @@ __all__ = [
     "HeadMask",
     "Method",
     "PH3",
+    "Pine",
     "Razor",
     "SinkRedistribute",
     "SnapKV",

@@ -276,6 +276,24 @@ class SinkRedistributeConfig(MethodConfig):
         return self
 
 
+class PineConfig(MethodConfig):
+    """PINE: makes the output invariant to the order of a prompt's segments (documents, options).
+
+    Segments see each other bidirectionally, each placed by its importance to the reader; defaults
+    from the paper (every layer and head). ``markers`` find the segments in the prompt; without them,
+    give segment ids in Python (``Pine.segments``).
+    """
+
+    method: str = "pine"
+    markers: list[Marker] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="[open, close]: a segment runs from its open marker to the next one; the last ends at the "
+        "close marker after it (strings or token ids); null: segment ids given in Python",
+    )
+
+
 def method_configs() -> dict[str, type[MethodConfig]]:
     """Method name -> its config class, for every config that names a method."""
     found: dict[str, type[MethodConfig]] = {}

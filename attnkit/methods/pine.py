@@ -1,0 +1,450 @@
+"""``pine``: position-invariant inference over segments (PINE, Wang et al., ICLR 2025).
+
+A prompt is a prefix, k segments (documents, answer options, the two responses a judge compares)
+and a suffix. PINE removes the order of the segments from what the model sees, in every layer and
+head, through the engine's positions stage (reference code: ``wzq016/PINE``,
+``LlamaAttentionWithPS.forward``):
+
+1. **Layout.** With p prefix tokens and E = p + sum(n_s), every segment is right-aligned to E:
+   token t of segment s sits at E - n_s + t. The suffix and generated tokens keep E, E + 1, ...
+2. **Segment queries (prefill).** A query of segment i scores the other segments without positions:
+   softmax over their keys of the un-rotated q·k (the layer's scaling), per-segment attention summed
+   and divided by the segment's length, summed over segment i's queries. Per head, segment i comes
+   first, then the others by importance; a segment moves back by the total length of those ahead of
+   it, so the most important stands closest to the reader. Segments see each other whole
+   (bidirectional); a segment sees itself causally.
+3. **Suffix and generated queries.** The same importance per query token and head, over all
+   segments, orders them for that token alone.
+4. **Prefix queries** are untouched.
+
+The cache keeps the keys as the model rotated them; the engine re-rotates queries and keys from
+the rotation they carry, so any RoPE variant transformers implements works. Rows with fewer than two
+segments are left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from attnkit.engine.attach import Attachment
+from attnkit.engine.plan import AttentionCall
+from attnkit.engine.positions import QueryBlocks, QueryGroup, Repositioning
+from attnkit.engine.state import CallState
+from attnkit.methods.base import Method, register
+from attnkit.methods.sink_redistribute import find, saved_tokenizer
+from attnkit.primitives import MASKED, layer_window, repeat_kv
+from attnkit.recipe.methods import Marker, PineConfig
+
+
+@dataclass
+class Layout:
+    """Where the segments of a prompt are, found at prefill and kept for the decode steps."""
+
+    segment: torch.Tensor
+    """long [batch, prompt]: 0 outside segments, 1..k inside."""
+    shift_to_layout: torch.Tensor
+    """long [batch, prompt]: PINE's right-aligned position minus the position the token was rotated at."""
+    lengths: torch.Tensor
+    """long [batch, K]: each segment's length (0 for a row with fewer than K segments)."""
+    block_end: torch.Tensor
+    """long [batch]: the index after the last segment token (queries from there on are readers)."""
+    active: torch.Tensor
+    """bool [batch]: rows with at least two segments."""
+    raw_keys: dict[int, torch.Tensor]
+    """Per layer, the prompt's un-rotated keys [batch, kv heads, prompt, dim] (what importance reads
+    at every decode step), kept from the prefill."""
+    placed_keys: dict[int, torch.Tensor]
+    """Per layer, the prompt's keys rotated at PINE's layout [batch, kv heads, prompt, dim], kept
+    from the prefill so that a decode step rotates its query alone."""
+
+
+@register
+class Pine(Method):
+    """Position-invariant inference over a prompt's segments (PINE, Wang et al. 2025)."""
+
+    name = "pine"
+    config_class = PineConfig
+
+    def __init__(self, config: PineConfig | None = None, *, tokenizer: Any = None, **params: Any) -> None:
+        super().__init__(config, **params)
+        self.tokenizer = tokenizer
+        self._given: torch.Tensor | None = None
+
+    @contextmanager
+    def segments(self, segment_ids: torch.Tensor) -> Iterator[None]:
+        """Segment ids of the prompt of the calls inside ([batch, prompt] long: 0 outside segments,
+        1..k in prompt order), for prompts without markers."""
+        self._given = segment_ids
+        try:
+            yield
+        finally:
+            self._given = None
+
+    def attach(self, at: Attachment) -> None:
+        markers = None
+        if self.config.markers is not None:
+            markers = [self._marker_ids(m, at) for m in self.config.markers]
+        self.stats.describe("markers", self.config.markers or "segment ids given in Python")
+        key = f"{self.name}@{id(self)}"
+        at.begin_call(lambda state: self._begin(state, key, markers))
+        config = at.model.config
+        text = getattr(config, "text_config", None) or config
+        for layer in range(at.shape.num_layers):
+            at.positions(layer, self._hook(layer, key, layer_window(text, layer)))
+
+    # -- segments -------------------------------------------------------------------------------
+
+    def _marker_ids(self, marker: Marker, at: Attachment) -> list[int]:
+        if isinstance(marker, int):
+            return [marker]
+        if isinstance(marker, list):
+            if not marker:
+                raise ValueError("pine: markers: an empty list of token ids")
+            return list(marker)
+        tokenizer = self.tokenizer or saved_tokenizer(at.model)
+        if tokenizer is None:
+            raise ValueError(
+                f"pine: marker {marker!r} is a string but no tokenizer was found; pass Pine(..., tokenizer=tok) "
+                "or give the marker as token ids"
+            )
+        ids = tokenizer.encode(marker, add_special_tokens=False)
+        if not ids:
+            raise ValueError(f"pine: marker {marker!r} encodes to no tokens")
+        return list(ids)
+
+    def _begin(self, state: CallState, key: str, markers: list[list[int]] | None) -> None:
+        """At prefill: find each row's segments and their layout; later calls reuse it."""
+        if state.phase != "prefill":
+            return
+        segment = self._segment_ids(state, markers)
+        if segment is None:
+            return
+        layout = layout_of(segment, state.positions)
+        state.sequence[key] = layout
+        self.stats.add("segments", int(layout.lengths.gt(0).sum()))
+        self.stats.add("rows_with_segments", int(layout.active.sum()))
+
+    def _segment_ids(self, state: CallState, markers: list[list[int]] | None) -> torch.Tensor | None:
+        length = state.query_length
+        if self._given is not None:
+            given = self._given
+            batch = state.positions.shape[0] if state.positions is not None else given.shape[0]
+            if given.dim() != 2 or given.shape != (batch, length):
+                raise ValueError(
+                    f"pine: segment ids of shape {tuple(given.shape)} for a prefill of {batch} x {length} tokens; "
+                    "give one id per prompt token"
+                )
+            return given.to(torch.long)
+        if markers is None or state.input_ids is None:
+            return None
+        mask = state.attention_mask
+        valid = mask[:, -length:].bool() if mask is not None and mask.dim() == 2 else None
+        return marked_segments(state.input_ids, valid, *markers)
+
+    # -- the positions hook --------------------------------------------------------------------
+
+    def _hook(self, layer: int, key: str, window: int | None):
+        def reposition(call: AttentionCall) -> Repositioning | None:
+            state = call.state
+            layout = state.sequence.get(key) if state is not None else None
+            if layout is None or not bool(layout.active.any()):
+                return None
+            if window is not None and window < state.total_length:
+                raise ValueError(
+                    f"pine: layer {layer} is a sliding-window layer of {window} tokens, but the sequence has "
+                    f"{state.total_length}; PINE needs every segment in view: use shorter prompts, or a model "
+                    "without sliding windows"
+                )
+            plan = repositioning(call, layout)
+            if layer == 0:
+                self._count(call, layout)
+            return plan
+
+        return reposition
+
+    def _count(self, call: AttentionCall, layout: Layout) -> None:
+        queries = call.query.shape[-2]
+        segment_q, reader_q = query_roles(call, layout, queries)
+        self.stats.add("segment_queries", int(segment_q.sum()))
+        self.stats.add("reordered_queries", int(reader_q.sum()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Segments and layout
+# ---------------------------------------------------------------------------------------------
+
+
+def marked_segments(
+    ids: torch.Tensor, valid: torch.Tensor | None, opening: list[int], closing: list[int]
+) -> torch.Tensor:
+    """[batch, length] segment ids from markers: segment i runs from its opening marker to the token
+    before the next opening marker; the last one ends with the closing marker after it. A row whose
+    last segment is not closed gets none."""
+    segment = torch.zeros_like(ids, dtype=torch.long)
+    for row in range(ids.shape[0]):
+        ok = valid[row].tolist() if valid is not None else [True] * ids.shape[1]
+        tokens = [t if keep else None for t, keep in zip(ids[row].tolist(), ok)]
+        starts = []
+        at = find(tokens, opening, 0)
+        while at is not None:
+            starts.append(at)
+            at = find(tokens, opening, at + len(opening))
+        if not starts:
+            continue
+        close = find(tokens, closing, starts[-1] + len(opening))
+        if close is None:
+            continue
+        ends = [*starts[1:], close + len(closing)]
+        for number, (start, end) in enumerate(zip(starts, ends), start=1):
+            segment[row, start:end] = number
+    return segment
+
+
+def layout_of(segment: torch.Tensor, positions: torch.Tensor | None) -> Layout:
+    """The layout of segments ``segment`` [batch, prompt] whose tokens were rotated at ``positions``."""
+    check_contiguous(segment)
+    batch, length = segment.shape
+    if positions is None:
+        positions = torch.arange(length, device=segment.device).expand(batch, length)
+    count = int(segment.max()) if segment.numel() else 0
+    if count == 0:
+        none = torch.zeros(batch, 0, dtype=torch.long, device=segment.device)
+        return Layout(segment, torch.zeros_like(segment), none, none.sum(-1), none.sum(-1).bool(), {}, {})
+    onehot = segment[..., None] == torch.arange(1, count + 1, device=segment.device)
+    lengths = onehot.sum(1)
+    index = torch.arange(length, device=segment.device)
+    inside = segment > 0
+    first = torch.where(inside, index, length).amin(-1)
+    block_end = torch.where(inside, index + 1, 0).amax(-1)
+    start_position = positions.gather(1, first.clamp(max=length - 1)[:, None])[:, 0]
+    end = start_position + lengths.sum(-1)
+    seg_start = torch.where(onehot, index[None, :, None], length).amin(1)
+    offset = index - seg_start.gather(1, (segment - 1).clamp(min=0))
+    layout_position = end[:, None] - lengths.gather(1, (segment - 1).clamp(min=0)) + offset
+    shift = torch.where(inside, layout_position - positions, 0)
+    return Layout(segment, shift, lengths, block_end, lengths.gt(0).sum(-1) >= 2, {}, {})
+
+
+def check_contiguous(segment: torch.Tensor) -> None:
+    """Segments 1..k in order, each one run of tokens, with nothing between them."""
+    for row in segment.tolist():
+        ids = [s for s in row if s]
+        runs = [s for i, s in enumerate(row) if s and (i == 0 or row[i - 1] != s)]
+        first = next((i for i, s in enumerate(row) if s), None)
+        if first is None:
+            continue
+        last = len(row) - next(i for i, s in enumerate(reversed(row)) if s)
+        if runs != list(range(1, len(runs) + 1)) or len(ids) != last - first:
+            raise ValueError(
+                "pine: segment ids must number the segments 1..k in prompt order, each one run of tokens, with no "
+                f"other token between them; got {runs} over {last - first} positions with {len(ids)} segment tokens"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# The repositioning of one call
+# ---------------------------------------------------------------------------------------------
+
+
+def query_roles(call: AttentionCall, layout: Layout, queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool [batch, queries] each: queries inside a segment, and readers after the segment block."""
+    segment_q = keys_segment(call, layout)[:, -queries:]
+    index = torch.arange(call.state.total_length - queries, call.state.total_length, device=segment_q.device)
+    active = layout.active.to(segment_q.device)[:, None]
+    readers = (index[None, :] >= layout.block_end.to(segment_q.device)[:, None]) & active
+    return (segment_q > 0) & active, readers
+
+
+def keys_segment(call: AttentionCall, layout: Layout) -> torch.Tensor:
+    """long [batch, keys]: the segment of every key of the call (0 after the prompt)."""
+    keys = call.key.shape[-2]
+    segment = layout.segment.to(call.key.device)
+    extra = keys - segment.shape[1]
+    if extra < 0:
+        raise ValueError(f"pine: layer {call.layer} reads {keys} keys of a {segment.shape[1]}-token prompt")
+    return torch.nn.functional.pad(segment, (0, extra))
+
+
+def repositioning(call: AttentionCall, layout: Layout) -> Repositioning:
+    """The query groups (one per segment), the readers' per-query orderings and the mask of a call."""
+    queries = call.query.shape[-2]
+    segment_k = keys_segment(call, layout)
+    segment_q = segment_k[:, -queries:]
+    carried = call.state.key_positions.to(call.key.device)[:, -segment_k.shape[1] :]
+    shift = torch.nn.functional.pad(
+        layout.shift_to_layout.to(carried.device), (0, segment_k.shape[1] - layout.segment.shape[1])
+    )
+    placed = carried + shift  # every key at PINE's right-aligned position
+    placed_q = placed[:, -queries:]
+    in_segment, readers = query_roles(call, layout, queries)
+    importance = Importance(call, layout)
+    groups = []
+    if bool(in_segment.any()):
+        moved = back_shift(importance.segment_to_segment(in_segment, segment_q), importance.lengths)  # [b, h, i, s]
+        for number in range(1, importance.lengths.shape[1] + 1):
+            rows = (segment_q == number) & in_segment
+            if bool(rows.any()):
+                keys = placed[:, None] - segment_shift(moved[:, :, number - 1], segment_k)
+                groups.append(QueryGroup(placed_q, keys, rows))
+    blocks = []
+    if bool(readers.any()):
+        moved = back_shift(importance.per_query(readers), importance.lengths)  # [b, h, q, s]
+        at = torch.cat([torch.zeros_like(moved[..., :1]), moved], -1) + placed_q[:, None, :, None]
+        blocks.append(QueryBlocks(segment_k, at, placed, placed_keys(call, layout, placed), readers))
+    mask = call.mask
+    if groups:
+        opened = in_segment[:, :, None] & (segment_k[:, None, :] > 0) & (segment_k[:, None, :] != segment_q[:, :, None])
+        mask = mask.masked_fill(opened[:, None], 0.0)
+    return Repositioning(groups, blocks, mask)
+
+
+def placed_keys(call: AttentionCall, layout: Layout, placed: torch.Tensor) -> torch.Tensor:
+    """The call's keys rotated at PINE's layout: the prompt's kept from the prefill, the later ones as
+    the model rotated them (their layout position is their own)."""
+    prompt = layout.segment.shape[1]
+    kept = layout.placed_keys.get(call.layer)
+    if kept is None:
+        kept = call.rotate_at(call.unrotated_key()[:, :, :prompt], placed[:, None, :prompt]).to(call.key.dtype)
+        layout.placed_keys[call.layer] = kept
+    return torch.cat([kept, call.key[:, :, prompt:]], dim=2)
+
+
+class Importance:
+    """Segment importance without positions: softmax of the un-rotated q·k (the layer's scaling) over
+    segment keys, summed per segment and divided by its length; the prompt's un-rotated keys are
+    kept from the prefill, so a decode step un-rotates its query alone. Computed in row chunks."""
+
+    def __init__(self, call: AttentionCall, layout: Layout, budget: int = 1 << 26):
+        raw = layout.raw_keys.get(call.layer)
+        if raw is None:
+            raw = layout.raw_keys[call.layer] = call.unrotated_key()[:, :, : layout.segment.shape[1]].to(call.key.dtype)
+        self.call, self.budget = call, budget
+        self.query = call.unrotated_query()
+        self.key = repeat_kv(raw, self.query.shape[1] // raw.shape[1]).to(self.query.dtype)
+        self.segment = layout.segment.to(call.key.device)
+        self.lengths = layout.lengths.to(call.key.device)
+        numbers = torch.arange(1, self.lengths.shape[1] + 1, device=self.segment.device)
+        self.onehot = (self.segment[..., None] == numbers).to(self.query.dtype)
+
+    def rows(self, taken: torch.Tensor) -> list[torch.Tensor]:
+        """The query rows any batch row takes, in chunks within the budget."""
+        index = taken.any(0).nonzero()[:, 0]
+        step = max(1, self.budget // (self.query.shape[0] * self.query.shape[1] * self.key.shape[-2]))
+        return list(index.split(step))
+
+    def attention(self, rows: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """[batch, heads, rows, K] for the query ``rows`` seeing ``visible`` keys [batch, rows, prompt]."""
+        scores = torch.matmul(self.query[:, :, rows], self.key.transpose(-1, -2)) * self.call.scaling
+        return segment_attention(scores, visible, self.onehot, self.lengths)
+
+    def segment_to_segment(self, in_segment: torch.Tensor, segment_q: torch.Tensor) -> torch.Tensor:
+        """[batch, heads, K, K]: the importance of segment s to the queries of segment i, summed over
+        them, each query seeing the segments other than its own; its own first (+inf)."""
+        batch, heads = self.query.shape[:2]
+        count = self.lengths.shape[1]
+        total = torch.zeros(batch, heads, count, count, dtype=self.query.dtype, device=self.query.device)
+        inside = self.segment > 0
+        for rows in self.rows(in_segment):
+            visible = inside[:, None, :] & (self.segment[:, None, :] != segment_q[:, rows, None])
+            onehot_q = (segment_q[:, rows, None] == torch.arange(1, count + 1, device=rows.device)).to(total.dtype)
+            onehot_q = onehot_q * in_segment[:, rows, None]
+            total += torch.einsum("bqi,bhqs->bhis", onehot_q, self.attention(rows, visible))
+        return total.masked_fill(torch.eye(count, dtype=torch.bool, device=total.device), float("inf"))
+
+    def per_query(self, readers: torch.Tensor) -> torch.Tensor:
+        """[batch, heads, queries, K]: each reader's importance of every segment (0 for other rows)."""
+        batch, heads, queries = self.query.shape[:3]
+        out = torch.zeros(
+            batch, heads, queries, self.lengths.shape[1], dtype=self.query.dtype, device=self.query.device
+        )
+        inside = (self.segment > 0)[:, None, :]
+        for rows in self.rows(readers):
+            out[:, :, rows] = self.attention(rows, inside.expand(-1, rows.numel(), -1))
+        return out
+
+
+def segment_attention(
+    scores: torch.Tensor, visible: torch.Tensor, onehot: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """[batch, heads, queries, K]: each query's softmax over its ``visible`` keys [batch, queries,
+    keys], summed per segment and divided by the segment's length (0 where nothing is visible)."""
+    masked = scores.masked_fill(~visible[:, None], MASKED)
+    weights = torch.softmax(masked, -1) * visible[:, None].any(-1, keepdim=True)
+    return torch.matmul(weights, onehot[:, None]) / lengths.clamp(min=1)[:, None, None, :].to(weights.dtype)
+
+
+def back_shift(importance: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """long [..., K]: how far each segment moves back, the total length of the segments ranked
+    ahead of it by ``importance`` [batch, heads, n, K] (descending, ties in segment order)."""
+    order = torch.argsort(importance, dim=-1, descending=True, stable=True)
+    sizes = lengths[:, None, None, :].expand_as(order).gather(-1, order)
+    ahead = torch.cumsum(sizes, -1) - sizes
+    return torch.empty_like(ahead).scatter_(-1, order, ahead)
+
+
+def segment_shift(moved: torch.Tensor, segment_k: torch.Tensor) -> torch.Tensor:
+    """long [batch, heads, keys]: each key's move back (its segment's), 0 outside segments."""
+    padded = torch.cat([torch.zeros_like(moved[..., :1]), moved], -1)
+    index = segment_k[:, None, :].expand(-1, moved.shape[1], -1)
+    return padded.gather(-1, index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs from texts
+# ---------------------------------------------------------------------------------------------
+
+SENTINEL = "\x00attnkit-segments\x00"
+
+
+@dataclass(frozen=True)
+class SegmentedPrompt:
+    """A prompt as PINE reads it: ``prefix``, the ``segments`` whose order must not matter, ``suffix``."""
+
+    prefix: str
+    segments: list[str]
+    suffix: str
+
+
+def segment_inputs(
+    tokenizer: Any, prompts: list[SegmentedPrompt], *, chat_template: bool | str = "auto", system: str | None = None
+) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask`` (left-padded) and ``segment_ids`` for a batch of prompts.
+
+    Every piece is tokenized on its own, so a segment's tokens do not depend on its neighbours.
+    With the chat template (``"auto"``: when the tokenizer has one), the prompt is the user turn:
+    the template's opening joins the prefix and its closing the suffix.
+    """
+    head, tail = template_ends(tokenizer, chat_template, system)
+    rows, segments = [], []
+    for prompt in prompts:
+        pieces = [head + prompt.prefix, *prompt.segments, prompt.suffix + tail]
+        ids = [tokenizer.encode(piece, add_special_tokens=(i == 0 and not head)) for i, piece in enumerate(pieces)]
+        rows.append(sum(ids, []))
+        segments.append(
+            [0] * len(ids[0]) + sum(([n] * len(t) for n, t in enumerate(ids[1:-1], 1)), []) + [0] * len(ids[-1])
+        )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    width = max(map(len, rows))
+    return {
+        "input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
+        "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+        "segment_ids": torch.tensor([[0] * (width - len(s)) + s for s in segments]),
+    }
+
+
+def template_ends(tokenizer: Any, chat_template: bool | str, system: str | None) -> tuple[str, str]:
+    """The chat template's text before and after the user's content ("" and "" without one)."""
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if chat_template is True and not has:
+        raise ValueError("pine: chat_template=True, but the tokenizer has no chat template; pass False or 'auto'")
+    if not (has if chat_template == "auto" else chat_template):
+        return "", ""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": SENTINEL}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    head, _, tail = text.partition(SENTINEL)
+    return head, tail
