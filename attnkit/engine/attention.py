@@ -18,6 +18,7 @@ import torch
 from attnkit import compat
 from attnkit.engine.kvcache import attend
 from attnkit.engine.plan import AttentionCall, LayerPlan, plan_for
+from attnkit.engine.state import CallState
 from attnkit.primitives import additive_mask, repeat_kv
 
 NAME = "attnkit"
@@ -92,7 +93,11 @@ def attnkit_attention(
     if compressed is not None:
         return attend(call, compressed, backend, **kwargs), None
     if decoding or layer.needs_eager or layer.positions is not None:
-        call.mask = additive_mask(attention_mask, query, key)
+        call.mask = shared(
+            state,
+            ("mask", id(attention_mask), query.shape[-2], key.shape[-2]),
+            lambda: additive_mask(attention_mask, query, key),
+        )
     if decoding:
         for step in layer.decode_steps:
             call = step(call)
@@ -114,6 +119,17 @@ def attnkit_attention(
     if compressing:
         compress(call, layer.compressor)
     return output, weights
+
+
+def shared(state: CallState | None, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+    """``make()`` once per forward call and ``key``: what every layer of a call builds alike (its
+    additive mask, from the one mask transformers hands to every layer of a kind)."""
+    if state is None:
+        return make()
+    key = ("attnkit", *key)
+    if key not in state.scratch:
+        state.scratch[key] = make()
+    return state.scratch[key]
 
 
 def compress(call: AttentionCall, compressor: Callable[[AttentionCall, Any], Any]) -> None:

@@ -26,6 +26,10 @@ from attnkit.engine.plan import AttentionCall
 from attnkit.engine.state import append_tokens
 from attnkit.primitives import compute_dtype, logits, repeat_kv, rotate
 
+SHORT = 8
+"""Calls of at most this many queries compute every row and select, rather than find the rows on the
+host (a decode step must not wait for the device)."""
+
 
 @dataclass
 class QueryGroup:
@@ -53,9 +57,10 @@ class QueryBlocks:
     """[batch, 1 or heads, queries, V]: where each query is rotated to read each block."""
     keys: torch.Tensor
     """[batch, keys]: where the keys are rotated (one rotation for every query and block)."""
-    rotated: torch.Tensor | None = None
-    """The keys already rotated at ``keys`` [batch, kv heads, keys, dim], where the method keeps them
-    (a decode step then rotates its query only, not the whole cache); None: rotated here."""
+    rotated: tuple[torch.Tensor, ...] | None = None
+    """The keys already rotated at ``keys``, as parts [batch, kv heads, keys of the part, dim] in key
+    order, where the method keeps them (a decode step then rotates its query only, not the whole
+    cache, nor copies it into one tensor); None: rotated here."""
     rows: torch.Tensor | None = None
     """bool [batch, queries]: the query rows read this way; None for every row."""
 
@@ -234,9 +239,17 @@ def fused(
     call: AttentionCall, query: torch.Tensor, keys: torch.Tensor, value: torch.Tensor, index: torch.Tensor | slice
 ) -> torch.Tensor:
     """sdpa over the query rows ``index``, with the call's mask made finite in the query's dtype."""
-    mask = call.mask[:, :, index] if call.mask is not None else None
-    if mask is not None:
-        mask = mask.to(value.dtype).clamp(min=torch.finfo(value.dtype).min)
+    mask = None
+    if call.mask is not None:
+        whole = call.mask
+        key = ("attnkit", "fused mask", id(whole), value.dtype)
+        if call.state is not None:
+            if key not in call.state.scratch:
+                call.state.scratch[key] = (whole, whole.to(value.dtype).clamp(min=torch.finfo(value.dtype).min))
+            whole = call.state.scratch[key][1]
+        else:
+            whole = whole.to(value.dtype).clamp(min=torch.finfo(value.dtype).min)
+        mask = whole[:, :, index]
     query, keys = query.to(value.dtype), keys.to(value.dtype)
     return torch.nn.functional.scaled_dot_product_attention(query, keys, value, attn_mask=mask, scale=call.scaling)
 
@@ -272,10 +285,9 @@ def block_logits(
     heads = call.query.shape[1]
     query = call.unrotated_query()[:, :, index]
     if blocks.rotated is not None:
-        keys = blocks.rotated
+        parts = blocks.rotated
     else:
-        keys = rotate(call.unrotated_key(), *rotation(rotary, call.query, blocks.keys[:, None], query.dtype))
-    keys = repeat_kv(keys, heads // keys.shape[1]).to(call.key.dtype)
+        parts = (rotate(call.unrotated_key(), *rotation(rotary, call.query, blocks.keys[:, None], query.dtype)),)
     at = blocks.queries[:, :, index]
     if at.dim() != 4 or at.shape[1] not in (1, heads):
         raise ValueError(
@@ -284,17 +296,28 @@ def block_logits(
     batch, _, rows, count = at.shape
     positions = at.expand(batch, heads, rows, count).reshape(batch, heads, rows * count)
     turned = rotate(query.repeat_interleave(count, dim=2), *rotation(rotary, call.query, positions, query.dtype))
-    every = logits(turned.to(call.query.dtype), keys, call.scaling, call.softcap)
-    every = every.view(batch, heads, rows, count, keys.shape[-2])
-    pick = blocks.blocks.to(every.device)[:, None, None, None, :].expand(batch, heads, rows, 1, keys.shape[-2])
+    turned = turned.to(call.query.dtype)
+    every = torch.cat([grouped_logits(call, turned, part) for part in parts if part.shape[-2]], dim=-1)
+    every = every.view(batch, heads, rows, count, every.shape[-1])
+    pick = blocks.blocks.to(every.device)[:, None, None, None, :].expand(batch, heads, rows, 1, every.shape[-1])
     return every.gather(3, pick).squeeze(3)
+
+
+def grouped_logits(call: AttentionCall, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Logits [batch, heads, queries, keys] of ``query`` [batch, heads, queries, dim] against KV-head
+    ``keys`` [batch, kv heads, keys, dim], each KV head serving its query heads without copies."""
+    batch, heads, length, dim = query.shape
+    groups = heads // keys.shape[1]
+    query = query.reshape(batch, keys.shape[1], groups * length, dim)
+    out = logits(query, keys.to(query.dtype), call.scaling, call.softcap)
+    return out.reshape(batch, heads, length, keys.shape[-2])
 
 
 def taken(rows: torch.Tensor | None) -> torch.Tensor | slice | None:
     """The query rows that any batch row of ``rows`` [batch, queries] takes: every row (None
     rows), their indices, or None where no row is taken."""
-    if rows is None:
-        return slice(None)
+    if rows is None or rows.shape[-1] <= SHORT:
+        return slice(None)  # a decode step: every row, selected by ``place``, with no read back to the host
     index = rows.any(0).nonzero()[:, 0]
     return index if index.numel() else None
 

@@ -37,7 +37,7 @@ from attnkit.engine.positions import QueryBlocks, QueryGroup, Repositioning
 from attnkit.engine.state import CallState
 from attnkit.methods.base import Method, register
 from attnkit.methods.sink_redistribute import find, saved_tokenizer
-from attnkit.primitives import MASKED, layer_window, repeat_kv
+from attnkit.primitives import layer_window
 from attnkit.recipe.methods import Marker, PineConfig
 
 
@@ -61,6 +61,8 @@ class Layout:
     placed_keys: dict[int, torch.Tensor]
     """Per layer, the prompt's keys rotated at PINE's layout [batch, kv heads, prompt, dim], kept
     from the prefill so that a decode step rotates its query alone."""
+    rows: int = 0
+    """How many rows have at least two segments (read once, at prefill)."""
 
 
 @register
@@ -125,9 +127,10 @@ class Pine(Method):
         if segment is None:
             return
         layout = layout_of(segment, state.positions)
+        layout.rows = int(layout.active.sum())
         state.sequence[key] = layout
         self.stats.add("segments", int(layout.lengths.gt(0).sum()))
-        self.stats.add("rows_with_segments", int(layout.active.sum()))
+        self.stats.add("rows_with_segments", layout.rows)
 
     def _segment_ids(self, state: CallState, markers: list[list[int]] | None) -> torch.Tensor | None:
         length = state.query_length
@@ -152,7 +155,7 @@ class Pine(Method):
         def reposition(call: AttentionCall) -> Repositioning | None:
             state = call.state
             layout = state.sequence.get(key) if state is not None else None
-            if layout is None or not bool(layout.active.any()):
+            if layout is None or not layout.rows:
                 return None
             if window is not None and window < state.total_length:
                 raise ValueError(
@@ -168,6 +171,9 @@ class Pine(Method):
         return reposition
 
     def _count(self, call: AttentionCall, layout: Layout) -> None:
+        if call.state.phase == "decode":  # one reader per row with segments, counted without a read back
+            self.stats.add("reordered_queries", layout.rows)
+            return
         queries = call.query.shape[-2]
         segment_q, reader_q = query_roles(call, layout, queries)
         self.stats.add("segment_queries", int(segment_q.sum()))
@@ -271,7 +277,10 @@ def keys_segment(call: AttentionCall, layout: Layout) -> torch.Tensor:
 
 
 def repositioning(call: AttentionCall, layout: Layout) -> Repositioning:
-    """The query groups (one per segment), the readers' per-query orderings and the mask of a call."""
+    """The query groups (one per segment), the readers' per-query orderings and the mask of a call.
+
+    A decode step has one reader per row and no segment query: it is planned without reading
+    anything back to the host."""
     queries = call.query.shape[-2]
     segment_k = keys_segment(call, layout)
     segment_q = segment_k[:, -queries:]
@@ -281,8 +290,12 @@ def repositioning(call: AttentionCall, layout: Layout) -> Repositioning:
     )
     placed = carried + shift  # every key at PINE's right-aligned position
     placed_q = placed[:, -queries:]
-    in_segment, readers = query_roles(call, layout, queries)
     importance = Importance(call, layout)
+    if call.state.phase == "decode":
+        readers = layout.active.to(call.key.device)[:, None]
+        moved = back_shift(importance.per_query(slice(None)), importance.lengths)
+        return Repositioning([], [reader_blocks(call, layout, segment_k, placed, placed_q, moved, readers)], call.mask)
+    in_segment, readers = query_roles(call, layout, queries)
     groups = []
     if bool(in_segment.any()):
         moved = back_shift(importance.segment_to_segment(in_segment, segment_q), importance.lengths)  # [b, h, i, s]
@@ -293,17 +306,37 @@ def repositioning(call: AttentionCall, layout: Layout) -> Repositioning:
                 groups.append(QueryGroup(placed_q, keys, rows))
     blocks = []
     if bool(readers.any()):
-        moved = back_shift(importance.per_query(readers), importance.lengths)  # [b, h, q, s]
-        at = torch.cat([torch.zeros_like(moved[..., :1]), moved], -1) + placed_q[:, None, :, None]
-        blocks.append(QueryBlocks(segment_k, at, placed, placed_keys(call, layout, placed), readers))
+        index = readers.any(0).nonzero()[:, 0]
+        moved = torch.zeros(*call.query.shape[:3], importance.lengths.shape[1], dtype=torch.long, device=placed.device)
+        moved[:, :, index] = back_shift(importance.per_query(index), importance.lengths)  # [b, h, q, s]
+        blocks.append(reader_blocks(call, layout, segment_k, placed, placed_q, moved, readers))
     mask = call.mask
     if groups:
-        opened = in_segment[:, :, None] & (segment_k[:, None, :] > 0) & (segment_k[:, None, :] != segment_q[:, :, None])
-        mask = mask.masked_fill(opened[:, None], 0.0)
+        key = ("pine mask", id(call.mask))
+        if key not in call.state.scratch:  # every full-attention layer of the call opens the same entries
+            opened = in_segment[:, :, None] & (segment_k[:, None, :] > 0)
+            opened = opened & (segment_k[:, None, :] != segment_q[:, :, None])
+            call.state.scratch[key] = (call.mask, call.mask.masked_fill(opened[:, None], 0.0))
+        mask = call.state.scratch[key][1]
     return Repositioning(groups, blocks, mask)
 
 
-def placed_keys(call: AttentionCall, layout: Layout, placed: torch.Tensor) -> torch.Tensor:
+def reader_blocks(
+    call: AttentionCall,
+    layout: Layout,
+    segment_k: torch.Tensor,
+    placed: torch.Tensor,
+    placed_q: torch.Tensor,
+    moved: torch.Tensor,
+    readers: torch.Tensor,
+) -> QueryBlocks:
+    """Readers (suffix and generated queries) see segment s moved back by ``moved[..., s]`` [batch,
+    heads, queries, K]: the keys stay at the layout, the query turns by the move per segment block."""
+    at = torch.cat([torch.zeros_like(moved[..., :1]), moved], -1) + placed_q[:, None, :, None]
+    return QueryBlocks(segment_k, at, placed, placed_keys(call, layout, placed), readers)
+
+
+def placed_keys(call: AttentionCall, layout: Layout, placed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The call's keys rotated at PINE's layout: the prompt's kept from the prefill, the later ones as
     the model rotated them (their layout position is their own)."""
     prompt = layout.segment.shape[1]
@@ -311,71 +344,62 @@ def placed_keys(call: AttentionCall, layout: Layout, placed: torch.Tensor) -> to
     if kept is None:
         kept = call.rotate_at(call.unrotated_key()[:, :, :prompt], placed[:, None, :prompt]).to(call.key.dtype)
         layout.placed_keys[call.layer] = kept
-    return torch.cat([kept, call.key[:, :, prompt:]], dim=2)
+    return (kept, call.key[:, :, prompt:])
 
 
 class Importance:
     """Segment importance without positions: softmax of the un-rotated q·k (the layer's scaling) over
-    segment keys, summed per segment and divided by its length; the prompt's un-rotated keys are
-    kept from the prefill, so a decode step un-rotates its query alone. Computed in row chunks."""
+    segment keys, summed per segment and divided by its length. That is attention whose values are
+    each key's segment (one-hot, over its length), so the backend's fused kernel computes it without
+    the full matrix. The prompt's un-rotated keys are kept from the prefill: a decode step un-rotates
+    its query alone."""
 
-    def __init__(self, call: AttentionCall, layout: Layout, budget: int = 1 << 26):
+    def __init__(self, call: AttentionCall, layout: Layout):
+        prompt = layout.segment.shape[1]
         raw = layout.raw_keys.get(call.layer)
         if raw is None:
-            raw = layout.raw_keys[call.layer] = call.unrotated_key()[:, :, : layout.segment.shape[1]].to(call.key.dtype)
-        self.call, self.budget = call, budget
-        self.query = call.unrotated_query()
-        self.key = repeat_kv(raw, self.query.shape[1] // raw.shape[1]).to(self.query.dtype)
-        self.segment = layout.segment.to(call.key.device)
-        self.lengths = layout.lengths.to(call.key.device)
-        numbers = torch.arange(1, self.lengths.shape[1] + 1, device=self.segment.device)
-        self.onehot = (self.segment[..., None] == numbers).to(self.query.dtype)
+            raw = layout.raw_keys[call.layer] = call.unrotated_key()[:, :, :prompt].to(call.key.dtype)
+        self.call, self.key = call, raw
+        self.query = call.unrotated_query().to(raw.dtype)
+        self.segment = layout.segment.to(raw.device)
+        self.lengths = layout.lengths.to(raw.device)
+        count = self.lengths.shape[1]
+        numbers = torch.arange(1, count + 1, device=raw.device)
+        share = (self.segment[..., None] == numbers) / self.lengths.clamp(min=1)[:, None, :]
+        width = -(-count // 8) * 8  # the fused kernels want the value width a multiple of 8
+        share = torch.nn.functional.pad(share, (0, width - count)).to(raw.dtype)
+        self.values = share[:, None].expand(-1, raw.shape[1], -1, -1).contiguous()
 
-    def rows(self, taken: torch.Tensor) -> list[torch.Tensor]:
-        """The query rows any batch row takes, in chunks within the budget."""
-        index = taken.any(0).nonzero()[:, 0]
-        step = max(1, self.budget // (self.query.shape[0] * self.query.shape[1] * self.key.shape[-2]))
-        return list(index.split(step))
-
-    def attention(self, rows: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """[batch, heads, rows, K] for the query ``rows`` seeing ``visible`` keys [batch, rows, prompt]."""
-        scores = torch.matmul(self.query[:, :, rows], self.key.transpose(-1, -2)) * self.call.scaling
-        return segment_attention(scores, visible, self.onehot, self.lengths)
+    def attention(self, rows: torch.Tensor | slice, visible: torch.Tensor) -> torch.Tensor:
+        """[batch, heads, rows, K] for the query ``rows`` seeing ``visible`` keys [batch, rows, prompt]
+        (a row that sees none gets a finite, meaningless value: callers weigh it by 0)."""
+        mask = torch.zeros(visible.shape, dtype=self.key.dtype, device=self.key.device)
+        mask = mask.masked_fill(~visible, torch.finfo(self.key.dtype).min)[:, None]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            self.query[:, :, rows], self.key, self.values, attn_mask=mask, scale=self.call.scaling, enable_gqa=True
+        )
+        return out[..., : self.lengths.shape[1]].to(self.call.unrotated_query().dtype)
 
     def segment_to_segment(self, in_segment: torch.Tensor, segment_q: torch.Tensor) -> torch.Tensor:
         """[batch, heads, K, K]: the importance of segment s to the queries of segment i, summed over
         them, each query seeing the segments other than its own; its own first (+inf)."""
-        batch, heads = self.query.shape[:2]
+        rows = in_segment.any(0).nonzero()[:, 0]
         count = self.lengths.shape[1]
-        total = torch.zeros(batch, heads, count, count, dtype=self.query.dtype, device=self.query.device)
         inside = self.segment > 0
-        for rows in self.rows(in_segment):
-            visible = inside[:, None, :] & (self.segment[:, None, :] != segment_q[:, rows, None])
-            onehot_q = (segment_q[:, rows, None] == torch.arange(1, count + 1, device=rows.device)).to(total.dtype)
-            onehot_q = onehot_q * in_segment[:, rows, None]
-            total += torch.einsum("bqi,bhqs->bhis", onehot_q, self.attention(rows, visible))
+        visible = inside[:, None, :] & (self.segment[:, None, :] != segment_q[:, rows, None])
+        numbers = torch.arange(1, count + 1, device=rows.device)
+        weight = (segment_q[:, rows, None] == numbers) & in_segment[:, rows, None]
+        total = torch.einsum(
+            "bqi,bhqs->bhis", weight.to(self.query.dtype), self.attention(rows, visible).to(self.query.dtype)
+        )
+        total = total.to(self.call.unrotated_query().dtype)
         return total.masked_fill(torch.eye(count, dtype=torch.bool, device=total.device), float("inf"))
 
-    def per_query(self, readers: torch.Tensor) -> torch.Tensor:
-        """[batch, heads, queries, K]: each reader's importance of every segment (0 for other rows)."""
-        batch, heads, queries = self.query.shape[:3]
-        out = torch.zeros(
-            batch, heads, queries, self.lengths.shape[1], dtype=self.query.dtype, device=self.query.device
-        )
-        inside = (self.segment > 0)[:, None, :]
-        for rows in self.rows(readers):
-            out[:, :, rows] = self.attention(rows, inside.expand(-1, rows.numel(), -1))
-        return out
-
-
-def segment_attention(
-    scores: torch.Tensor, visible: torch.Tensor, onehot: torch.Tensor, lengths: torch.Tensor
-) -> torch.Tensor:
-    """[batch, heads, queries, K]: each query's softmax over its ``visible`` keys [batch, queries,
-    keys], summed per segment and divided by the segment's length (0 where nothing is visible)."""
-    masked = scores.masked_fill(~visible[:, None], MASKED)
-    weights = torch.softmax(masked, -1) * visible[:, None].any(-1, keepdim=True)
-    return torch.matmul(weights, onehot[:, None]) / lengths.clamp(min=1)[:, None, None, :].to(weights.dtype)
+    def per_query(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        """[batch, heads, len(rows), K]: the importance of every segment to each of the query ``rows``."""
+        queries = self.query[:, :, rows].shape[-2]
+        visible = (self.segment > 0)[:, None, :].expand(-1, queries, -1)
+        return self.attention(rows, visible)
 
 
 def back_shift(importance: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
