@@ -75,21 +75,19 @@ def logits(query: torch.Tensor, key: torch.Tensor, scaling: float, softcap: floa
     return scores
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) over the halves of the last dim: the pairing of transformers' RoPE."""
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE as transformers applies it: ``x·cos + rotate_half(x)·sin`` on the first
     ``cos.shape[-1]`` dims of ``x`` [..., n, head_dim] (partial rotary: the rest pass unrotated);
-    cos and sin [..., n, rotary dims] broadcast against ``x``."""
+    cos and sin [..., n, rotary dims] broadcast against ``x``. Computed on the halves (transformers'
+    tables repeat the frequencies in both), without building ``rotate_half(x)``."""
     dims = cos.shape[-1]
-    if dims == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    turned = x[..., :dims]
-    return torch.cat((turned * cos + rotate_half(turned) * sin, x[..., dims:]), dim=-1)
+    half = dims // 2
+    first, second = x[..., :half], x[..., half:dims]
+    cos1, cos2, sin1, sin2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
+    parts = [torch.addcmul(first * cos1, second, sin1, value=-1), torch.addcmul(second * cos2, first, sin2)]
+    if dims < x.shape[-1]:
+        parts.append(x[..., dims:].expand(*parts[0].shape[:-1], x.shape[-1] - dims))
+    return torch.cat(parts, dim=-1)
 
 
 def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

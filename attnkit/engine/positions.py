@@ -42,6 +42,9 @@ class QueryGroup:
     """Where every key is seen from these rows: [batch, keys], or per query head [batch, heads, keys]."""
     rows: torch.Tensor | None = None
     """bool [batch, queries]: the query rows of this group; None for every row."""
+    index: torch.Tensor | None = None
+    """The query indices any batch row of ``rows`` takes, where the method knows them without asking
+    the device (PINE at prefill); None: found from ``rows``."""
 
 
 @dataclass
@@ -57,6 +60,9 @@ class QueryBlocks:
     """[batch, 1 or heads, queries, V]: where each query is rotated to read each block."""
     keys: torch.Tensor
     """[batch, keys]: where the keys are rotated (one rotation for every query and block)."""
+    index: torch.Tensor | None = None
+    """The query indices any batch row of ``rows`` takes, where the method knows them; None: found
+    from ``rows``."""
     rotated: tuple[torch.Tensor, ...] | None = None
     """The keys already rotated at ``keys``, as parts [batch, kv heads, keys of the part, dim] in key
     order, where the method keeps them (a decode step then rotates its query only, not the whole
@@ -193,7 +199,7 @@ def repositioned_logits(call: AttentionCall, plan: Repositioning, rotary: compat
     dtype = compute_dtype(call.query)
     scores = torch.empty(batch, heads, length, call.key.shape[-2], dtype=dtype, device=call.query.device)
     for group in plan.groups:
-        index = taken(group.rows)
+        index = group.index if group.index is not None else taken(group.rows)
         if index is not None:
             query, keys = group_rotated(call, group, index, rotary)
             scores = place(scores, group.rows, index, logits(query, keys, call.scaling, call.softcap))
@@ -215,7 +221,7 @@ def repositioned_attention(call: AttentionCall, plan: Repositioning, rotary: com
     value = repeat_kv(call.value, heads // call.value.shape[1])
     out = torch.empty_like(call.query)
     for group in plan.groups:
-        index = taken(group.rows)
+        index = group.index if group.index is not None else taken(group.rows)
         if index is not None:
             query, keys = group_rotated(call, group, index, rotary)
             part = fused(call, query, keys, value, index)
@@ -265,7 +271,7 @@ def own_rows(plan: Repositioning) -> torch.Tensor | None:
 def chunks(blocks: QueryBlocks, call: AttentionCall, budget: int = 1 << 26) -> list[torch.Tensor | slice]:
     """The rows of ``blocks`` in chunks whose block logits [heads, rows x blocks, keys] stay within
     ``budget`` elements."""
-    index = taken(blocks.rows)
+    index = blocks.index if blocks.index is not None else taken(blocks.rows)
     if index is None:
         return []
     rows = torch.arange(call.query.shape[-2], device=call.query.device)[index]
@@ -343,11 +349,15 @@ def group_rotated(
     at_queries = head_positions(group.queries, heads, query.shape[-2], "query")[..., index]
     at_keys = head_positions(group.keys, heads, key.shape[-2], "key")
     turned = rotate(query[:, :, index], *rotation(rotary, call.query, at_queries, query.dtype))
+    dtype = call.key.dtype  # keys turn in the model's own precision, as the model turns them
+    if "key as the model holds it" not in call.raw:
+        call.raw["key as the model holds it"] = key.to(dtype)
+    key = call.raw["key as the model holds it"]
     if at_keys.shape[1] == 1:
-        keys = repeat_kv(rotate(key, *rotation(rotary, call.query, at_keys, key.dtype)), repeats)
+        keys = repeat_kv(rotate(key, *rotation(rotary, call.query, at_keys, dtype)), repeats)
     else:
-        keys = rotate(repeat_kv(key, repeats), *rotation(rotary, call.query, at_keys, key.dtype))
-    return turned.to(call.query.dtype), keys.to(call.key.dtype)
+        keys = rotate(repeat_kv(key, repeats), *rotation(rotary, call.query, at_keys, dtype))
+    return turned.to(call.query.dtype), keys
 
 
 def head_positions(positions: torch.Tensor, heads: int, length: int, what: str) -> torch.Tensor:

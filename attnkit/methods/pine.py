@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,6 +63,9 @@ class Layout:
     from the prefill so that a decode step rotates its query alone."""
     rows: int = 0
     """How many rows have at least two segments (read once, at prefill)."""
+    prefill_rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    """The prompt's query rows per role, found once on the host at prefill: each segment number's
+    rows (any batch row), 0 for every segment row, -1 for the readers (suffix)."""
 
 
 @register
@@ -128,6 +131,7 @@ class Pine(Method):
             return
         layout = layout_of(segment, state.positions)
         layout.rows = int(layout.active.sum())
+        layout.prefill_rows = prefill_rows(layout)
         state.sequence[key] = layout
         self.stats.add("segments", int(layout.lengths.gt(0).sum()))
         self.stats.add("rows_with_segments", layout.rows)
@@ -236,6 +240,25 @@ def layout_of(segment: torch.Tensor, positions: torch.Tensor | None) -> Layout:
     return Layout(segment, shift, lengths, block_end, lengths.gt(0).sum(-1) >= 2, {}, {})
 
 
+def prefill_rows(layout: Layout) -> dict[int, torch.Tensor]:
+    """The prompt's query rows per role (see :attr:`Layout.prefill_rows`), on the device; roles no
+    row has are left out."""
+    segment, active = layout.segment.tolist(), layout.active.tolist()
+    ends = layout.block_end.tolist()
+    found: dict[int, set[int]] = {}
+    for row, acts, end in zip(segment, active, ends, strict=True):
+        if not acts:
+            continue
+        for index, number in enumerate(row):
+            if number:
+                found.setdefault(number, set()).add(index)
+                found.setdefault(0, set()).add(index)
+            elif index >= end:
+                found.setdefault(-1, set()).add(index)
+    device = layout.segment.device
+    return {role: torch.tensor(sorted(rows), device=device) for role, rows in sorted(found.items())}
+
+
 def check_contiguous(segment: torch.Tensor) -> None:
     """Segments 1..k in order, each one run of tokens, with nothing between them."""
     for row in segment.tolist():
@@ -296,20 +319,21 @@ def repositioning(call: AttentionCall, layout: Layout) -> Repositioning:
         moved = back_shift(importance.per_query(slice(None)), importance.lengths)
         return Repositioning([], [reader_blocks(call, layout, segment_k, placed, placed_q, moved, readers)], call.mask)
     in_segment, readers = query_roles(call, layout, queries)
+    prompt = call.state.phase == "prefill"  # else an extend call: every query reads
+    taken = layout.prefill_rows if prompt else {-1: torch.arange(queries, device=placed.device)}
     groups = []
-    if bool(in_segment.any()):
-        moved = back_shift(importance.segment_to_segment(in_segment, segment_q), importance.lengths)  # [b, h, i, s]
-        for number in range(1, importance.lengths.shape[1] + 1):
-            rows = (segment_q == number) & in_segment
-            if bool(rows.any()):
+    if 0 in taken:
+        moved = back_shift(importance.segment_to_segment(in_segment, segment_q, taken[0]), importance.lengths)
+        for number, index in taken.items():
+            if number > 0:
                 keys = placed[:, None] - segment_shift(moved[:, :, number - 1], segment_k)
-                groups.append(QueryGroup(placed_q, keys, rows))
+                groups.append(QueryGroup(placed_q, keys, (segment_q == number) & in_segment, index))
     blocks = []
-    if bool(readers.any()):
-        index = readers.any(0).nonzero()[:, 0]
+    if -1 in taken:
+        index = taken[-1]
         moved = torch.zeros(*call.query.shape[:3], importance.lengths.shape[1], dtype=torch.long, device=placed.device)
         moved[:, :, index] = back_shift(importance.per_query(index), importance.lengths)  # [b, h, q, s]
-        blocks.append(reader_blocks(call, layout, segment_k, placed, placed_q, moved, readers))
+        blocks.append(reader_blocks(call, layout, segment_k, placed, placed_q, moved, readers, index))
     mask = call.mask
     if groups:
         key = ("pine mask", id(call.mask))
@@ -329,11 +353,12 @@ def reader_blocks(
     placed_q: torch.Tensor,
     moved: torch.Tensor,
     readers: torch.Tensor,
+    index: torch.Tensor | None = None,
 ) -> QueryBlocks:
     """Readers (suffix and generated queries) see segment s moved back by ``moved[..., s]`` [batch,
     heads, queries, K]: the keys stay at the layout, the query turns by the move per segment block."""
     at = torch.cat([torch.zeros_like(moved[..., :1]), moved], -1) + placed_q[:, None, :, None]
-    return QueryBlocks(segment_k, at, placed, placed_keys(call, layout, placed), readers)
+    return QueryBlocks(segment_k, at, placed, index=index, rotated=placed_keys(call, layout, placed), rows=readers)
 
 
 def placed_keys(call: AttentionCall, layout: Layout, placed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -380,10 +405,10 @@ class Importance:
         )
         return out[..., : self.lengths.shape[1]].to(self.call.unrotated_query().dtype)
 
-    def segment_to_segment(self, in_segment: torch.Tensor, segment_q: torch.Tensor) -> torch.Tensor:
-        """[batch, heads, K, K]: the importance of segment s to the queries of segment i, summed over
-        them, each query seeing the segments other than its own; its own first (+inf)."""
-        rows = in_segment.any(0).nonzero()[:, 0]
+    def segment_to_segment(self, in_segment: torch.Tensor, segment_q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """[batch, heads, K, K]: the importance of segment s to the queries of segment i (the query
+        ``rows``), summed over them, each query seeing the segments other than its own; its own
+        first (+inf)."""
         count = self.lengths.shape[1]
         inside = self.segment > 0
         visible = inside[:, None, :] & (self.segment[:, None, :] != segment_q[:, rows, None])

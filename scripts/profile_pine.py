@@ -1,0 +1,67 @@
+"""Where does a PINE prefill and decode step spend its time? torch.profiler on the Llama-3-8B shape
+(32 layers, bf16, sdpa), batch 1, the 8K-token 20-segment case of ``bench_pine.py``: the top ops by
+CUDA time and by CPU time, and the op count, for one prefill and for 5 decode steps.
+
+    python scripts/profile_pine.py [--tokens 8192 --segments 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_pine import LLAMA3_8B, build_model, make_case  # noqa: E402
+
+import attnkit  # noqa: E402
+from attnkit.compat import cache_argument  # noqa: E402
+from attnkit.methods import Pine  # noqa: E402
+
+
+def report(prof, title: str) -> None:
+    events = prof.key_averages()
+    print(f"\n== {title}: {sum(e.count for e in events)} ops", flush=True)
+    print(events.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60), flush=True)
+    print(events.table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--segments", type=int, default=20)
+    args = parser.parse_args()
+    case = make_case(args.tokens, args.segments)
+    model = build_model(LLAMA3_8B, "cuda")
+    ids = torch.randint(10, LLAMA3_8B["vocab_size"], (1, case.tokens), device="cuda", generator=None)
+    pine = Pine()
+    from transformers import DynamicCache
+
+    with torch.no_grad(), attnkit.apply(model, [pine]), pine.segments(case.segment_ids("cuda")):
+        for _ in range(2):  # warm-up
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            torch.cuda.synchronize()
+        report(prof, f"prefill {case.name}")
+        cache = DynamicCache()
+        out = model(input_ids=ids, **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(3):
+            model(input_ids=token, **cache_argument(model, cache), use_cache=True)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                model(input_ids=token, **cache_argument(model, cache), use_cache=True)
+            torch.cuda.synchronize()
+        report(prof, "5 decode steps")
+
+
+if __name__ == "__main__":
+    main()
