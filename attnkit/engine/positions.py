@@ -220,12 +220,15 @@ def repositioned_attention(call: AttentionCall, plan: Repositioning, rotary: com
     heads = call.query.shape[1]
     value = repeat_kv(call.value, heads // call.value.shape[1])
     out = torch.empty_like(call.query)
-    for group in plan.groups:
-        index = group.index if group.index is not None else taken(group.rows)
-        if index is not None:
-            query, keys = group_rotated(call, group, index, rotary)
-            part = fused(call, query, keys, value, index)
-            out = place(out, group.rows, index, part)
+    found = [(group, group.index if group.index is not None else taken(group.rows)) for group in plan.groups]
+    found = [(group, index) for group, index in found if index is not None]
+    for together in group_batches(found, call):
+        if len(together) == 1 or any(isinstance(index, slice) for _, index in together):
+            for group, index in together:
+                query, keys = group_rotated(call, group, index, rotary)
+                out = place(out, group.rows, index, fused(call, query, keys, value, index))
+        else:
+            out = attend_groups(call, together, rotary, value, out)
     for blocks in plan.blocks:
         for index in chunks(blocks, call):
             scores = block_logits(call, blocks, index, rotary)
@@ -241,20 +244,73 @@ def repositioned_attention(call: AttentionCall, plan: Repositioning, rotary: com
     return out.transpose(1, 2).contiguous()
 
 
+def group_batches(
+    found: list[tuple[QueryGroup, torch.Tensor | slice]], call: AttentionCall, budget: int = 1 << 27
+) -> list[list[tuple[QueryGroup, torch.Tensor | slice]]]:
+    """Groups in batches whose re-rotated keys (one copy per group and query head) stay within
+    ``budget`` elements: one fused call per batch instead of one per group."""
+    batch, heads, _, dim = call.query.shape
+    size = max(1, budget // (batch * heads * call.key.shape[-2] * dim))
+    return [found[i : i + size] for i in range(0, len(found), size)]
+
+
+def attend_groups(
+    call: AttentionCall,
+    together: list[tuple[QueryGroup, torch.Tensor]],
+    rotary: compat.Rotary,
+    value: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Several query groups in one sdpa call: each group's rows (padded to the longest) and its own
+    re-rotated keys stacked along the batch; the results placed back row by row."""
+    query, key = call.unrotated_query(), call.unrotated_key()
+    batch, heads, _, dim = query.shape
+    longest = max(index.numel() for _, index in together)
+    padded = torch.stack([torch.cat([index, index[-1:].expand(longest - index.numel())]) for _, index in together])
+    at_queries = torch.stack(
+        [head_positions(g.queries, heads, query.shape[-2], "query").expand(-1, heads, -1) for g, _ in together], 1
+    ).gather(3, padded[None, :, None, :].expand(batch, -1, heads, -1))
+    at_keys = torch.stack(
+        [head_positions(g.keys, heads, key.shape[-2], "key").expand(-1, heads, -1) for g, _ in together], 1
+    )
+    count = len(together)
+    rows = query[:, :, padded].transpose(1, 2)  # [batch, groups, heads, longest, dim]
+    turned = rotate(rows.flatten(0, 1), *rotation(rotary, call.query, at_queries.flatten(0, 1), query.dtype))
+    dtype = call.key.dtype
+    held = repeat_kv(key.to(dtype), heads // key.shape[1])
+    stacked = held[:, None].expand(-1, count, -1, -1, -1).flatten(0, 1)
+    keys = rotate(stacked, *rotation(rotary, call.query, at_keys.flatten(0, 1), dtype))
+    values = value[:, None].expand(-1, count, -1, -1, -1).flatten(0, 1)
+    mask = None
+    if call.mask is not None:
+        whole = fused_mask(call, value.dtype)
+        mask = whole[:, :, padded].transpose(1, 2).flatten(0, 1)  # [batch * groups, 1, longest, keys]
+    part = torch.nn.functional.scaled_dot_product_attention(
+        turned.to(dtype), keys, values, attn_mask=mask, scale=call.scaling
+    ).view(batch, count, heads, longest, dim)
+    for number, (group, index) in enumerate(together):
+        out = place(out, group.rows, index, part[:, number, :, : index.numel()])
+    return out
+
+
+def fused_mask(call: AttentionCall, dtype: torch.dtype) -> torch.Tensor:
+    """The call's mask, finite in ``dtype``, made once per forward call."""
+    whole = call.mask
+    key = ("attnkit", "fused mask", id(whole), dtype)
+    if call.state is None:
+        return whole.to(dtype).clamp(min=torch.finfo(dtype).min)
+    if key not in call.state.scratch:
+        call.state.scratch[key] = (whole, whole.to(dtype).clamp(min=torch.finfo(dtype).min))
+    return call.state.scratch[key][1]
+
+
 def fused(
     call: AttentionCall, query: torch.Tensor, keys: torch.Tensor, value: torch.Tensor, index: torch.Tensor | slice
 ) -> torch.Tensor:
     """sdpa over the query rows ``index``, with the call's mask made finite in the query's dtype."""
     mask = None
     if call.mask is not None:
-        whole = call.mask
-        key = ("attnkit", "fused mask", id(whole), value.dtype)
-        if call.state is not None:
-            if key not in call.state.scratch:
-                call.state.scratch[key] = (whole, whole.to(value.dtype).clamp(min=torch.finfo(value.dtype).min))
-            whole = call.state.scratch[key][1]
-        else:
-            whole = whole.to(value.dtype).clamp(min=torch.finfo(value.dtype).min)
+        whole = fused_mask(call, value.dtype)
         mask = whole[:, :, index]
     query, keys = query.to(value.dtype), keys.to(value.dtype)
     return torch.nn.functional.scaled_dot_product_attention(query, keys, value, attn_mask=mask, scale=call.scaling)
