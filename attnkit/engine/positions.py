@@ -245,7 +245,7 @@ def repositioned_attention(call: AttentionCall, plan: Repositioning, rotary: com
 
 
 def group_batches(
-    found: list[tuple[QueryGroup, torch.Tensor | slice]], call: AttentionCall, budget: int = 1 << 27
+    found: list[tuple[QueryGroup, torch.Tensor | slice]], call: AttentionCall, budget: int = 1 << 26
 ) -> list[list[tuple[QueryGroup, torch.Tensor | slice]]]:
     """Groups in batches whose re-rotated keys (one copy per group and query head) stay within
     ``budget`` elements: one fused call per batch instead of one per group."""
