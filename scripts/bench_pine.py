@@ -35,23 +35,15 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_overhead import LLAMA3_8B  # noqa: E402
 
 import attnkit  # noqa: E402
 from attnkit import compat  # noqa: E402
 from attnkit.compat import cache_argument  # noqa: E402
 from attnkit.methods import Pine  # noqa: E402
 
-LLAMA3_8B = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-    max_position_embeddings=32768,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-5,
-)
 TINY = dict(
     LLAMA3_8B,
     hidden_size=256,

@@ -36,7 +36,7 @@ from attnkit.engine.plan import AttentionCall
 from attnkit.engine.positions import QueryBlocks, QueryGroup, Repositioning
 from attnkit.engine.state import CallState
 from attnkit.methods.base import Method, register
-from attnkit.methods.sink_redistribute import find, saved_tokenizer
+from attnkit.methods.markers import find, marker_ids, saved_tokenizer
 from attnkit.primitives import layer_window
 from attnkit.recipe.methods import Marker, PineConfig
 
@@ -105,22 +105,7 @@ class Pine(Method):
     # -- segments -------------------------------------------------------------------------------
 
     def _marker_ids(self, marker: Marker, at: Attachment) -> list[int]:
-        if isinstance(marker, int):
-            return [marker]
-        if isinstance(marker, list):
-            if not marker:
-                raise ValueError("pine: markers: an empty list of token ids")
-            return list(marker)
-        tokenizer = self.tokenizer or saved_tokenizer(at.model)
-        if tokenizer is None:
-            raise ValueError(
-                f"pine: marker {marker!r} is a string but no tokenizer was found; pass Pine(..., tokenizer=tok) "
-                "or give the marker as token ids"
-            )
-        ids = tokenizer.encode(marker, add_special_tokens=False)
-        if not ids:
-            raise ValueError(f"pine: marker {marker!r} encodes to no tokens")
-        return list(ids)
+        return marker_ids(marker, self.tokenizer or saved_tokenizer(at.model), "pine: marker", "Pine")
 
     def _begin(self, state: CallState, key: str, markers: list[list[int]] | None) -> None:
         """At prefill: find each row's segments and their layout; later calls reuse it."""

@@ -62,12 +62,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer
 
 from attnkit.engine.plan import AttentionCall
 from attnkit.engine.state import CallState
 from attnkit.heads import text_config
 from attnkit.methods.base import Method, register
+from attnkit.methods.markers import find, marker_ids, saved_tokenizer
 from attnkit.recipe.methods import Marker, SinkRedistributeConfig
 from attnkit.sinks import at_positions, massive_activation
 
@@ -135,22 +135,9 @@ class SinkRedistribute(Method):
         return f"image tokens (id {image})", lambda ids, valid: None if ids is None else (ids == image) & valid
 
     def _marker_ids(self, marker: Marker, at) -> list[int]:
-        if isinstance(marker, int):
-            return [marker]
-        if isinstance(marker, list):
-            if not marker:
-                raise ValueError("sink_redistribute: span_markers: an empty list of token ids")
-            return list(marker)
-        tokenizer = self.tokenizer or saved_tokenizer(at.model)
-        if tokenizer is None:
-            raise ValueError(
-                f"sink_redistribute: span marker {marker!r} is a string but no tokenizer was found; pass SinkRedistribute(..., tokenizer=tok) "
-                "or give the marker as token ids"
-            )
-        ids = tokenizer.encode(marker, add_special_tokens=False)
-        if not ids:
-            raise ValueError(f"sink_redistribute: span marker {marker!r} encodes to no tokens")
-        return list(ids)
+        return marker_ids(
+            marker, self.tokenizer or saved_tokenizer(at.model), "sink_redistribute: span marker", "SinkRedistribute"
+        )
 
     def _begin(self, state, key: str, ids: torch.Tensor | None, finder) -> None:
         """At prefill: find each row's span; decode and extend steps reuse it from ``sequence``."""
@@ -305,23 +292,3 @@ def marked_span(
         if stop is not None and stop > inside:
             span[row, inside:stop] = True
     return span
-
-
-def find(tokens: list[int | None], pattern: list[int], start: int) -> int | None:
-    """The first index >= start where ``pattern`` occurs in ``tokens``."""
-    n = len(pattern)
-    for i in range(start, len(tokens) - n + 1):
-        if tokens[i : i + n] == pattern:
-            return i
-    return None
-
-
-def saved_tokenizer(model: torch.nn.Module) -> Any:
-    """The tokenizer saved beside a model loaded from a local folder, if any (no downloads)."""
-    path = getattr(model.config, "_name_or_path", "") or ""
-    if not path:
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception:
-        return None
