@@ -201,18 +201,77 @@ class ConflictTask(TaskBase):
         return self
 
 
-TaskConfig = Annotated[GenerateTask | ChoiceTask | NeedleTask | PasskeyTask | ConflictTask, Field(discriminator="kind")]
+class SegmentsTask(TaskBase):
+    """Prompts of prefix + segments + suffix from JSONL, run in several orders of their segments (PINE's evidence).
+
+    Each line: {"prefix", "segments": [...], "suffix", "answer": index of the gold segment, "choices"?: one string
+    per segment}. ``choice`` picks a segment by the log-likelihood of its choice string; ``generate`` moves the gold
+    segment through the positions and checks the greedy reply for its choice string. When the recipe applies
+    ``pine``, the task hands it each prompt's segments.
+    """
+
+    kind: Literal["segments"] = "segments"
+    data: str = Field(description="JSONL file of items")
+    mode: Literal["choice", "generate"] = Field(
+        "choice",
+        description="choice: pick the segment whose choice string is most likely after the prompt, in several "
+        "orders (accuracy, consistency); generate: greedy reply with the gold segment at each position in turn",
+    )
+    orders: Literal["all"] | int = Field(
+        "all",
+        description="choice mode: every order of an item's segments (k <= 3), or N orders: the listed one, its "
+        "rotations, then seeded random permutations (at most k! per item)",
+    )
+    positions: Literal["all"] | list[float] = Field(
+        "all",
+        description="generate mode: where the gold segment goes, as fractions of the way through the segments "
+        "(0 first, 0.5 middle, 1 last; position round(f * (k - 1))), or every position",
+    )
+    separator: str = Field("\n", description="appended to every segment's text (it moves with the segment)")
+    normalize: bool = Field(False, description="choice mode: mean instead of summed token log-prob")
+    chat_template: bool | Literal["auto"] = Field(
+        "auto", description="wrap the prompt in the tokenizer's chat template (the segments in the user turn)"
+    )
+    system: str | None = Field(None, description="system message when the chat template is used")
+    max_new_tokens: int = Field(16, ge=1, description="generate mode: reply length")
+    seed: int = Field(0, description="seeds the random orders (the same for a baseline and an attnkit run)")
+
+    @field_validator("orders")
+    @classmethod
+    def _orders_count(cls, orders: Literal["all"] | int) -> Literal["all"] | int:
+        if isinstance(orders, int) and orders < 1:
+            raise ValueError(f"{orders} orders; give `all` or a number of orders of at least 1 (2 or more to compare)")
+        return orders
+
+    @field_validator("positions")
+    @classmethod
+    def _positions_in_range(cls, positions: Literal["all"] | list[float]) -> Literal["all"] | list[float]:
+        if isinstance(positions, list):
+            if not positions:
+                raise ValueError("no positions; give fractions such as [0, 0.5, 1] or `all`")
+            for position in positions:
+                if not 0.0 <= position <= 1.0:
+                    raise ValueError(
+                        f"{position} is outside [0, 1]; a position is the fraction of the way through the segments "
+                        "(0 = first, 0.5 = middle, 1 = last)"
+                    )
+        return positions
+
+
+TaskConfig = Annotated[
+    GenerateTask | ChoiceTask | NeedleTask | PasskeyTask | ConflictTask | SegmentsTask, Field(discriminator="kind")
+]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(TaskConfig)
 
 
-def parse_task(value: Any) -> GenerateTask | ChoiceTask | NeedleTask | PasskeyTask | ConflictTask:
+def parse_task(value: Any) -> GenerateTask | ChoiceTask | NeedleTask | PasskeyTask | ConflictTask | SegmentsTask:
     """Validate a recipe's ``task`` section; errors are RecipeError lines under ``task``."""
     if isinstance(value, BaseModel):
         return value
     try:
         return _ADAPTER.validate_python(value)
     except ValidationError as err:
-        kinds = ("generate", "choice", "needle", "passkey", "conflict")
+        kinds = ("generate", "choice", "needle", "passkey", "conflict", "segments")
         lines = pydantic_errors(err, "task")
         for kind in kinds:
             lines = [line.replace(f"task.{kind}.", "task.").replace(f"task.{kind}:", "task:") for line in lines]

@@ -24,6 +24,7 @@ from attnkit.tasks.generate import run_generate
 from attnkit.tasks.needle import run_needle, run_passkey
 from attnkit.tasks.report import summarize, write_report
 from attnkit.tasks.result import TaskResult
+from attnkit.tasks.segments import run_segments
 
 __all__ = ["run_recipe", "summarize"]
 
@@ -33,7 +34,10 @@ TASKS: dict[str, Callable[..., TaskResult]] = {
     "conflict": run_conflict,
     "needle": run_needle,
     "passkey": run_passkey,
+    "segments": run_segments,
 }
+GIVEN_METHODS = {"segments"}
+"""Tasks that get the applied methods (``methods=``): ``segments`` hands PINE each batch's segment ids."""
 
 
 def peak_memory(device: torch.device) -> dict[str, Any]:
@@ -48,12 +52,18 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
     return {"peak_bytes": rss if sys.platform == "darwin" else rss * 1024, "measure": "process_peak_rss"}
 
 
-def run_task(model: Any, tokenizer: Any, recipe: Recipe, progress: bool) -> tuple[dict[str, Any], TaskResult]:
-    """One seeded run of the recipe's task on ``model`` as it is now: its report entry and its result."""
+def run_task(
+    model: Any, tokenizer: Any, recipe: Recipe, progress: bool, methods: list[Any] | None = None
+) -> tuple[dict[str, Any], TaskResult]:
+    """One seeded run of the recipe's task on ``model`` as it is now: its report entry and its result.
+
+    ``methods``: the method objects applied to ``model`` (none for the baseline), for the tasks that
+    drive a method themselves (:data:`GIVEN_METHODS`)."""
     torch.manual_seed(recipe.seed)
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
-    result = TASKS[recipe.task.kind](model, tokenizer, recipe.task, progress=progress)
+    extra = {"methods": methods or []} if recipe.task.kind in GIVEN_METHODS else {}
+    result = TASKS[recipe.task.kind](model, tokenizer, recipe.task, progress=progress, **extra)
     entry = {"metrics": result.metrics, "seconds": result.seconds, "memory": peak_memory(model.device)}
     return entry, result
 
@@ -106,7 +116,7 @@ def run_recipe(
     if recipe.baseline:
         runs["baseline"], results["baseline"] = run_task(model, tokenizer, recipe, progress)
     with apply(model, recipe, allow_foreign_heads=recipe.allow_foreign_heads) as handle:
-        runs["attnkit"], results["attnkit"] = run_task(model, tokenizer, recipe, progress)
+        runs["attnkit"], results["attnkit"] = run_task(model, tokenizer, recipe, progress, handle.methods)
         runs["attnkit"]["method_stats"] = handle.stats(total=True)
     out_dir = Path(out_dir) if out_dir is not None else recipe.output_dir()
     rows = {name: result.rows for name, result in results.items()}
@@ -115,7 +125,7 @@ def run_recipe(
             out_dir.mkdir(parents=True, exist_ok=True)
             runs[name]["files"] = result.write_files(out_dir, name)
     comparison = None
-    if recipe.task.kind == "choice" and "baseline" in rows:
+    if recipe.task.kind in ("choice", "segments") and "baseline" in rows:
         comparison = paired_comparison(rows["baseline"], rows["attnkit"])
     elif recipe.task.kind == "conflict" and "baseline" in rows:
         metric, baseline_rows = context_rows(rows["baseline"])
