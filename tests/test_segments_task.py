@@ -112,6 +112,7 @@ def test_choice_mode_under_pine_is_consistent_and_the_baseline_depends_on_the_or
             low, high = metrics[f"{key}_ci95"]
             assert 0 <= low <= metrics[key] + 1e-9 and metrics[key] <= high + 1e-9 and high <= 1
         assert sum(metrics[f"picked@pos{p}"] for p in (1, 2, 3)) == pytest.approx(1)
+        assert sum(metrics[f"picked@choice{c}"] for c in (1, 2, 3)) == pytest.approx(1)
     assert pine["consistency"] == 1.0 and pine["pine"] and not base["pine"]
     stats = report["runs"]["attnkit"]["method_stats"]["pine"]
     assert stats["rows_with_segments"] == 2 * 2 + 6 * 3 + 6 * 3 and stats["segment_queries"] > 0
