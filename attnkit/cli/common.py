@@ -94,17 +94,6 @@ def load_recipe_or_fail(recipe: Path, overrides: list[str]) -> Any:
         fail(str(err))
 
 
-def comma_list(value: str, kind: type, option: str, example: str) -> list[Any]:
-    """``1,3,5`` as a list of ``kind``, or an error naming the option and an example."""
-    try:
-        items = [kind(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        fail(f"{option} {value!r}: give values separated by commas, e.g. {example}")
-    if not items:
-        fail(f"{option} {value!r}: give at least one value, e.g. {example}")
-    return items
-
-
 def show_artifact(artifact: Any, output: Path) -> None:
     """Write a profiler's head map next to its artifact and print the summary and both paths."""
     from attnkit.plots import artifact_map

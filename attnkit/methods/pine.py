@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from attnkit.engine.attach import Attachment
+from attnkit.engine.attention import shared
 from attnkit.engine.plan import AttentionCall
 from attnkit.engine.positions import QueryBlocks, QueryGroup, Repositioning
 from attnkit.engine.state import CallState
@@ -63,6 +64,9 @@ class Layout:
     from the prefill so that a decode step rotates its query alone."""
     rows: int = 0
     """How many rows have at least two segments (read once, at prefill)."""
+    shares: dict[tuple[torch.dtype, int], torch.Tensor] = field(default_factory=dict)
+    """Each key's segment share (one-hot over the segment's length), the values importance reads,
+    by dtype and KV heads: made once per sequence, not per layer and step."""
     prefill_rows: dict[int, torch.Tensor] = field(default_factory=dict)
     """The prompt's query rows per role, found once on the host at prefill: each segment number's
     rows (any batch row), 0 for every segment row, -1 for the readers (suffix)."""
@@ -290,13 +294,10 @@ def repositioning(call: AttentionCall, layout: Layout) -> Repositioning:
     A decode step has one reader per row and no segment query: it is planned without reading
     anything back to the host."""
     queries = call.query.shape[-2]
-    segment_k = keys_segment(call, layout)
-    segment_q = segment_k[:, -queries:]
-    carried = call.state.key_positions.to(call.key.device)[:, -segment_k.shape[1] :]
-    shift = torch.nn.functional.pad(
-        layout.shift_to_layout.to(carried.device), (0, segment_k.shape[1] - layout.segment.shape[1])
+    segment_k, placed = shared(
+        call.state, ("pine keys", id(layout), call.key.shape[-2]), lambda: placed_keys_of(call, layout)
     )
-    placed = carried + shift  # every key at PINE's right-aligned position
+    segment_q = segment_k[:, -queries:]
     placed_q = placed[:, -queries:]
     importance = Importance(call, layout)
     if call.state.phase == "decode":
@@ -328,6 +329,17 @@ def repositioning(call: AttentionCall, layout: Layout) -> Repositioning:
             call.state.scratch[key] = (call.mask, call.mask.masked_fill(opened[:, None], 0.0))
         mask = call.state.scratch[key][1]
     return Repositioning(groups, blocks, mask)
+
+
+def placed_keys_of(call: AttentionCall, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segment of every key, every key's position in PINE's right-aligned layout), the same for
+    every full-attention layer of a call."""
+    segment_k = keys_segment(call, layout)
+    carried = call.state.key_positions.to(call.key.device)[:, -segment_k.shape[1] :]
+    shift = torch.nn.functional.pad(
+        layout.shift_to_layout.to(carried.device), (0, segment_k.shape[1] - layout.segment.shape[1])
+    )
+    return segment_k, carried + shift
 
 
 def reader_blocks(
@@ -373,12 +385,15 @@ class Importance:
         self.query = call.unrotated_query().to(raw.dtype)
         self.segment = layout.segment.to(raw.device)
         self.lengths = layout.lengths.to(raw.device)
-        count = self.lengths.shape[1]
-        numbers = torch.arange(1, count + 1, device=raw.device)
-        share = (self.segment[..., None] == numbers) / self.lengths.clamp(min=1)[:, None, :]
-        width = -(-count // 8) * 8  # the fused kernels want the value width a multiple of 8
-        share = torch.nn.functional.pad(share, (0, width - count)).to(raw.dtype)
-        self.values = share[:, None].expand(-1, raw.shape[1], -1, -1).contiguous()
+        kind = (raw.dtype, raw.shape[1])
+        if kind not in layout.shares:
+            count = self.lengths.shape[1]
+            numbers = torch.arange(1, count + 1, device=raw.device)
+            share = (self.segment[..., None] == numbers) / self.lengths.clamp(min=1)[:, None, :]
+            width = -(-count // 8) * 8  # the fused kernels want the value width a multiple of 8
+            share = torch.nn.functional.pad(share, (0, width - count)).to(raw.dtype)
+            layout.shares[kind] = share[:, None].expand(-1, raw.shape[1], -1, -1).contiguous()
+        self.values = layout.shares[kind]
 
     def attention(self, rows: torch.Tensor | slice, visible: torch.Tensor) -> torch.Tensor:
         """[batch, heads, rows, K] for the query ``rows`` seeing ``visible`` keys [batch, rows, prompt]
