@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from attnkit.catalog import cache_dir
+from attnkit.errors import UserError
 
 __all__ = [
     "BIGBENCH_VERSION",
@@ -61,7 +62,7 @@ _MEMBER_ROOT = f"bigbench-{BIGBENCH_VERSION}/bigbench/benchmark_tasks/"
 _TASK_PATH = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """Data could not be fetched, found or split; the message names the problem and the fix."""
 
 

@@ -19,7 +19,7 @@ from attnkit import compat
 from attnkit.engine import attention
 from attnkit.engine.attach import Attachment, set_text_attention
 from attnkit.engine.calls import CallTracker
-from attnkit.engine.plan import PLANS, ModelPlan, check_plan
+from attnkit.engine.plan import PLANS, ApplyError, ModelPlan, check_plan, touched_layers
 from attnkit.engine.state import CallState
 from attnkit.heads import ModelShape, text_config
 from attnkit.methods import Method, get_method
@@ -136,10 +136,14 @@ def apply(model: torch.nn.Module, recipe: Any = None, *, allow_foreign_heads: bo
     PLANS[id(config)] = plan
     handle = Handle(model, methods, at, original)
     try:
+        touched = []
         for method in methods:
             ATTACHED.add(method)
             method.stats.reset()  # totals count from this apply
+            before = touched_layers(plan)
             method.attach(at)
+            touched.append({i for i, n in touched_layers(plan).items() if n != before.get(i, 0)})
+        check_stacking(methods, touched)
         check_plan(plan)
         handle.tracker = CallTracker(plan, [m.stats for m in methods], at)
         at.hooks.extend(handle.tracker.hooks(model))
@@ -148,6 +152,19 @@ def apply(model: torch.nn.Module, recipe: Any = None, *, allow_foreign_heads: bo
         handle.remove()
         raise
     return handle
+
+
+def check_stacking(methods: list[Method], touched: list[set[int]]) -> None:
+    """Refuse two instances of a method that cannot share a layer (``Method.one_per_layer``) on one layer."""
+    for j, method in enumerate(methods):
+        for i, other in enumerate(methods[:j]):
+            shared = touched[i] & touched[j]
+            if method.one_per_layer and type(other) is type(method) and shared:
+                raise ApplyError(
+                    f"methods[{i}] and methods[{j}] are both `{method.name}` and both edit layer {min(shared)}"
+                    f"{f' (and {len(shared) - 1} more)' if len(shared) > 1 else ''}: {method.one_per_layer}; "
+                    "put their heads in one entry, or give the entries layers that do not overlap"
+                )
 
 
 def check_methods_free(methods: list[Method]) -> None:

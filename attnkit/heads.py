@@ -16,6 +16,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from attnkit.errors import UserError
+from attnkit.files import write_atomic
+
 HeadSetSpec = str | dict[Any, Any] | list[Any]
 """What a recipe may write for ``heads``: "all", a path, a mapping, or a list of [layer, head]."""
 
@@ -31,7 +34,7 @@ FINGERPRINT_FIELDS = (
 )
 
 
-class HeadSetError(ValueError):
+class HeadSetError(UserError, ValueError):
     """A head set that does not fit the model or cannot be parsed."""
 
 
@@ -45,6 +48,8 @@ class ModelShape:
     head_dim: int
     model_id: str = ""
     fingerprint: str = ""
+    max_positions: int | None = None
+    """``max_position_embeddings``: the longest prompt plus reply the model was made for (None: unknown)."""
 
     @classmethod
     def from_config(cls, config: Any, model_id: str = "") -> ModelShape:
@@ -58,6 +63,7 @@ class ModelShape:
             head_dim=head_dim,
             model_id=model_id or getattr(config, "name_or_path", "") or "",
             fingerprint=config_fingerprint(config),
+            max_positions=getattr(config, "max_position_embeddings", None),
         )
 
     @property
@@ -123,7 +129,8 @@ def parse_range(value: Any, limit: int, what: str) -> list[int]:
                     start, stop = int(lo), int(hi)
                     if stop < start:
                         raise HeadSetError(f"{what} range {part!r} is empty; write it low-high")
-                    out.extend(range(start, stop + 1))
+                    out.extend(range(start, min(stop, limit - 1) + 1))  # ``stop`` itself is checked below
+                    out.append(stop)
                 else:
                     out.append(int(part))
             except ValueError as err:
@@ -216,25 +223,57 @@ class HeadArtifact(BaseModel):
         return self.selection.heads
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.model_dump_json(indent=1))
-        return path
+        """Write the artifact as JSON, atomically (a crash leaves the old file or the new one)."""
+        return write_atomic(path, self.model_dump_json(indent=1))
+
+    def shape_problem(self) -> str | None:
+        """What makes the artifact inconsistent in itself (a ragged score matrix, a selected head
+        outside it), or None."""
+        widths = {len(row) for row in self.scores}
+        if not self.scores or len(widths) != 1:
+            return "its score matrix is empty or its rows differ in length"
+        width = widths.pop()
+        for layer, heads in self.selected.items():
+            outside = [h for h in heads if not 0 <= h < width]
+            if not 0 <= layer < len(self.scores) or outside:
+                return f"it selects layer {layer} heads {heads}, outside its {len(self.scores)} x {width} score matrix"
+        return None
 
 
-def load_artifact(path: str | Path, shape: ModelShape, *, allow_foreign: bool = False) -> HeadArtifact:
-    """Read an artifact and check it was made for this model (``allow_foreign`` turns that into a warning)."""
-    import warnings
-
+def read_artifact(path: str | Path) -> HeadArtifact:
+    """Read a head-list artifact and check it is consistent in itself (not yet against a model)."""
     path = Path(path)
     if not path.is_file():
         raise HeadSetError(f"head-list artifact {str(path)!r} not found; run `attnkit profile` to make one")
     try:
-        artifact = HeadArtifact.model_validate_json(path.read_text())
+        artifact = HeadArtifact.model_validate_json(path.read_bytes())
     except ValueError as err:
-        raise HeadSetError(f"{path} is not a head-list artifact: {err}") from err
-    rows = len(artifact.scores)
-    if (shape.fingerprint and artifact.config_fingerprint != shape.fingerprint) or rows != shape.num_layers:
+        raise HeadSetError(f"{path} is not a head-list artifact: {err}") from None
+    problem = artifact.shape_problem()
+    if problem:
+        raise HeadSetError(f"{path} is damaged: {problem}; profile the model again")
+    return artifact
+
+
+def load_artifact(path: str | Path, shape: ModelShape, *, allow_foreign: bool = False) -> HeadArtifact:
+    """Read an artifact and check it was made for this model: its fingerprint, and its score matrix
+    (layers x query heads, or x KV heads for ``level: kv``) against the model's shape. Another
+    model's artifact is an error (a warning with ``allow_foreign``); one whose matrix does not match
+    its own fingerprint's model (an edited ``level``, say) is always an error."""
+    import warnings
+
+    artifact = read_artifact(path)
+    per_layer = shape.num_heads if artifact.level == "query" else shape.num_kv_heads
+    fits = len(artifact.scores) == shape.num_layers and len(artifact.scores[0]) == per_layer
+    foreign = bool(shape.fingerprint) and artifact.config_fingerprint != shape.fingerprint
+    if shape.fingerprint and not foreign and not fits:
+        raise HeadSetError(
+            f"{path} has a {len(artifact.scores)} x {len(artifact.scores[0])} score matrix at level "
+            f"{artifact.level!r}, but this model has {shape.num_layers} layers of {per_layer} "
+            f"{'query' if artifact.level == 'query' else 'KV'} heads; the artifact was edited or damaged, "
+            "profile the model again"
+        )
+    if foreign or not fits:
         message = (
             f"artifact {path} was made for {artifact.model_id!r} (fingerprint {artifact.config_fingerprint}), "
             f"not this model {shape.model_id!r} (fingerprint {shape.fingerprint}); profile this model, "

@@ -40,6 +40,7 @@ from transformers import (
 
 from attnkit import compat
 from attnkit.catalog import DEFAULT_MODEL, EMBEDDED, EmbeddedModel, cache_dir
+from attnkit.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ __all__ = [
 ]
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model could not be found or loaded; the message names the problem and the fix."""
 
 

@@ -15,6 +15,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
+from attnkit.files import atomic_path
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
@@ -118,9 +120,10 @@ def draw_token_map(
 
 
 def save_figure(fig: Figure, path: str | Path | None) -> Figure:
+    """Save ``fig`` to ``path`` (when given) atomically; returns it."""
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=130)
+        with atomic_path(path) as temporary:
+            fig.savefig(temporary, dpi=130)
     return fig
 
 

@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 
 from attnkit.engine import attention
 from attnkit.engine.attach import set_text_attention
+from attnkit.files import write_atomic
 from attnkit.heads import text_config
 from attnkit.plots import (
     MAX_LABELLED_TOKENS,
@@ -202,7 +203,7 @@ class SinkReport:
         """The report as JSON (written to ``path`` when given). :meth:`from_json` reads it back."""
         text = json.dumps(self.to_dict())
         if path is not None:
-            Path(path).write_text(text + "\n")
+            write_atomic(path, text + "\n")
         return text
 
     @classmethod

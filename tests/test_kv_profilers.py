@@ -232,7 +232,7 @@ def test_cli_razor_heads_bad_ratio(fake_load, tmp_path):
 
 def test_cli_inspect_heads_errors(tmp_path):
     result = runner.invoke(app, ["inspect", "heads", str(tmp_path / "nope.json")])
-    assert result.exit_code == 2 and "nope.json: not found; pass the path of a head-list artifact" in result.output
+    assert result.exit_code == 2 and "nope.json' not found; run `attnkit profile`" in result.output
     bad = tmp_path / "bad.json"
     bad.write_text('{"scores": []}')
     result = runner.invoke(app, ["inspect", "heads", str(bad)])

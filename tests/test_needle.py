@@ -198,8 +198,8 @@ def test_lengths_must_fit_the_model(model):
         match=r"task.lengths: 240 tokens \+ max_new_tokens 32 exceed the model's 256 "
         r"positions.*use lengths up to 224",
     ):
-        check_lengths(model, NeedleTask(lengths=[100, 240]))
-    check_lengths(model, NeedleTask(lengths=[224]))
+        check_lengths(model.config.max_position_embeddings, NeedleTask(lengths=[100, 240]))
+    check_lengths(model.config.max_position_embeddings, NeedleTask(lengths=[224]))
 
 
 def test_missing_haystack_file(model, tokenizer, tmp_path):
@@ -319,14 +319,14 @@ def test_recipe_runs_needle_with_baseline_and_writes_heatmaps(model, tokenizer, 
             "baseline": True,
         }
     )
-    report = run_recipe(recipe, out_dir=tmp_path, progress=False, model=model, tokenizer=tokenizer)
+    report = run_recipe(recipe, out_dir=tmp_path / "out", progress=False, model=model, tokenizer=tokenizer)
     assert report["runs"]["baseline"]["files"] == ["baseline_needle.png"]
     assert report["runs"]["attnkit"]["files"] == ["needle.png"]
     for name in ("needle.png", "baseline_needle.png", "outputs.jsonl", "baseline_outputs.jsonl"):
-        assert (tmp_path / name).stat().st_size > 0
-    markdown = (tmp_path / "report.md").read_text()
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    markdown = (tmp_path / "out" / "report.md").read_text()
     assert "| recall@150 |" in markdown and "![attnkit: needle.png](needle.png)" in markdown
-    assert json.loads((tmp_path / "report.json").read_text())["runs"]["attnkit"]["files"] == ["needle.png"]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["runs"]["attnkit"]["files"] == ["needle.png"]
 
 
 @pytest.mark.slow

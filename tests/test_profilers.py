@@ -93,6 +93,7 @@ def test_config_errors_name_the_setting_and_the_choices():
 
 
 def test_progress_keeps_tensors_resumes_and_starts_afresh_for_another_setup(tmp_path):
+    """(Another setup's progress is set aside, not deleted: tests/test_robustness.py.)"""
     path = tmp_path / "x.progress.jsonl"
     first = Progress(path, {"a": 1})
     first.record("layer 0", {"score": 0.5, "hidden": torch.arange(3.0)})
@@ -105,8 +106,12 @@ def test_progress_keeps_tensors_resumes_and_starts_afresh_for_another_setup(tmp_
     assert list(again.done) == ["layer 0", "layer 1"] and "hidden" not in again.done["layer 0"]
     assert again.done["layer 1"]["score"] == 0.25 and torch.equal(again.done["layer 1"]["hidden"], torch.ones(2))
     other = Progress(path, {"a": 2})
-    assert other.done == {} and not (tmp_path / "x.progress").exists()
-    assert json.loads(path.read_text()) == {"setup": {"a": 2}}
+    other.record("layer 0", {"score": 1.0})
+    assert other.done["layer 0"]["score"] == 1.0 and not (tmp_path / "x.progress").exists()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"setup": {"a": 2}},
+        {"score": 1.0, "key": "layer 0"},
+    ]
 
 
 # ----------------------------------------------------------------------------- interrupted runs

@@ -5,9 +5,10 @@ from __future__ import annotations
 import typer
 
 from attnkit.cli import inspection, profile, recipes
-from attnkit.cli.common import configure_logging
+from attnkit.cli.common import GuardedGroup, configure_logging
 
 app = typer.Typer(
+    cls=GuardedGroup,
     help="Training-free attention interventions for Hugging Face models, from YAML recipes.",
     no_args_is_help=True,
     add_completion=False,
@@ -19,6 +20,9 @@ app = typer.Typer(
 def main(
     quiet: bool = typer.Option(
         False, "--quiet", "-q", help="Print results and errors only, no notes on downloads or conversions."
+    ),
+    debug: bool = typer.Option(
+        False, "--debug", help="Show the full traceback of an unexpected error (put it before the command)."
     ),
 ) -> None:
     """Training-free attention interventions for Hugging Face models, from YAML recipes."""

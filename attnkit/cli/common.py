@@ -14,8 +14,11 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.text import Text
+from typer.core import TyperGroup
 
 from attnkit.catalog import EMBEDDED
+from attnkit.errors import UserError
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -79,19 +82,42 @@ def configure_logging(quiet: bool) -> None:
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
-def fail(message: str) -> NoReturn:
-    """Print ``message`` as an error and exit with status 2."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code=2)
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``message`` as an error, verbatim (user text is never read as markup), and exit with ``code``."""
+    say("error: ", message)
+    raise typer.Exit(code=code)
 
 
-def load_recipe_or_fail(recipe: Path, overrides: list[str]) -> Any:
-    from attnkit.recipe import RecipeError, load_recipe
+def say(label: str, message: str) -> None:
+    """``label`` in bold red, then ``message`` exactly as it is, on stderr."""
+    console.print(Text.assemble((label, "bold red"), message), highlight=False)
 
-    try:
-        return load_recipe(recipe, overrides)
-    except RecipeError as err:
-        fail(str(err))
+
+class GuardedGroup(TyperGroup):
+    """The ``attnkit`` command group: every command runs inside it, so errors read the same everywhere.
+
+    A :class:`~attnkit.errors.UserError` prints its message and exits with 2; Ctrl-C prints what the
+    command saved (the interrupt's message) and exits with 130; anything else is a bug, shown as one
+    line unless ``attnkit --debug`` asks for the traceback.
+    """
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise
+        except UserError as err:
+            fail(str(err))
+        except KeyboardInterrupt as err:
+            fail(str(err) or "interrupted; nothing was saved", code=130)
+        except Exception as err:
+            if ctx.params.get("debug"):
+                raise
+            fail(
+                f"attnkit failed unexpectedly ({type(err).__name__}: {err}); this is a bug: rerun with "
+                "`attnkit --debug ...` for the traceback and report it",
+                code=1,
+            )
 
 
 def show_artifact(artifact: Any, output: Path) -> None:

@@ -30,7 +30,7 @@ def inspect_sinks(
     ),
 ) -> None:
     """Find the attention sinks of a text: which tokens every later query attends to, per layer and head."""
-    from attnkit.models import ModelLoadError, load_model
+    from attnkit.models import load_model
     from attnkit.sink_report import sink_heatmap, sink_stats
 
     if (text is None) == (file is None):
@@ -43,10 +43,7 @@ def inspect_sinks(
         text = file.read_text().rstrip("\n")  # the file's final newline is not part of the text
     if not text or not text.strip():
         fail("the text is empty; pass some text with --text or a non-empty --file")
-    try:
-        loaded, tokenizer = load_model(model, attn_implementation="eager")
-    except ModelLoadError as err:
-        fail(str(err))
+    loaded, tokenizer = load_model(model, attn_implementation="eager")
     report = sink_stats(loaded, tokenizer, text, threshold=threshold, name=model)
     output.mkdir(parents=True, exist_ok=True)
     report.to_json(output / "sinks.json")
@@ -64,17 +61,10 @@ def inspect_heads(
     top: int = typer.Option(10, min=1, help="How many of the best-scoring heads to list."),
 ) -> None:
     """Show a head-list artifact: a layers x heads map of its scores (selected heads outlined) and a summary."""
-    from attnkit.heads import HeadArtifact
+    from attnkit.heads import read_artifact
     from attnkit.plots import artifact_map
 
-    if not artifact.is_file():
-        fail(f"{artifact}: not found; pass the path of a head-list artifact, e.g. heads/razor-smollm2.json")
-    try:
-        loaded = HeadArtifact.model_validate_json(artifact.read_text())
-    except ValueError as err:
-        fail(
-            f"{artifact} is not a head-list artifact ({str(err).splitlines()[0]}); pass a JSON written by `attnkit profile`"
-        )
+    loaded = read_artifact(artifact)
     output = output or artifact.with_suffix(".png")
     artifact_map(loaded, output)
     typer.echo(head_summary(loaded, top))

@@ -30,12 +30,11 @@ from attnkit.cli.common import (
     Model,
     Progress,
     default_output,
-    fail,
     head_summary,
     output_option,
     show_artifact,
 )
-from attnkit.probes.configs import ProfileError, make_config
+from attnkit.probes.configs import make_config
 from attnkit.probes.registry import PROFILERS, Profiler
 
 app = typer.Typer(help="Find the heads (or dimensions) a method needs; writes an artifact.", no_args_is_help=True)
@@ -134,26 +133,26 @@ def command_for(profiler: Profiler, command: Command) -> Callable[..., None]:
 
 def run(profiler: Profiler, command: Command, values: dict[str, Any]) -> None:
     """Check the settings, read the data, load the model, profile, report."""
-    from attnkit.data import DataError
-    from attnkit.heads import HeadSetError
-    from attnkit.models import ModelLoadError, load_model
-    from attnkit.tasks import TaskDataError
+    from attnkit.models import load_model
 
     model, progress, dtype = values.pop("model"), values.pop("progress"), values.pop("dtype", None)
     output = default_output(values.pop("output"), command.prefix, model) if command.prefix else None
     plot = values.pop("plot", False)
     written = {"output": output} if command.prefix else {}
+    config = make_config(profiler.config, option=True, **values)
+    code = profiler.code()
+    inputs = {"data": code.read(config)} if profiler.reads else {}
+    loaded, tokenizer = (
+        load_model(model, dtype=dtype.value, attn_implementation="eager") if command.eager else load_model(model)
+    )
     try:
-        config = make_config(profiler.config, option=True, **values)
-        code = profiler.code()
-        inputs = {"data": code.read(config)} if profiler.reads else {}
-        loaded, tokenizer = (
-            load_model(model, dtype=dtype.value, attn_implementation="eager") if command.eager else load_model(model)
-        )
         with held_back(command.repeats_log):
             result = code.profile(loaded, tokenizer, config, **inputs, model_id=model, progress=progress, **written)
-    except (ProfileError, ModelLoadError, TaskDataError, DataError, HeadSetError) as err:
-        fail(str(err))
+    except KeyboardInterrupt as err:
+        raise KeyboardInterrupt(
+            "interrupted; every finished unit is kept in the progress file beside the artifact (*.progress.jsonl): "
+            "rerun the same command to resume"
+        ) from err
     command.report(result, Done(config, model, output or config.heads, plot))
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from attnkit.engine.state import CallState
+from attnkit.errors import UserError
 from attnkit.primitives import compute_dtype, logits, unrotate
 
 if TYPE_CHECKING:
@@ -104,6 +105,19 @@ class ModelPlan:
     calls: int = 0
 
 
+class ApplyError(UserError, ValueError):
+    """Methods that cannot be applied together, or not to this model; the message names the fix."""
+
+
+def touched_layers(plan: ModelPlan) -> dict[int, int]:
+    """How many stage hooks each layer of ``plan`` holds (compare two counts to see what an attach added)."""
+    return {
+        index: len(layer.score_edits) + len(layer.prob_edits) + len(layer.decode_steps) + len(layer.output_edits)
+        + (layer.compressor is not None) + (layer.positions is not None)
+        for index, layer in plan.layers.items()
+    }  # fmt: skip
+
+
 PLANS: dict[int, ModelPlan] = {}
 """id(text config) -> plan of the model whose attention is routed through attnkit."""
 
@@ -126,12 +140,12 @@ def check_plan(plan: ModelPlan) -> None:
         if layer.compressor is None:
             continue
         if "flash" in plan.backend_name:
-            raise ValueError(
+            raise ApplyError(
                 f"KV compression reads per-head masks, which {plan.backend_name} cannot take; "
                 "load the model with attn_implementation='sdpa' or 'eager'"
             )
         if layer.needs_eager or layer.decode_steps or layer.output_edits:
-            raise ValueError(
+            raise ApplyError(
                 f"layer {index}: a KV-compression method and an attention-score/probability edit (ACT, VAR) "
                 "act on the same layer; this combination is not supported yet, restrict one method's heads "
                 "or layers so they do not overlap"
@@ -143,12 +157,12 @@ def check_positions(index: int, layer: LayerPlan, backend_name: str) -> None:
     needs 4-D masks, and a stage that reads or corrects the backend's own attention on that layer
     (KV compression, decode-step reads, ACT's fast output correction) would see the wrong one."""
     if "flash" in backend_name:
-        raise ValueError(
+        raise ApplyError(
             f"the positions stage reads 4-D masks, which {backend_name} cannot give; "
             "load the model with attn_implementation='sdpa' or 'eager'"
         )
     if layer.compressor is not None or layer.decode_steps or layer.output_edits:
-        raise ValueError(
+        raise ApplyError(
             f"layer {index}: a positions method (re-positioning queries and keys) and a KV-compression, decode-step "
             "or output-correction method (ACT's fast path; use path='eager') act on the same layer; this combination "
             "is not supported, restrict one method's layers so they do not overlap"

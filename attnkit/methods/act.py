@@ -38,6 +38,10 @@ class ACT(Method):
 
     name = "act"
     config_class = ACTConfig
+    one_per_layer = (
+        "ACT keeps one set of sinks per layer, and its fast path corrects the kernel's own output, so a second "
+        "entry would neither stack nor match the eager path"
+    )
 
     def attach(self, at) -> None:
         spec = self.config.heads

@@ -18,6 +18,9 @@ class Method:
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
+    one_per_layer: ClassVar[str | None] = None
+    """Why two instances of this method cannot edit one layer (None: they can); ``apply`` refuses
+    such recipes, naming this reason."""
 
     def __init__(self, config: MethodConfig | None = None, **params: Any) -> None:
         if config is not None and params:

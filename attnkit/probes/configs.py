@@ -14,20 +14,21 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from attnkit.errors import UserError
 from attnkit.recipe.methods import SWEEP_KS
 from attnkit.recipe.tasks import ConflictTask, GridTask
 
 GRID_EXAMPLE = "write lengths like 1000,2000 and depths as a count (5) or fractions like 0,0.5,1"
 
 
-class ProfileError(ValueError):
+class ProfileError(UserError, ValueError):
     """Settings or data a profiler cannot use; the message names the fix."""
 
 
 class ProfilerConfig(BaseModel):
     """A profiler's settings; field defaults are the profiler's defaults."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     resumes_across: ClassVar[tuple[str, ...]] = ()
     """Fields that only select among or present finished units' results: changing them resumes."""
 

@@ -56,6 +56,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 import attnkit
+from attnkit.files import write_atomic
 from attnkit.heads import config_fingerprint, text_config
 from attnkit.plots import new_figure, save_figure, ticks
 from attnkit.probes.attention_maps import eager_attention
@@ -237,10 +238,8 @@ class SinkDimsArtifact(BaseModel):
         return self.tau if self.tau_ok else self.best.tau
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.model_dump_json(indent=1) + "\n")
-        return path
+        """Write the artifact as JSON, atomically."""
+        return write_atomic(path, self.model_dump_json(indent=1) + "\n")
 
 
 def load_sink_dims(path: str | Path, model_config: Any, *, allow_foreign: bool = False) -> SinkDimsArtifact:

@@ -7,23 +7,27 @@ and imports neither torch nor transformers.
 from __future__ import annotations
 
 import copy
+import string
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
 from attnkit.catalog import DEFAULT_MODEL
 from attnkit.heads import HeadSetError, ModelShape, resolve_heads
 from attnkit.recipe.errors import RecipeError, pydantic_errors
 from attnkit.recipe.methods import MethodConfig, config_for
+from attnkit.recipe.safe_yaml import MAX_BYTES, read_yaml
 from attnkit.recipe.tasks import TaskConfig, parse_task
+
+PLACEHOLDERS = ("recipe_name",)
+"""What ``output`` may name in braces: ``runs/{recipe_name}``."""
 
 
 class ModelSpec(BaseModel):
     """Which model to load and how."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name_or_path: str = Field(DEFAULT_MODEL, description="HF id, local folder, .gguf file, or embedded alias")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
@@ -35,7 +39,7 @@ class ModelSpec(BaseModel):
 class Recipe(BaseModel):
     """A model, an ordered list of methods, and a task to run."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str = "recipe"
     model: ModelSpec = Field(default_factory=ModelSpec)
     methods: list[SerializeAsAny[MethodConfig]] = Field(default_factory=list)
@@ -45,11 +49,37 @@ class Recipe(BaseModel):
     seed: int = 0
     output: str = "runs/{recipe_name}"
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not name.strip() or name.strip() in (".", "..") or any(c in name for c in "/\\\0"):
+            raise ValueError(
+                f"{name!r} cannot name a folder (it fills {{recipe_name}} in `output`); use letters, digits, - and _"
+            )
+        return name
+
+    @field_validator("output")
+    @classmethod
+    def _known_placeholders(cls, output: str) -> str:
+        if not output.strip():
+            raise ValueError("empty; give a folder for the report, e.g. runs/{recipe_name}")
+        try:
+            fields = [field for _, field, _, _ in string.Formatter().parse(output) if field is not None]
+        except ValueError as err:
+            raise ValueError(f"{output!r}: {err}; write a literal brace as {{{{ or }}}}") from None
+        for field in fields:
+            if field not in PLACEHOLDERS:
+                raise ValueError(
+                    f"{output!r} names {{{field}}}, which attnkit does not fill; the only placeholder is {{recipe_name}}"
+                )
+        return output
+
     def resolved(self) -> dict[str, Any]:
         """The recipe with every default filled in, as saved beside each report."""
         return self.model_dump(mode="json")
 
     def output_dir(self) -> Path:
+        """The report folder: ``output`` with ``{recipe_name}`` filled in (both checked when read)."""
         return Path(self.output.format(recipe_name=self.name))
 
 
@@ -97,7 +127,7 @@ def set_override(data: dict[str, Any], assignment: str) -> None:
         else:
             raise RecipeError([f"--set {path}: {'.'.join(parts[:depth])} is a value, not a section"])
         if last:
-            node[key] = yaml.safe_load(raw)
+            node[key] = read_yaml(raw, f"--set {path}")
         else:
             node = node[key]
 
@@ -115,13 +145,13 @@ def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | None
             if not path.is_file():
                 raise RecipeError([f"recipe file {str(path)!r} not found"])
             name = path.stem
-            text = path.read_text()
+            text = read_text(path)
         else:
             text = str(source)
         try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise RecipeError([f"not valid YAML: {err}"], name) from err
+            data = read_yaml(text, "recipe") or {}
+        except RecipeError as err:
+            raise RecipeError(err.errors, name) from None
     if not isinstance(data, dict):
         raise RecipeError([f"the recipe must be a mapping of sections, got {type(data).__name__}"], name)
     data.setdefault("name", name)
@@ -146,6 +176,16 @@ def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | None
     if errors:
         raise RecipeError(errors, name)
     return recipe
+
+
+def read_text(path: Path) -> str:
+    """A recipe file's text: at most :data:`MAX_BYTES` (and one more, so reading it says it is too big), UTF-8."""
+    with path.open("rb") as file:
+        raw = file.read(MAX_BYTES + 1)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError([f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8"]) from None
 
 
 def check_against_model(recipe: Recipe, shape: ModelShape) -> None:

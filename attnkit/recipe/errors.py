@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
+from attnkit.errors import UserError
 
-class RecipeError(ValueError):
+
+class RecipeError(UserError, ValueError):
     """A recipe that cannot be used; ``errors`` holds one ``path: problem`` line per mistake."""
 
     def __init__(self, errors: list[str], source: str = "recipe"):

@@ -25,7 +25,7 @@ from attnkit.heads import (
 class MethodConfig(BaseModel):
     """A method's parameters; field defaults are the paper's published defaults."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     method: str
 
 
@@ -239,7 +239,7 @@ Marker = str | int | list[int]
 class Span(BaseModel):
     """Token positions ``[start, end)`` counted from the first real (non-padding) token."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     start: int = Field(ge=0)
     end: int = Field(gt=0)
 

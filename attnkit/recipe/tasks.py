@@ -18,7 +18,7 @@ from attnkit.recipe.errors import RecipeError, pydantic_errors
 
 
 class TaskBase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     batch_size: int = Field(4, ge=1, description="inputs per forward pass (left-padded)")
     limit: int | None = Field(None, ge=1, description="use only the first N items")
 
@@ -41,6 +41,11 @@ class GenerateTask(TaskBase):
     def _one_source(self) -> GenerateTask:
         if (self.prompts is None) == (self.prompts_file is None):
             raise ValueError("give exactly one of `prompts` (a list) or `prompts_file` (a JSONL path)")
+        if self.prompts is not None and not self.prompts:
+            raise ValueError("`prompts` is an empty list; give at least one prompt")
+        empty = [i for i, prompt in enumerate(self.prompts or []) if not prompt.strip()]
+        if empty:
+            raise ValueError(f"prompts[{empty[0]}] is empty; every prompt needs some text")
         return self
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from attnkit.heads import ModelShape
 from attnkit.recipe.tasks import GenerateTask
 from attnkit.tasks.result import (
     TaskDataError,
@@ -25,12 +26,27 @@ def load_prompts(task: GenerateTask) -> list[str]:
     else:
         prompts = []
         for number, item in read_jsonl(task.prompts_file, "task.prompts_file"):
-            if not isinstance(item.get("prompt"), str):
+            if not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
                 raise TaskDataError(
-                    f'{task.prompts_file}:{number}: needs a "prompt" string, e.g. {{"prompt": "Hello"}}'
+                    f'{task.prompts_file}:{number}: needs a "prompt" string with some text, e.g. {{"prompt": "Hello"}}'
                 )
             prompts.append(item["prompt"])
     return prompts[: task.limit]
+
+
+def check_fits(tokenizer: Any, texts: list[str], task: GenerateTask, limit: int | None, add_special: bool) -> None:
+    """Refuse, before generating anything, a prompt whose tokens plus ``max_new_tokens`` exceed the
+    model's ``limit`` positions (None: unknown, not checked); past them a model's output is garbage."""
+    if limit is None:
+        return
+    for i, text in enumerate(texts):
+        length = len(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+        if length + task.max_new_tokens > limit:
+            raise TaskDataError(
+                f"task: prompt {i} is {length} tokens, and with max_new_tokens {task.max_new_tokens} it exceeds the "
+                f"model's {limit} positions (max_position_embeddings); shorten it to {limit - task.max_new_tokens} "
+                "tokens or lower max_new_tokens"
+            )
 
 
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -73,6 +89,7 @@ def run_generate(model: Any, tokenizer: Any, task: GenerateTask, *, progress: bo
     prompts = load_prompts(task)
     chat = uses_chat_template(tokenizer, task.chat_template)
     texts = [chat_prompt(tokenizer, p, task.system) if chat else p for p in prompts]
+    check_fits(tokenizer, texts, task, ModelShape.from_config(model.config).max_positions, add_special=not chat)
     stop = eos_ids(model, tokenizer)
     kwargs = generation_kwargs(task, stop, tokenizer.pad_token_id)
     torch.manual_seed(task.seed)

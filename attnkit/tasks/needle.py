@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from attnkit.data import DataError
-from attnkit.heads import text_config
+from attnkit.heads import ModelShape
 from attnkit.plots import needle_heatmap
 from attnkit.recipe.tasks import GridTask, NeedleTask, PasskeyTask
 from attnkit.tasks.choice import left_pad
@@ -252,13 +252,8 @@ class Cell:
     extra: dict[str, Any]
 
 
-def max_positions(model: Any) -> int | None:
-    return getattr(text_config(model.config), "max_position_embeddings", None)
-
-
-def check_lengths(model: Any, task: GridTask) -> None:
-    """Every prompt plus its reply must fit the model's positions."""
-    limit = max_positions(model)
+def check_lengths(limit: int | None, task: GridTask) -> None:
+    """Every prompt plus its reply must fit the model's ``limit`` positions (None: unknown, not checked)."""
     if limit is None:
         return
     for length in task.lengths:
@@ -370,7 +365,7 @@ def mean(values: Any) -> float:
 
 def run_needle(model: Any, tokenizer: Any, task: NeedleTask, *, progress: bool = True) -> TaskResult:
     """Needle in a haystack over ``task.lengths`` x ``task.depths``; see the module docstring."""
-    check_lengths(model, task)
+    check_lengths(ModelShape.from_config(model.config).max_positions, task)
     haystack, source = load_haystack(task)
     chat = uses_chat_template(tokenizer, task.chat_template)
     builder = PromptBuilder(tokenizer, haystack, question=task.question, template=task.template, chat=chat,
@@ -390,7 +385,7 @@ def run_needle(model: Any, tokenizer: Any, task: NeedleTask, *, progress: bool =
 
 def run_passkey(model: Any, tokenizer: Any, task: PasskeyTask, *, progress: bool = True) -> TaskResult:
     """Passkey retrieval over ``task.lengths`` x ``task.depths``; the passkey must come back digit for digit."""
-    check_lengths(model, task)
+    check_lengths(ModelShape.from_config(model.config).max_positions, task)
     chat = uses_chat_template(tokenizer, task.chat_template)
     filler = " ".join([task.filler.strip()] * 8)
     builder = PromptBuilder(tokenizer, filler, question=task.question, template=task.template, chat=chat,

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 EXAMPLES = 3
 """How many prompt/completion pairs report.md shows for a generate task."""
@@ -15,17 +12,6 @@ EXAMPLES = 3
 def rows_file(run: str) -> str:
     """The JSONL file holding a run's rows: ``outputs.jsonl`` for attnkit, ``baseline_outputs.jsonl``."""
     return "outputs.jsonl" if run == "attnkit" else f"{run}_outputs.jsonl"
-
-
-def write_report(out_dir: Path, report: dict[str, Any], rows: dict[str, list[dict[str, Any]]]) -> None:
-    """Write report.json, one rows file per run, recipe.yaml and report.md into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
-    for run, run_rows in rows.items():
-        lines = "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in run_rows)
-        (out_dir / rows_file(run)).write_text(lines)
-    (out_dir / "recipe.yaml").write_text(yaml.safe_dump(report["recipe"], sort_keys=False, allow_unicode=True))
-    (out_dir / "report.md").write_text(render_markdown(report, rows))
 
 
 def fmt(value: Any) -> str:

@@ -19,6 +19,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from attnkit.errors import UserError
+
 
 @dataclass
 class TaskResult:
@@ -32,7 +34,7 @@ class TaskResult:
     ("baseline", "attnkit"), and returns their names; the runner lists them in the report."""
 
 
-class TaskDataError(ValueError):
+class TaskDataError(UserError, ValueError):
     """Task input that cannot be used; the message names the file, the line and the fix."""
 
 
@@ -48,19 +50,26 @@ def read_jsonl(path: str | Path, what: str) -> list[tuple[int, dict[str, Any]]]:
             f"{what}: {str(path)!r} not found (relative paths are read from the current directory "
             f"{str(Path.cwd())!r}); fix the path in the recipe"
         )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise TaskDataError(
+            f"{what}: {path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8"
+        ) from None
     items = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                problem = f"not valid JSON ({err.msg}); write one JSON object per line"
-                raise TaskDataError(f"{path}:{number}: {problem}") from None
-            if not isinstance(item, dict):
-                raise TaskDataError(f"{path}:{number}: expected a JSON object, got {type(item).__name__}")
-            items.append((number, item))
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            problem = f"not valid JSON ({err.msg}); write one JSON object per line"
+            raise TaskDataError(f"{path}:{number}: {problem}") from None
+        if not isinstance(item, dict):
+            raise TaskDataError(f"{path}:{number}: expected a JSON object, got {type(item).__name__}")
+        items.append((number, item))
+    if not items:
+        raise TaskDataError(f"{what}: {path} holds no items (no JSON lines); give a file with at least one")
     return items
 
 

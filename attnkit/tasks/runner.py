@@ -16,13 +16,15 @@ import transformers
 import attnkit
 from attnkit.handle import apply
 from attnkit.heads import ModelShape
-from attnkit.models import load_model
-from attnkit.recipe import Recipe, RecipeError, check_against_model
+from attnkit.models import load_config, load_model
+from attnkit.recipe import Recipe, RecipeError
 from attnkit.tasks.choice import paired_comparison, run_choice
 from attnkit.tasks.conflict import context_rows, run_conflict
+from attnkit.tasks.folder import ReportFolder, claimed
 from attnkit.tasks.generate import run_generate
 from attnkit.tasks.needle import run_needle, run_passkey
-from attnkit.tasks.report import summarize, write_report
+from attnkit.tasks.preflight import preflight
+from attnkit.tasks.report import rows_file, summarize
 from attnkit.tasks.result import TaskResult
 from attnkit.tasks.segments import run_segments
 
@@ -91,55 +93,93 @@ def versions() -> dict[str, str]:
 
 
 def run_recipe(
-    recipe: Recipe, *, out_dir: Path | None = None, progress: bool = True, model: Any = None, tokenizer: Any = None
+    recipe: Recipe,
+    *,
+    out_dir: Path | None = None,
+    progress: bool = True,
+    model: Any = None,
+    tokenizer: Any = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run ``recipe``'s task (untouched first when ``recipe.baseline``, then under attnkit) and report it.
 
     Pass ``model`` and ``tokenizer`` to use an already loaded model instead of ``recipe.model``.
-    Writes report.json, report.md, the rows of each run as JSONL and the resolved recipe.yaml into
-    ``out_dir`` (default: the recipe's ``output``) and returns the report dict. The attnkit handle
-    is removed afterwards, also when the task fails, so the model is left as it was.
+    Everything that can be checked without the weights is checked before they load
+    (:func:`~attnkit.tasks.preflight.preflight`). The report goes into ``out_dir`` (default: the
+    recipe's ``output``), a folder this run owns (:func:`~attnkit.tasks.folder.claimed`; one that
+    holds files needs ``overwrite``): each run's rows as JSONL and ``report.json`` as soon as that
+    run ends, then ``report.md``. On Ctrl-C what is done stays, and the ``KeyboardInterrupt`` says
+    where. The attnkit handle is removed afterwards, also when the task fails, so the model is left
+    as it was. Returns the report dict.
     """
     if recipe.task is None:
         problem = "task: this recipe has no task to run; add a `task:` section (kind: generate or choice)"
         raise RecipeError([problem], recipe.name)
     if (model is None) != (tokenizer is None):
         raise ValueError("pass both model and tokenizer, or neither to load the recipe's model")
-    if model is None:
-        model, tokenizer = load(recipe)
-        model_id = recipe.model.name_or_path
-    else:
-        model_id = model.config.name_or_path or type(model).__name__
-    check_against_model(recipe, ModelShape.from_config(model.config, model_id))
-    runs: dict[str, dict[str, Any]] = {}
-    results: dict[str, TaskResult] = {}
-    if recipe.baseline:
-        runs["baseline"], results["baseline"] = run_task(model, tokenizer, recipe, progress)
-    with apply(model, recipe, allow_foreign_heads=recipe.allow_foreign_heads) as handle:
-        runs["attnkit"], results["attnkit"] = run_task(model, tokenizer, recipe, progress, handle.methods)
-        runs["attnkit"]["method_stats"] = handle.stats(total=True)
-    out_dir = Path(out_dir) if out_dir is not None else recipe.output_dir()
-    rows = {name: result.rows for name, result in results.items()}
-    for name, result in results.items():
-        if result.write_files is not None:  # figures and other per-run files a task hands over
-            out_dir.mkdir(parents=True, exist_ok=True)
-            runs[name]["files"] = result.write_files(out_dir, name)
-    comparison = None
-    if recipe.task.kind in ("choice", "segments") and "baseline" in rows:
-        comparison = paired_comparison(rows["baseline"], rows["attnkit"])
-    elif recipe.task.kind == "conflict" and "baseline" in rows:
-        metric, baseline_rows = context_rows(rows["baseline"])
-        comparison = {"metric": metric, **paired_comparison(baseline_rows, context_rows(rows["attnkit"])[1])}
-    report = {
-        "name": recipe.name,
-        "model": model_id,
-        "task": recipe.task.kind,
-        "runs": runs,
-        "comparison": comparison,
-        "recipe": recipe.resolved(),
-        "versions": versions(),
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "output_dir": str(out_dir),
-    }
-    write_report(out_dir, report, rows)
+    model_id = recipe.model.name_or_path if model is None else model.config.name_or_path or type(model).__name__
+    config = (
+        model.config
+        if model is not None
+        else load_config(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+    )
+    folder = preflight(recipe, ModelShape.from_config(config, model_id), out_dir, overwrite)
+    with claimed(folder, overwrite) as files:
+        if model is None:
+            model, tokenizer = load(recipe)
+        report: dict[str, Any] = {
+            "name": recipe.name,
+            "model": model_id,
+            "task": recipe.task.kind,
+            "runs": {},
+            "comparison": None,
+            "recipe": recipe.resolved(),
+            "versions": versions(),
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "output_dir": str(folder),
+        }
+        try:
+            run_phases(model, tokenizer, recipe, progress, report, files)
+        except BaseException as err:
+            files.stop(report, "interrupted" if isinstance(err, KeyboardInterrupt) else "failed", err)
+            if isinstance(err, KeyboardInterrupt):
+                raise KeyboardInterrupt(interrupted(report, folder)) from err
+            raise
+        report["comparison"] = compare(recipe, files.rows)
+        files.finish(report)
     return report
+
+
+def run_phases(
+    model: Any, tokenizer: Any, recipe: Recipe, progress: bool, report: dict[str, Any], files: ReportFolder
+) -> None:
+    """The baseline (when asked for) and the attnkit run, each written into ``files`` as it ends."""
+    if recipe.baseline:
+        report["runs"]["baseline"], result = run_task(model, tokenizer, recipe, progress)
+        files.phase(report, "baseline", result)
+    with apply(model, recipe, allow_foreign_heads=recipe.allow_foreign_heads) as handle:
+        entry, result = run_task(model, tokenizer, recipe, progress, handle.methods)
+        entry["method_stats"] = handle.stats(total=True)
+    report["runs"]["attnkit"] = entry
+    files.phase(report, "attnkit", result)
+
+
+def compare(recipe: Recipe, rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any] | None:
+    """The paired comparison of the attnkit run with the baseline, for tasks scored per item."""
+    if "baseline" not in rows:
+        return None
+    if recipe.task.kind in ("choice", "segments"):
+        return paired_comparison(rows["baseline"], rows["attnkit"])
+    if recipe.task.kind == "conflict":
+        metric, baseline_rows = context_rows(rows["baseline"])
+        return {"metric": metric, **paired_comparison(baseline_rows, context_rows(rows["attnkit"])[1])}
+    return None
+
+
+def interrupted(report: dict[str, Any], folder: Path) -> str:
+    """What an interrupted run kept, and where."""
+    done = list(report["runs"])
+    if not done:
+        return "interrupted before any run finished; nothing was written"
+    kept = ", ".join(f"{name} ({rows_file(name)})" for name in done)
+    return f"interrupted; the finished runs are saved in {folder}: {kept}, and report.json (status: interrupted)"
