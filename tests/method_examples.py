@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 import attnkit
+from attnkit.recipe.methods import TidalDecodeConfig
 from tests.factory import tiny_model
 from tests.pine_reference import ReferencePine
 from tests.test_act import HEADS as ACT_HEADS
@@ -34,6 +35,7 @@ from tests.test_act import run as run_with
 from tests.test_engine import zero_columns
 from tests.test_kv import full_kept, generate, reference_backend, snapkv_reference_scores
 from tests.test_pine import exact_angles
+from tests.test_tidal import reference_backend as tidal_backend
 from tests.test_var import SINK_DIM, TAU, ReferenceVAR, declared_positions, with_sinks
 
 Logits = Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]
@@ -295,6 +297,19 @@ def pine_reference(model, inputs):
         return model(**inputs).logits
 
 
+# --------------------------------------------------------------------------------------------
+# tidaldecode: tests/test_tidal.py's float64 masking simulation of the reference code
+# --------------------------------------------------------------------------------------------
+
+TIDAL = {"budget": 8, "selection_layer": 1, "reselection_layer": 3}
+"""On 5 layers: 1 and 3 select, 2 and 4 read 8 tokens per query head."""
+
+
+def tidal_reference(model, inputs):
+    with tidal_backend(model, TidalDecodeConfig(**TIDAL)):
+        return decode_logits(model, inputs, KV_STEPS)
+
+
 EXAMPLES: dict[str, MethodExample] = {
     "head_mask": MethodExample(
         example={"method": "head_mask", "heads": MASKED_HEADS, "scale": 0.0},
@@ -358,6 +373,17 @@ EXAMPLES: dict[str, MethodExample] = {
         stat="layers_compressed",
         reference=kv_reference(streaming_kept),
         arch="qwen3-gqa",
+        seqs=KV_SEQS,
+        decode_steps=KV_STEPS,
+    ),
+    "tidaldecode": MethodExample(
+        example={"method": "tidaldecode", **TIDAL},
+        identity={"method": "tidaldecode", **TIDAL, "budget": 64},  # more than the prompt and steps hold
+        # it acts at decode steps only; "selections" would be 0 after the prefill that the contract
+        # checks, so the stat is the sparse layers it attached to (tests/test_tidal.py counts selections)
+        stat="sparse_layers",
+        reference=tidal_reference,
+        overrides={"num_hidden_layers": 5},
         seqs=KV_SEQS,
         decode_steps=KV_STEPS,
     ),

@@ -113,9 +113,18 @@ class Attachment:
         materialising the attention matrix (e.g. a probability edit on a few key columns)."""
         self._layer(layer).output_edits.append(fn)
 
-    def decode_step(self, layer: int, fn: Callable[[AttentionCall], AttentionCall]) -> None:
-        """Change what a decode step reads (keys, values, mask) before the kernel runs."""
-        self._layer(layer).decode_steps.append(fn)
+    def decode_step(self, layer: int, fn: Callable[[AttentionCall], AttentionCall], gathers: bool = False) -> None:
+        """Change what a decode step reads (keys, values, mask) before the kernel runs.
+
+        ``gathers``: ``fn`` may hand back a subset of the cached keys (their columns are then no longer
+        the cache's), which stages that index cache columns cannot follow: ``check_plan`` refuses
+        score or probability edits and output corrections on that layer. The keys may then hold one
+        head per query head (a selection per query head); the engine attends those itself, since a
+        backend expands KV heads by the module's group count.
+        """
+        plan = self._layer(layer)
+        plan.decode_steps.append(fn)
+        plan.decode_gathers = plan.decode_gathers or gathers
 
     def post_prefill(self, fn: Callable[[Any, CallState], None]) -> None:
         """Called after a prefill call with the model's cache (per layer keys/values, KV heads)."""

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from attnkit import compat
 from attnkit.engine.kvcache import attend
@@ -98,6 +99,7 @@ def attnkit_attention(
             ("mask", id(attention_mask), query.shape[-2], key.shape[-2]),
             lambda: additive_mask(attention_mask, query, key),
         )
+    read = (call.key, call.value, call.mask)
     if decoding:
         for step in layer.decode_steps:
             call = step(call)
@@ -111,8 +113,12 @@ def attnkit_attention(
         output, weights = edited_attention(call, layer, scores)
     elif layer.needs_eager:
         output, weights = edited_attention(call, layer)
+    elif decoding and call.key.shape[1] != key.shape[1]:
+        output, weights = per_head_attention(call), None
     else:
-        mask = call.mask if decoding else attention_mask
+        # decode steps that changed nothing leave the kernel its own inputs (identity is free)
+        same = all(now is before for now, before in zip((call.key, call.value, call.mask), read))
+        mask = call.mask if decoding and not same else attention_mask
         output, weights = backend(module, call.query, call.key, call.value, mask, scaling=scaling, **kwargs)
     for edit in layer.output_edits:
         output = edit(call, output)
@@ -141,6 +147,23 @@ def compress(call: AttentionCall, compressor: Callable[[AttentionCall, Any], Any
     if smaller is not None:
         cache.layers[index] = smaller
         call.state.sequence.setdefault("kv", {})[index] = smaller
+
+
+def per_head_attention(call: AttentionCall) -> torch.Tensor:
+    """Attention over keys and values a decode step gathered per query head [b, heads, k, d]
+    (``Attachment.decode_step(gathers=True)``): sdpa without GQA, or plain math where the model caps
+    its logits. Returns [b, queries, heads, d]."""
+    mask = call.mask
+    if mask is not None:  # finite in the query's dtype: sdpa takes a float mask of the query's dtype only
+        lowest = max(torch.finfo(call.query.dtype).min, torch.finfo(mask.dtype).min)
+        mask = mask.clamp(min=lowest).to(call.query.dtype)
+    if call.softcap is None:
+        output = F.scaled_dot_product_attention(call.query, call.key, call.value, attn_mask=mask, scale=call.scaling)
+    else:
+        scores = call.logits(call.query, call.key)
+        probs = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+        output = torch.matmul(probs.to(call.value.dtype), call.value)
+    return output.transpose(1, 2).contiguous()
 
 
 def edited_attention(

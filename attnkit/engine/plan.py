@@ -82,6 +82,8 @@ class LayerPlan:
     score_edits: list[ScoreEdit] = field(default_factory=list)
     prob_edits: list[ScoreEdit] = field(default_factory=list)
     decode_steps: list[Callable[[AttentionCall], AttentionCall]] = field(default_factory=list)
+    decode_gathers: bool = False
+    """A decode step may replace the keys by a gathered subset (``Attachment.decode_step(gathers=True)``)."""
     output_edits: list[OutputEdit] = field(default_factory=list)
     compressor: Callable[[AttentionCall, Any], Any] | None = None
     """After this layer's prefill attention: (call, its cache layer) -> a compressed layer or None."""
@@ -137,6 +139,8 @@ def check_plan(plan: ModelPlan) -> None:
     for index, layer in sorted(plan.layers.items()):
         if layer.positions is not None:
             check_positions(index, layer, plan.backend_name)
+        if layer.decode_gathers:
+            check_gathers(index, layer, plan.backend_name)
         if layer.compressor is None:
             continue
         if "flash" in plan.backend_name:
@@ -166,4 +170,27 @@ def check_positions(index: int, layer: LayerPlan, backend_name: str) -> None:
             f"layer {index}: a positions method (re-positioning queries and keys) and a KV-compression, decode-step "
             "or output-correction method (ACT's fast path; use path='eager') act on the same layer; this combination "
             "is not supported, restrict one method's layers so they do not overlap"
+        )
+
+
+def check_gathers(index: int, layer: LayerPlan, backend_name: str) -> None:
+    """A decode step that gathers keys reads a subset of the full cache: a compressed cache no longer
+    holds what it selects from, and score/probability edits and output corrections index the cache's
+    columns, which the gathered keys no longer are. Its per-head masks need a 4-D mask backend."""
+    if layer.compressor is not None:
+        raise ApplyError(
+            f"layer {index}: a sparse-decoding method (tidaldecode) selects from the full KV cache, which a "
+            "KV-compression method (snapkv, razor, streaming) on the same layer no longer keeps; this combination "
+            "is not supported, use one of them"
+        )
+    if layer.needs_eager or layer.output_edits:
+        raise ApplyError(
+            f"layer {index}: a sparse-decoding method (tidaldecode) gathers a subset of the cached keys, and an "
+            "attention-score/probability edit or output correction (ACT, VAR) on the same layer indexes the cache's "
+            "columns; this combination is not supported, restrict one method's layers so they do not overlap"
+        )
+    if "flash" in backend_name:
+        raise ApplyError(
+            f"sparse decoding reads per-head masks, which {backend_name} cannot take; "
+            "load the model with attn_implementation='sdpa' or 'eager'"
         )

@@ -12,6 +12,7 @@ from attnkit.methods.razor import Razor
 from attnkit.methods.sink_redistribute import SinkRedistribute
 from attnkit.methods.snapkv import SnapKV
 from attnkit.methods.streaming import Streaming
+from attnkit.methods.tidal import TidalDecode
 
 
 def get_method(name: str) -> type[Method]:
@@ -34,5 +35,6 @@ __all__ = [
     "SinkRedistribute",
     "SnapKV",
     "Streaming",
+    "TidalDecode",
     "get_method",
 ]

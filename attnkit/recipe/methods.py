@@ -294,6 +294,75 @@ class PineConfig(MethodConfig):
     )
 
 
+TIDAL_RESELECTION = (13, 32)
+"""TidalDecode's re-selection layer in its Llama-3-8B scripts: layer 13 of 32 (the kernel model has 12,
+``modify_llama.py``'s default 9); ``reselection_layer: auto`` scales it to the model's depth."""
+
+
+class TidalDecodeConfig(MethodConfig):
+    """TidalDecode: decode steps read only the tokens a selection layer's top-k logits pick (no memory saved).
+
+    Defaults from the reference's Llama-3-8B scripts: budget 256 (its README demo; 128 in its needle
+    script, 4096 for LongBench), token selection at layer 2, re-selection at layer 13 of 32.
+    """
+
+    method: str = "tidaldecode"
+    budget: int = Field(256, ge=2, description="tokens each sparse layer reads per head, the new token included")
+    selection_layer: int = Field(
+        2, ge=0, description="the layer that selects the tokens with full attention; the layers below it stay full"
+    )
+    reselection_layer: int | Literal["auto"] | None = Field(
+        "auto",
+        description="the layer that selects again for the layers after it; auto: round(13/32 x layers), "
+        "the paper's layer 13 of 32 scaled to the model's depth; null: no re-selection",
+    )
+    selection: Literal["query_head", "kv_head_union", "kv_head_sum"] = Field(
+        "query_head",
+        description="query_head: each query head's own top-k logits (the reference); kv_head_union: one set per KV "
+        "head, its query heads' rankings merged rank by rank; kv_head_sum: one set per KV head, by its query heads' "
+        "summed attention probabilities (one gather serves the group)",
+    )
+    recent: int = Field(0, ge=0, description="most recent tokens always read, inside the budget; 0 = the reference")
+
+    @field_validator("reselection_layer")
+    @classmethod
+    def _layer(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"reselection_layer {value} must be a layer index (>= 0), auto or null")
+        return value
+
+    @model_validator(mode="after")
+    def _fits(self) -> TidalDecodeConfig:
+        if self.recent > self.budget - 2:
+            raise ValueError(
+                f"recent {self.recent} must be at most budget - 2 = {self.budget - 2}: the budget holds the new token, "
+                "the recent tokens and at least one selected token"
+            )
+        if isinstance(self.reselection_layer, int) and self.reselection_layer <= self.selection_layer:
+            raise ValueError(
+                f"reselection_layer {self.reselection_layer} must come after selection_layer {self.selection_layer} "
+                "(or be null for no re-selection)"
+            )
+        return self
+
+    def reselection_for(self, num_layers: int) -> int | None:
+        """The re-selection layer for a model of ``num_layers`` layers; None when there is none (auto
+        gives none when the scaled layer is not after the selection layer or past the last one)."""
+        if self.reselection_layer != "auto":
+            return self.reselection_layer
+        scaled = math.floor(TIDAL_RESELECTION[0] * num_layers / TIDAL_RESELECTION[1] + 0.5)
+        return scaled if self.selection_layer < scaled < num_layers else None
+
+    def check_against_model(self, shape: ModelShape, allow_foreign: bool = False) -> list[str]:
+        """The layers against the model's depth, as ``field: message`` lines (empty when fine)."""
+        problems = []
+        for name in ("selection_layer", "reselection_layer"):
+            value = getattr(self, name)
+            if isinstance(value, int) and value >= shape.num_layers:
+                problems.append(f"{name}: layer {value} does not exist; the model has layers 0-{shape.num_layers - 1}")
+        return problems
+
+
 def method_configs() -> dict[str, type[MethodConfig]]:
     """Method name -> its config class, for every config that names a method."""
     found: dict[str, type[MethodConfig]] = {}
