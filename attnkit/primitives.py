@@ -92,13 +92,18 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The exact inverse of :func:`rotate` with the same cos and sin:
-    ``(x·cos − rotate_half(x)·sin) / (cos² + sin²)``.
+    ``(x·cos − rotate_half(x)·sin) / (cos² + sin²)``."""
+    return rotate(x, *unrotation(cos, sin))
+
+
+def unrotation(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) whose :func:`rotate` undoes the rotation by ``cos`` and ``sin``.
 
     yarn and longrope multiply cos and sin by an attention factor s, so cos² + sin² = s²; dividing
     by it makes un-rotating then rotating exact for every variant without knowing s.
     """
     norm = cos * cos + sin * sin
-    return rotate(x, cos / norm, -sin / norm)
+    return cos / norm, -sin / norm
 
 
 def layer_window(config: Any, layer: int) -> int | None:

@@ -1,6 +1,8 @@
 """The fused sink-statistics kernels and the mask facts they rely on."""
 
 import importlib.util
+import itertools
+import random
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from attnkit import kernels
 from attnkit.engine.plan import AttentionCall
 from attnkit.methods import ACT
 from attnkit.methods.act import voter_counts
-from attnkit.primitives import layer_window
+from attnkit.primitives import layer_window, rotate
 from attnkit.recipe.methods import MethodConfig
 from tests.factory import ARCHS, SUPPORTED_ATTN, left_padded_batch, tiny_model
 
@@ -123,3 +125,104 @@ def test_act_fast_path_through_kernels_matches_eager(arch, monkeypatch):
         assert handle.stats()["act"]["sinks_found"] == eager_sinks > 0
     rows = batch["attention_mask"].bool()
     torch.testing.assert_close(fused[rows], eager[rows], rtol=1e-3, atol=1e-3)
+
+
+def block_reference(query, positions, table, keys, value, blocks, scale, valid, open_groups):
+    """Block-rotated attention written out: every query rotated per block, every logit read from
+    its key's block, the mask built whole."""
+    cos, sin = table
+    key = torch.cat(keys, 2).double()
+    batch, heads, rows, dim = query.shape
+    group = heads // value.shape[1]
+    key, val = key.repeat_interleave(group, 1), value.double().repeat_interleave(group, 1)
+    at = positions.expand(batch, heads, rows, positions.shape[-1])
+    turned = rotate(query.double()[:, :, :, None], cos.double()[at], sin.double()[at])  # [b, h, m, V, d]
+    every = torch.einsum("bhmvd,bhnd->bhmvn", turned, key) * scale
+    pick = blocks[:, None, None, None, :].expand(batch, heads, rows, 1, key.shape[2])
+    scores = every.gather(3, pick).squeeze(3)
+    count = key.shape[2]
+    ok = torch.arange(count)[None, :] <= torch.arange(rows)[:, None] + count - rows
+    ok = ok[None, None].expand(batch, heads, rows, count).clone()
+    if open_groups is not None:
+        gq, gk = open_groups
+        ok |= ((gq[:, :, None] > 0) & (gk[:, None, :] > 0) & (gq[:, :, None] != gk[:, None, :]))[:, None]
+    if valid is not None:
+        ok &= valid[:, None, None, :]
+    probs = torch.softmax(scores.masked_fill(~ok, float("-inf")), -1).nan_to_num(0)
+    return probs @ val
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "rows,count,heads,kv_heads,split,pad,opened",
+    [(40, 40, 4, 2, 40, False, True), (70, 150, 2, 1, 120, True, True), (1, 90, 8, 2, 60, True, False),
+     (3, 33, 2, 2, 33, False, False)],
+)  # fmt: skip
+@pytest.mark.parametrize("runs", ["sorted", "scattered"])
+def test_block_attention_equals_reference(rows, count, heads, kv_heads, split, pad, opened, runs):
+    torch.manual_seed(rows + count)
+    batch, dim, table_length = 2, 32, 400
+    angles = torch.arange(table_length, dtype=torch.float64)[:, None] * 0.3 ** torch.arange(dim // 2)
+    angles = torch.cat([angles, angles], -1)
+    table = (angles.cos() * 1.1, angles.sin() * 1.1)
+    query = torch.randn(batch, heads, rows, dim, dtype=torch.float64)
+    key = torch.randn(batch, kv_heads, count, dim, dtype=torch.float64)
+    value = torch.randn(batch, kv_heads, count, dim, dtype=torch.float64)
+    blocks = torch.randint(0, 4, (batch, count))
+    blocks = blocks.sort(-1).values if runs == "sorted" else blocks  # scattered: blocks read whole, masked
+    positions = torch.randint(0, table_length, (batch, heads, rows, 4))
+    valid = torch.ones(batch, count, dtype=torch.bool)
+    if pad:
+        valid[1, :7] = False
+    groups = None
+    if opened:
+        groups = (torch.randint(0, 3, (batch, rows)), blocks * (blocks < 3))
+    keys = (key[:, :, :split], key[:, :, split:])
+    out = kernels.block_attention(query, positions, table, keys, value, blocks, 0.7, valid if pad else None, groups)
+    expected = block_reference(query, positions, table, keys, value, blocks, 0.7, valid if pad else None, groups)
+    assert torch.allclose(out, expected, atol=1e-10), (out - expected).abs().max()
+    # the keys split over programs, as for a decode step, and combined
+    args = (query, positions, table, keys, value, blocks, 0.7, valid if pad else None, groups)
+    split_up = kernels.block_attention(*args, config={"SPLITS": 4, "SPLIT_KEYS": -(-count // 4), "BM": 16})
+    assert torch.allclose(split_up, expected, atol=1e-10), (split_up - expected).abs().max()
+
+
+def order_reference(query, keys, segments, lengths, base, active, scale):
+    """PINE's reader order written out: per row and head, importance by softmax over segment keys,
+    then each segment moved back by the lengths of those ranked ahead (stable: ties in order)."""
+    batch, heads, rows, _ = query.shape
+    keys = keys.double().repeat_interleave(heads // keys.shape[1], 1)
+    count = lengths.shape[1]
+    out = torch.zeros(batch, heads, rows, count + 2, dtype=torch.long)
+    for b, h, m in itertools.product(range(batch), range(heads), range(rows)):
+        inside = segments[b] > 0
+        probs = torch.softmax((keys[b, h] @ query[b, h, m].double())[inside] * scale, 0)
+        importance = [
+            float(probs[segments[b][inside] == s].sum()) / max(int(lengths[b, s - 1]), 1) for s in range(1, count + 1)
+        ]
+        order = sorted(range(count), key=lambda s: -importance[s])  # stable
+        moved, ahead = [0] * count, 0
+        for s in order:
+            moved[s], ahead = ahead, ahead + int(lengths[b, s])
+        moved = [x * int(active[b]) for x in moved]
+        out[b, h, m] = torch.tensor([0, *moved, 0]) + int(base[b, m])
+    return out
+
+
+@needs_triton
+@pytest.mark.parametrize("rows,heads,kv_heads,count", [(1, 4, 2, 3), (5, 2, 2, 20), (3, 8, 1, 2)])
+def test_segment_order_equals_reference(rows, heads, kv_heads, count):
+    torch.manual_seed(rows * 10 + count)
+    batch, dim, prompt = 2, 32, 90
+    query = torch.randn(batch, heads, rows, dim, dtype=torch.float64)
+    keys = torch.randn(batch, kv_heads, prompt, dim, dtype=torch.float64)
+    segments = torch.zeros(batch, prompt, dtype=torch.long)
+    cuts = sorted(random.Random(count).sample(range(5, 80), count))
+    for number, (start, end) in enumerate(zip(cuts, [*cuts[1:], 85]), start=1):
+        segments[0, start:end] = number
+    segments[1, 10:40], segments[1, 40:41] = 1, 2  # fewer segments in the second row
+    lengths = torch.stack([(segments == s).sum(-1) for s in range(1, count + 1)], -1)
+    base = torch.randint(0, 50, (batch, rows))
+    active = torch.tensor([1, 0 if count == 2 else 1])
+    got = kernels.segment_order(query, keys, segments, lengths, base, active, 0.4)
+    assert torch.equal(got.long(), order_reference(query, keys, segments, lengths, base, active, 0.4))

@@ -6,6 +6,7 @@ permutation of the token runs), then a suffix of 3 tokens. Sliding-window archit
 longer than every test sequence: PINE refuses a window shorter than the sequence (tested below).
 """
 
+import importlib.util
 import inspect
 import itertools
 import random
@@ -15,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, GraniteMoeHybridConfig
 
 import attnkit
-from attnkit import compat
+from attnkit import compat, kernels
 from attnkit.methods import HeadMask, Pine, SnapKV
 from tests.factory import (
     ARCHS,
@@ -225,17 +226,68 @@ def test_pine_equals_the_float64_reference_at_prefill_and_decode(variant, k):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_pine_equals_the_reference_with_the_models_own_rotary(variant):
-    """The model's rotary as it is (float32 angles): the prefix and the segments' queries rotate at
-    the same positions in both, exactly equal; the suffix and decode queries (the readers) at other
-    positions in the method (see ``exact_angles``), equal up to the float32 tables: 1e-5 (measured up to 1.2e-6)."""
+    """The model's rotary as it is (float32 angles): the prefix's queries rotate at the same
+    positions in both, exactly equal; the segments', suffix's and decode queries read each segment
+    from a query rotated by that segment's move where the reference moves the segment's keys (see
+    ``exact_angles``), equal up to the float32 tables: 1e-5 (measured up to 1.2e-6)."""
     model = model64(variant)
     ids, segment_ids = prompt(segments_of(LENGTHS[3], seed=3))
     expected, _, _ = prefill_and_steps(model, [ReferencePine(segment_ids)], ids)
     got, _, _ = prefill_and_steps(model, [pine()], ids)
-    readers = len(ids) - len(SUFFIX)
-    assert largest(got[0][:readers], expected[0][:readers]) < 1e-9
+    assert largest(got[0][: len(PREFIX)], expected[0][: len(PREFIX)]) < 1e-9
     for step, (a, b) in enumerate(zip(got, expected, strict=True)):
         assert largest(a, b) < 1e-5, (step, largest(a, b))
+
+
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="the fused kernel needs Triton (its interpreter on CPU)"
+)
+
+
+@pytest.fixture
+def fused_kernel(monkeypatch):
+    """The positions stage through the fused kernel (Triton's interpreter on CPU); yields the
+    number of kernel calls so far, so a test can see that the kernel ran."""
+    calls = []
+    kernel = kernels.block_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "available", lambda query: True)
+    monkeypatch.setattr(kernels, "block_attention", counted)
+    return calls
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", ["llama-gqa", "qwen3-gqa", "gemma3-gqa", "llama-mqa"])
+def test_the_fused_kernel_equals_the_reference(variant, fused_kernel):
+    """PINE through the fused block-rotated attention kernel: prefill and decode steps equal the
+    reference, as the torch path does (head_dim 32: the kernel takes 32 to 256)."""
+    model = exact_angles(model64(variant, head_dim=32))
+    ids, segment_ids = prompt(segments_of(LENGTHS[3], seed=5))
+    expected, _, _ = prefill_and_steps(model, [ReferencePine(segment_ids)], ids)
+    got, _, _ = prefill_and_steps(model, [pine()], ids)
+    assert len(fused_kernel) >= model.config.num_hidden_layers * (1 + len(CONTINUATION))
+    for step, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert largest(a, b) < 1e-9, (step, largest(a, b))
+
+
+@needs_triton
+def test_the_fused_kernel_batches_left_padded_rows_as_single_ones(fused_kernel):
+    model = exact_angles(model64("llama-gqa", head_dim=32))
+    rows = [ROWS[0], ROWS[1], ROWS[3], ROWS[4]]
+    batch = left_padded_batch(rows, pad_id=model.config.pad_token_id)
+    with torch.no_grad(), attnkit.apply(model, [pine()]):
+        together = model(**batch, position_ids=position_ids_from_mask(batch["attention_mask"])).logits
+        generated = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, -4:]
+        assert fused_kernel
+        for row, ids in enumerate(rows):
+            alone = model(input_ids=torch.tensor([ids])).logits[0]
+            assert largest(together[row, -len(ids) :], alone) < 1e-9, row
+            single = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=4, do_sample=False)[0, -4:]
+            assert torch.equal(generated[row], single), row
 
 
 def test_segment_ids_given_in_python_equal_the_markers():
@@ -396,3 +448,24 @@ def test_composes_with_head_mask():
     assert largest(got[0], alone[0]) > 1e-3
     for step, (a, b) in enumerate(zip(got, expected, strict=True)):
         assert largest(a, b) < 1e-9, (step, largest(a, b))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None, reason="needs CUDA")
+@pytest.mark.parametrize("lengths", [[40, 90], [30, 17, 64, 25, 50]])
+def test_on_cuda_the_fused_kernel_equals_the_torch_path(lengths, monkeypatch):
+    """The compiled kernel (not the interpreter) against the torch path, float32 on the GPU:
+    prefill and decode steps of a left-padded batch, head_dim 128."""
+    model = tiny_model("llama-gqa", dtype=torch.float32, head_dim=128).cuda()
+    rows = [prompt(segments_of(lengths, seed=7))[0], prompt(segments_of(lengths[:2], seed=8))[0]]
+    batch = {k: v.cuda() for k, v in left_padded_batch(rows, pad_id=model.config.pad_token_id).items()}
+    results, calls, kernel = [], [], kernels.block_attention
+    monkeypatch.setattr(kernels, "block_attention", lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs))
+    for fused in (True, False):
+        monkeypatch.setattr(kernels, "available", lambda query, fused=fused: fused and query.is_cuda)
+        with torch.no_grad(), attnkit.apply(model, [pine()]):
+            out = model.generate(
+                **batch, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True
+            )
+            results.append(torch.stack(out.logits))
+    assert len(calls) == model.config.num_hidden_layers * 5
+    assert largest(*results) < 1e-3, largest(*results)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from attnkit import compat
 from attnkit.engine.kvcache import attend
 from attnkit.engine.plan import AttentionCall, LayerPlan, plan_for
-from attnkit.engine.state import CallState
+from attnkit.engine.state import shared
 from attnkit.primitives import additive_mask, repeat_kv
 
 NAME = "attnkit"
@@ -125,17 +125,6 @@ def attnkit_attention(
     if compressing:
         compress(call, layer.compressor)
     return output, weights
-
-
-def shared(state: CallState | None, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
-    """``make()`` once per forward call and ``key``: what every layer of a call builds alike (its
-    additive mask, from the one mask transformers hands to every layer of a kind)."""
-    if state is None:
-        return make()
-    key = ("attnkit", *key)
-    if key not in state.scratch:
-        state.scratch[key] = make()
-    return state.scratch[key]
 
 
 def compress(call: AttentionCall, compressor: Callable[[AttentionCall, Any], Any]) -> None:

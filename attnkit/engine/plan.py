@@ -10,7 +10,7 @@ import torch
 
 from attnkit.engine.state import CallState
 from attnkit.errors import UserError
-from attnkit.primitives import compute_dtype, logits, unrotate
+from attnkit.primitives import logits, rotate
 
 if TYPE_CHECKING:
     from attnkit.engine.positions import PositionStage
@@ -43,6 +43,9 @@ class AttentionCall:
     carried: tuple[torch.Tensor, torch.Tensor] | None = None
     """(cos, sin) [batch, keys, rotary dims]: the rotation every key carries (the call's queries are
     the last keys), set by the positions stage before its hook runs."""
+    inverse: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(cos, sin) [batch, 1, keys, rotary dims] in the compute dtype that undo ``carried``
+    (:func:`attnkit.primitives.unrotation`), made once per call and rotary by the positions stage."""
     rotate_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     """(x [batch, heads, n, dim], positions [batch, 1 or heads, n]) -> x rotated there with the
     layer's own rotary: set by the positions stage for its hook."""
@@ -52,23 +55,21 @@ class AttentionCall:
     def unrotated_query(self) -> torch.Tensor:
         """The query with the rotation it carries undone [batch, heads, queries, dim], at least float32."""
         if "query" not in self.raw:
-            cos, sin = self._carried(-self.query.shape[-2])
-            self.raw["query"] = unrotate(self.query.to(cos.dtype), cos, sin)
+            cos, sin = self._inverse(-self.query.shape[-2])
+            self.raw["query"] = rotate(self.query.to(cos.dtype), cos, sin)
         return self.raw["query"]
 
     def unrotated_key(self) -> torch.Tensor:
         """The keys with the rotation they carry undone [batch, kv heads, keys, dim], at least float32."""
         if "key" not in self.raw:
-            cos, sin = self._carried(0)
-            self.raw["key"] = unrotate(self.key.to(cos.dtype), cos, sin)
+            cos, sin = self._inverse(0)
+            self.raw["key"] = rotate(self.key.to(cos.dtype), cos, sin)
         return self.raw["key"]
 
-    def _carried(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.carried is None:
+    def _inverse(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inverse is None:
             raise RuntimeError("the un-rotated query and key exist inside a positions hook only")
-        dtype = compute_dtype(self.query)
-        cos, sin = (t[:, start:].to(dtype)[:, None] for t in self.carried)
-        return cos, sin
+        return self.inverse[0][:, :, start:], self.inverse[1][:, :, start:]
 
     def logits(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """Attention logits (at least float32) as this layer computes them (scale, softcap), unmasked."""

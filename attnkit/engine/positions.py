@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attnkit import compat
+from attnkit import compat, kernels
 from attnkit.engine.plan import AttentionCall
-from attnkit.engine.state import append_tokens
-from attnkit.primitives import compute_dtype, logits, repeat_kv, rotate
+from attnkit.engine.state import append_tokens, shared
+from attnkit.primitives import compute_dtype, layer_window, logits, repeat_kv, rotate, unrotation
 
 SHORT = 8
 """Calls of at most this many queries compute every row and select, rather than find the rows on the
@@ -69,6 +69,9 @@ class QueryBlocks:
     cache, nor copies it into one tensor); None: rotated here."""
     rows: torch.Tensor | None = None
     """bool [batch, queries]: the query rows read this way; None for every row."""
+    extent: int | None = None
+    """A bound, known on the host, above every position in ``queries``: with it (and every row
+    taken), the fused kernel reads the rotations from one table of that many positions."""
 
 
 @dataclass
@@ -79,9 +82,10 @@ class Repositioning:
 
     groups: list[QueryGroup]
     blocks: list[QueryBlocks] = field(default_factory=list)
-    mask: torch.Tensor | None = None
-    """An additive mask [batch, 1 or heads, queries, keys] to use instead of the call's (a method that
-    also changes which keys a query sees: PINE's segments see each other); None keeps the call's."""
+    open: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(query groups long [batch, queries], key groups long [batch, keys]): a query of group g > 0
+    also sees every key of another group > 0, past the call's causal mask (PINE's segments see each
+    other whole); None keeps the call's mask."""
 
 
 PositionsFn = Callable[[AttentionCall], "Repositioning | None"]
@@ -94,17 +98,25 @@ class PositionStage:
 
     fn: PositionsFn
     rotary: compat.Rotary
+    window: int | None = None
+    """The layer's sliding window (None: full attention); the fused kernel knows no window."""
+    tabled: bool = False
+    """Whether the rotary's cos and sin at a position do not depend on the other positions of the
+    call (every variant but longrope), so that one table serves every query."""
 
     def plan(self, call: AttentionCall) -> Repositioning | None:
-        """The hook's plan for this call (None: leave it alone); sets the call's carried rotation and,
-        where the plan gives one, its mask."""
+        """The hook's plan for this call (None: leave it alone); sets the call's carried rotation."""
         call.carried = carried_rotation(call, self.rotary)
+        dtype = compute_dtype(call.query)
+        call.inverse = shared(
+            call.state,
+            ("inverse rotation", self.rotary, call.key.shape[-2], dtype),
+            lambda: unrotation(*(t.to(dtype)[:, None] for t in call.carried)),
+        )
         call.rotate_at = lambda x, positions: rotate(x, *rotation(self.rotary, call.query, positions, x.dtype))
         plan = self.fn(call)
         if plan is None or not (plan.groups or plan.blocks):
             return None
-        if plan.mask is not None:
-            call.mask = plan.mask
         return plan
 
     def logits(self, call: AttentionCall) -> torch.Tensor | None:
@@ -112,14 +124,39 @@ class PositionStage:
         for, for layers whose scores or probabilities are edited next; None where it leaves the call
         alone."""
         plan = self.plan(call)
-        return None if plan is None else repositioned_logits(call, plan, self.rotary)
+        if plan is None:
+            return None
+        call.mask = opened_mask(call, plan.open)
+        return repositioned_logits(call, plan, self.rotary)
 
     def attend(self, call: AttentionCall) -> torch.Tensor | None:
         """The layer's attention output [batch, queries, heads, dim] at the positions the hook asks
         for, without the full matrix: each query group through the backend's fused kernel (sdpa),
         the rows of query blocks in chunks; None where the hook leaves the call alone."""
         plan = self.plan(call)
-        return None if plan is None else repositioned_attention(call, plan, self.rotary)
+        if plan is None:
+            return None
+        if self.fusable(call, plan):
+            return fused_blocks(call, plan.blocks[0], plan.open, self.rotary)
+        call.mask = opened_mask(call, plan.open)
+        return repositioned_attention(call, plan, self.rotary)
+
+    def fusable(self, call: AttentionCall, plan: Repositioning) -> bool:
+        """Whether the plan runs in the fused kernel: one set of query blocks for every row, a bound
+        on its positions, one rotation table, no window, the padding mask transformers builds."""
+        state = call.state
+        return (
+            kernels.available(call.query)
+            and not plan.groups
+            and len(plan.blocks) == 1
+            and plan.blocks[0].rows is None
+            and plan.blocks[0].extent is not None
+            and self.tabled
+            and call.carried[0].shape[-1] == call.query.shape[-1]
+            and call.query.shape[-1] in (32, 64, 128, 256)
+            and (self.window is None or self.window >= state.total_length)
+            and (state.attention_mask is None or state.attention_mask.dim() == 2)
+        )
 
 
 def position_stage(model: torch.nn.Module, attention: torch.nn.Module, fn: PositionsFn, head_dim: int) -> PositionStage:
@@ -127,7 +164,17 @@ def position_stage(model: torch.nn.Module, attention: torch.nn.Module, fn: Posit
     for a layer without RoPE, or one its modeling file rotates otherwise than :func:`rotate`."""
     rotary = compat.rotary(model, attention)
     check_convention(attention, rotary, head_dim)
-    return PositionStage(fn, rotary)
+    return PositionStage(fn, rotary, layer_window(attention.config, attention.layer_idx), tabled(attention, rotary))
+
+
+def tabled(attention: torch.nn.Module, rotary: compat.Rotary) -> bool:
+    """Whether ``rotary`` gives a position the same cos and sin whatever the call's other positions
+    (longrope switches its factors with the largest one)."""
+    device = next(attention.parameters()).device
+    probe = torch.zeros(1, 1, dtype=torch.float32, device=device)
+    alone = rotary(probe, torch.tensor([[0, 1, 2]], device=device))
+    beside = rotary(probe, torch.tensor([[0, 1, 2, 1 << 17]], device=device))
+    return all(torch.equal(a, b[:, :3]) for a, b in zip(alone, beside))
 
 
 def check_convention(attention: torch.nn.Module, rotary: compat.Rotary, head_dim: int) -> None:
@@ -220,15 +267,11 @@ def repositioned_attention(call: AttentionCall, plan: Repositioning, rotary: com
     heads = call.query.shape[1]
     value = repeat_kv(call.value, heads // call.value.shape[1])
     out = torch.empty_like(call.query)
-    found = [(group, group.index if group.index is not None else taken(group.rows)) for group in plan.groups]
-    found = [(group, index) for group, index in found if index is not None]
-    for together in group_batches(found, call):
-        if len(together) == 1 or any(isinstance(index, slice) for _, index in together):
-            for group, index in together:
-                query, keys = group_rotated(call, group, index, rotary)
-                out = place(out, group.rows, index, fused(call, query, keys, value, index))
-        else:
-            out = attend_groups(call, together, rotary, value, out)
+    for group in plan.groups:
+        index = group.index if group.index is not None else taken(group.rows)
+        if index is not None:
+            query, keys = group_rotated(call, group, index, rotary)
+            out = place(out, group.rows, index, fused(call, query, keys, value, index))
     for blocks in plan.blocks:
         for index in chunks(blocks, call):
             scores = block_logits(call, blocks, index, rotary)
@@ -244,53 +287,55 @@ def repositioned_attention(call: AttentionCall, plan: Repositioning, rotary: com
     return out.transpose(1, 2).contiguous()
 
 
-def group_batches(
-    found: list[tuple[QueryGroup, torch.Tensor | slice]], call: AttentionCall, budget: int = 1 << 26
-) -> list[list[tuple[QueryGroup, torch.Tensor | slice]]]:
-    """Groups in batches whose re-rotated keys (one copy per group and query head) stay within
-    ``budget`` elements: one fused call per batch instead of one per group."""
-    batch, heads, _, dim = call.query.shape
-    size = max(1, budget // (batch * heads * call.key.shape[-2] * dim))
-    return [found[i : i + size] for i in range(0, len(found), size)]
-
-
-def attend_groups(
-    call: AttentionCall,
-    together: list[tuple[QueryGroup, torch.Tensor]],
-    rotary: compat.Rotary,
-    value: torch.Tensor,
-    out: torch.Tensor,
+def fused_blocks(
+    call: AttentionCall, blocks: QueryBlocks, open: tuple[torch.Tensor, torch.Tensor] | None, rotary: compat.Rotary
 ) -> torch.Tensor:
-    """Several query groups in one sdpa call: each group's rows (padded to the longest) and its own
-    re-rotated keys stacked along the batch; the results placed back row by row."""
-    query, key = call.unrotated_query(), call.unrotated_key()
-    batch, heads, _, dim = query.shape
-    longest = max(index.numel() for _, index in together)
-    padded = torch.stack([torch.cat([index, index[-1:].expand(longest - index.numel())]) for _, index in together])
-    at_queries = torch.stack(
-        [head_positions(g.queries, heads, query.shape[-2], "query").expand(-1, heads, -1) for g, _ in together], 1
-    ).gather(3, padded[None, :, None, :].expand(batch, -1, heads, -1))
-    at_keys = torch.stack(
-        [head_positions(g.keys, heads, key.shape[-2], "key").expand(-1, heads, -1) for g, _ in together], 1
+    """The output [batch, queries, heads, dim] of query blocks that take every row, through the
+    fused kernel: no query copy per block, no logits in memory, the mask made on chip."""
+    state, count = call.state, call.key.shape[-2]
+    table = rotation_table(call, rotary, blocks.extent)
+    parts = blocks.rotated or (call.rotate_at(call.unrotated_key(), blocks.keys[:, None]).to(call.key.dtype),)
+    valid = None
+    if state.attention_mask is not None:
+        valid = shared(state, ("valid keys", count), lambda: state.attention_mask[:, -count:].bool())
+    number = blocks.queries.shape[-1]
+    groups = open[1] if open is not None else None
+    runs = shared(
+        state, ("block runs", id(blocks.blocks), number), lambda: kernels.block_runs(blocks.blocks, number, groups)
     )
-    count = len(together)
-    rows = query[:, :, padded].transpose(1, 2)  # [batch, groups, heads, longest, dim]
-    turned = rotate(rows.flatten(0, 1), *rotation(rotary, call.query, at_queries.flatten(0, 1), query.dtype))
-    dtype = call.key.dtype
-    held = repeat_kv(key.to(dtype), heads // key.shape[1])
-    stacked = held[:, None].expand(-1, count, -1, -1, -1).flatten(0, 1)
-    keys = rotate(stacked, *rotation(rotary, call.query, at_keys.flatten(0, 1), dtype))
-    values = value[:, None].expand(-1, count, -1, -1, -1).flatten(0, 1)
-    mask = None
-    if call.mask is not None:
-        whole = fused_mask(call, value.dtype)
-        mask = whole[:, :, padded].transpose(1, 2).flatten(0, 1)  # [batch * groups, 1, longest, keys]
-    part = torch.nn.functional.scaled_dot_product_attention(
-        turned.to(dtype), keys, values, attn_mask=mask, scale=call.scaling
-    ).view(batch, count, heads, longest, dim)
-    for number, (group, index) in enumerate(together):
-        out = place(out, group.rows, index, part[:, number, :, : index.numel()])
-    return out
+    narrow = shared(state, ("int32 blocks", id(blocks.blocks)), lambda: blocks.blocks.to(torch.int32))
+    query = call.unrotated_query()
+    out = kernels.block_attention(
+        query, blocks.queries, table, parts, call.value, narrow, call.scaling, valid, open, runs
+    )
+    return out.transpose(1, 2).contiguous()
+
+
+def rotation_table(call: AttentionCall, rotary: compat.Rotary, extent: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [positions, dim] of positions 0 to at least ``extent`` - 1 in the call's compute
+    dtype, from the model's rotary; kept for the sequence and doubled when a call needs more."""
+    store = call.state.sequence.setdefault("rotation tables", {})
+    held = store.get(rotary)
+    if held is None or held[0].shape[0] < extent:
+        length = max(extent, 2 * held[0].shape[0]) if held is not None else extent
+        like = call.unrotated_query()
+        cos, sin = rotary(like, torch.arange(length, device=like.device)[None])
+        held = store[rotary] = (cos[0].contiguous(), sin[0].contiguous())
+    return held
+
+
+def opened_mask(call: AttentionCall, open: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+    """The call's additive mask with the pairs ``open`` names opened (0), made once per call."""
+    if open is None or call.mask is None:
+        return call.mask
+
+    def make() -> torch.Tensor:
+        query_groups, key_groups = open
+        inside = (query_groups[:, :, None] > 0) & (key_groups[:, None, :] > 0)
+        opened = inside & (query_groups[:, :, None] != key_groups[:, None, :])
+        return call.mask.masked_fill(opened[:, None], 0.0)
+
+    return shared(call.state, ("opened mask", id(call.mask), id(open[0])), make)
 
 
 def fused_mask(call: AttentionCall, dtype: torch.dtype) -> torch.Tensor:
@@ -343,13 +388,14 @@ def block_logits(
 ) -> torch.Tensor:
     """Logits [batch, heads, rows, keys] of the query rows ``index`` when each reads every block of
     keys from its own position: the keys rotated once (or read as they came), every row rotated
-    once per block, one matmul for all blocks, and each key's logit taken from its own block."""
+    once per block, and each block's keys read by that block's rotation only."""
     heads = call.query.shape[1]
     query = call.unrotated_query()[:, :, index]
     if blocks.rotated is not None:
-        parts = blocks.rotated
+        parts = [part for part in blocks.rotated if part.shape[-2]]
+        keys = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
     else:
-        parts = (rotate(call.unrotated_key(), *rotation(rotary, call.query, blocks.keys[:, None], query.dtype)),)
+        keys = call.rotate_at(call.unrotated_key(), blocks.keys[:, None])
     at = blocks.queries[:, :, index]
     if at.dim() != 4 or at.shape[1] not in (1, heads):
         raise ValueError(
@@ -357,12 +403,31 @@ def block_logits(
         )
     batch, _, rows, count = at.shape
     positions = at.expand(batch, heads, rows, count).reshape(batch, heads, rows * count)
-    turned = rotate(query.repeat_interleave(count, dim=2), *rotation(rotary, call.query, positions, query.dtype))
-    turned = turned.to(call.query.dtype)
-    every = torch.cat([grouped_logits(call, turned, part) for part in parts if part.shape[-2]], dim=-1)
-    every = every.view(batch, heads, rows, count, every.shape[-1])
-    pick = blocks.blocks.to(every.device)[:, None, None, None, :].expand(batch, heads, rows, 1, every.shape[-1])
-    return every.gather(3, pick).squeeze(3)
+    cos, sin = (t.view(batch, heads, rows, count, -1) for t in rotation(rotary, call.query, positions, query.dtype))
+    turned = rotate(query[:, :, :, None], cos, sin).to(call.query.dtype)  # [batch, heads, rows, V, dim]
+    scores = torch.empty(batch, heads, rows, keys.shape[-2], dtype=compute_dtype(call.query), device=keys.device)
+    for block, columns, alike in block_columns(call, blocks.blocks):
+        part = grouped_logits(call, turned[:, :, :, block], keys[:, :, columns])
+        if not alike:
+            mine = (blocks.blocks[:, columns] == block)[:, None, None, :]
+            part = torch.where(mine, part, scores[:, :, :, columns])
+        scores[:, :, :, columns] = part
+    return scores
+
+
+def block_columns(call: AttentionCall, blocks: torch.Tensor) -> list[tuple[int, torch.Tensor, bool]]:
+    """(block, the keys of that block in any batch row, whether every row agrees on them) for each
+    block present, found once per call (the torch path reads them back to the host)."""
+
+    def make() -> list[tuple[int, torch.Tensor, bool]]:
+        found = []
+        for block in torch.unique(blocks).tolist():
+            mine = blocks == block
+            columns = mine.any(0).nonzero()[:, 0]
+            found.append((block, columns, bool(mine[:, columns].all())))
+        return found
+
+    return shared(call.state, ("block columns", id(blocks)), make)
 
 
 def grouped_logits(call: AttentionCall, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

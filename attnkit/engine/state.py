@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -63,3 +64,14 @@ def append_tokens(held: torch.Tensor | None, new: torch.Tensor, past: int) -> to
             return new
         held = held.repeat_interleave(new.shape[0] // held.shape[0], dim=0)
     return torch.cat((held, new), dim=1)
+
+
+def shared(state: CallState | None, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+    """``make()`` once per forward call and ``key``: what every layer of a call builds alike (its
+    additive mask, from the one mask transformers hands to every layer of a kind)."""
+    if state is None:
+        return make()
+    key = ("attnkit", *key)
+    if key not in state.scratch:
+        state.scratch[key] = make()
+    return state.scratch[key]

@@ -24,18 +24,18 @@ segments are left alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from attnkit import kernels
 from attnkit.engine.attach import Attachment
-from attnkit.engine.attention import shared
 from attnkit.engine.plan import AttentionCall
-from attnkit.engine.positions import QueryBlocks, QueryGroup, Repositioning
-from attnkit.engine.state import CallState
+from attnkit.engine.positions import QueryBlocks, Repositioning
+from attnkit.engine.state import CallState, shared
 from attnkit.methods.base import Method, register
 from attnkit.methods.markers import find, marker_ids, saved_tokenizer
 from attnkit.primitives import layer_window
@@ -64,9 +64,14 @@ class Layout:
     from the prefill so that a decode step rotates its query alone."""
     rows: int = 0
     """How many rows have at least two segments (read once, at prefill)."""
+    extent: int = 0
+    """A bound above every position a prompt query reads a segment from (the largest prompt position
+    plus the segments' total length), read once at prefill; later tokens add theirs."""
     shares: dict[tuple[torch.dtype, int], torch.Tensor] = field(default_factory=dict)
     """Each key's segment share (one-hot over the segment's length), the values importance reads,
     by dtype and KV heads: made once per sequence, not per layer and step."""
+    numbers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    """(segment, lengths, active) as int32, for the kernels: made once, at prefill."""
     prefill_rows: dict[int, torch.Tensor] = field(default_factory=dict)
     """The prompt's query rows per role, found once on the host at prefill: each segment number's
     rows (any batch row), 0 for every segment row, -1 for the readers (suffix)."""
@@ -120,7 +125,10 @@ class Pine(Method):
             return
         layout = layout_of(segment, state.positions)
         layout.rows = int(layout.active.sum())
+        highest = int(state.positions.max()) if state.positions is not None else segment.shape[1] - 1
+        layout.extent = highest + 1 + int(layout.lengths.sum(-1).max())
         layout.prefill_rows = prefill_rows(layout)
+        layout.numbers = tuple(t.to(torch.int32).contiguous() for t in (layout.segment, layout.lengths, layout.active))
         state.sequence[key] = layout
         self.stats.add("segments", int(layout.lengths.gt(0).sum()))
         self.stats.add("rows_with_segments", layout.rows)
@@ -289,73 +297,56 @@ def keys_segment(call: AttentionCall, layout: Layout) -> torch.Tensor:
 
 
 def repositioning(call: AttentionCall, layout: Layout) -> Repositioning:
-    """The query groups (one per segment), the readers' per-query orderings and the mask of a call.
+    """Where every query of a call reads each block of keys (block 0: the prefix, block s: segment
+    s, block K + 1: the keys after the segments), and which segments see each other.
 
-    A decode step has one reader per row and no segment query: it is planned without reading
-    anything back to the host."""
-    queries = call.query.shape[-2]
-    segment_k, placed = shared(
-        call.state, ("pine keys", id(layout), call.key.shape[-2]), lambda: placed_keys_of(call, layout)
+    A segment's queries read the other segments moved back by their order for that segment; the
+    suffix and generated queries by their own order; prefix queries and rows without two segments
+    read everything where it was placed. A decode step is planned without reading anything back to
+    the host."""
+    state, queries = call.state, call.query.shape[-2]
+    segment_k, blocks_k, placed = shared(
+        state, ("pine keys", id(layout), call.key.shape[-2]), lambda: placed_keys_of(call, layout)
     )
-    segment_q = segment_k[:, -queries:]
-    placed_q = placed[:, -queries:]
+    segment_q, placed_q = segment_k[:, -queries:], placed[:, -queries:]
     importance = Importance(call, layout)
-    if call.state.phase == "decode":
-        readers = layout.active.to(call.key.device)[:, None]
-        moved = back_shift(importance.per_query(slice(None)), importance.lengths)
-        return Repositioning([], [reader_blocks(call, layout, segment_k, placed, placed_q, moved, readers)], call.mask)
-    in_segment, readers = query_roles(call, layout, queries)
-    prompt = call.state.phase == "prefill"  # else an extend call: every query reads
-    taken = layout.prefill_rows if prompt else {-1: torch.arange(queries, device=placed.device)}
-    groups = []
-    if 0 in taken:
-        moved = back_shift(importance.segment_to_segment(in_segment, segment_q, taken[0]), importance.lengths)
-        for number, index in taken.items():
-            if number > 0:
-                keys = placed[:, None] - segment_shift(moved[:, :, number - 1], segment_k)
-                groups.append(QueryGroup(placed_q, keys, (segment_q == number) & in_segment, index))
-    blocks = []
-    if -1 in taken:
-        index = taken[-1]
-        moved = torch.zeros(*call.query.shape[:3], importance.lengths.shape[1], dtype=torch.long, device=placed.device)
-        moved[:, :, index] = back_shift(importance.per_query(index), importance.lengths)  # [b, h, q, s]
-        blocks.append(reader_blocks(call, layout, segment_k, placed, placed_q, moved, readers, index))
-    mask = call.mask
-    if groups:
-        key = ("pine mask", id(call.mask))
-        if key not in call.state.scratch:  # every full-attention layer of the call opens the same entries
-            opened = in_segment[:, :, None] & (segment_k[:, None, :] > 0)
-            opened = opened & (segment_k[:, None, :] != segment_q[:, :, None])
-            call.state.scratch[key] = (call.mask, call.mask.masked_fill(opened[:, None], 0.0))
-        mask = call.state.scratch[key][1]
-    return Repositioning(groups, blocks, mask)
+    open_groups = None
+    if state.phase == "prefill":
+        in_segment, readers = shared(state, ("pine roles", id(layout)), lambda: query_roles(call, layout, queries))
+        count = importance.lengths.shape[1]
+        moved = torch.zeros(*call.query.shape[:3], count, dtype=torch.long, device=placed.device)
+        rows = layout.prefill_rows
+        if 0 in rows:
+            index = rows[0]
+            order = back_shift(importance.segment_to_segment(in_segment, segment_q, index), importance.lengths)
+            segment = (segment_q[:, None, index, None] - 1).clamp(min=0).expand(-1, order.shape[1], -1, count)
+            moved[:, :, index] += order.gather(2, segment) * in_segment[:, None, index, None]
+        unmoved = torch.zeros_like(moved[..., :1])
+        at = torch.cat([unmoved, moved, unmoved], -1) + placed_q[:, None, :, None]
+        if -1 in rows:  # a prompt position is a segment's in one batch row and a reader's in another
+            index = rows[-1]
+            mine = readers[:, None, index, None]
+            at[:, :, index] = torch.where(mine, importance.reader_positions(index, placed_q[:, index]), at[:, :, index])
+        open_groups = shared(state, ("pine groups", id(layout)), lambda: (segment_q * in_segment, segment_k))
+    else:  # decode and extend: every query reads the segments in its own order
+        base = shared(state, ("pine base", id(layout), queries), lambda: placed_q.to(torch.int32))
+        at = importance.reader_positions(slice(None), base)
+    extent = layout.extent + state.total_length - layout.segment.shape[1]
+    blocks = QueryBlocks(blocks_k, at, placed, rotated=placed_keys(call, layout, placed), extent=extent)
+    return Repositioning([], [blocks], open_groups)
 
 
-def placed_keys_of(call: AttentionCall, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """(segment of every key, every key's position in PINE's right-aligned layout), the same for
-    every full-attention layer of a call."""
+def placed_keys_of(call: AttentionCall, layout: Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(segment of every key, its block, its position in PINE's right-aligned layout), the same for
+    every full-attention layer of a call. Blocks: 0 the prefix, s segment s, K + 1 the keys after
+    the segments (read from where they are, as the prefix, but a run of their own)."""
     segment_k = keys_segment(call, layout)
-    carried = call.state.key_positions.to(call.key.device)[:, -segment_k.shape[1] :]
-    shift = torch.nn.functional.pad(
-        layout.shift_to_layout.to(carried.device), (0, segment_k.shape[1] - layout.segment.shape[1])
-    )
-    return segment_k, carried + shift
-
-
-def reader_blocks(
-    call: AttentionCall,
-    layout: Layout,
-    segment_k: torch.Tensor,
-    placed: torch.Tensor,
-    placed_q: torch.Tensor,
-    moved: torch.Tensor,
-    readers: torch.Tensor,
-    index: torch.Tensor | None = None,
-) -> QueryBlocks:
-    """Readers (suffix and generated queries) see segment s moved back by ``moved[..., s]`` [batch,
-    heads, queries, K]: the keys stay at the layout, the query turns by the move per segment block."""
-    at = torch.cat([torch.zeros_like(moved[..., :1]), moved], -1) + placed_q[:, None, :, None]
-    return QueryBlocks(segment_k, at, placed, index=index, rotated=placed_keys(call, layout, placed), rows=readers)
+    count = segment_k.shape[1]
+    carried = call.state.key_positions.to(call.key.device)[:, -count:]
+    shift = torch.nn.functional.pad(layout.shift_to_layout.to(carried.device), (0, count - layout.segment.shape[1]))
+    after = torch.arange(count, device=carried.device)[None, :] >= layout.block_end.to(carried.device)[:, None]
+    blocks = torch.where(after, layout.lengths.shape[1] + 1, segment_k)
+    return segment_k, blocks, carried + shift
 
 
 def placed_keys(call: AttentionCall, layout: Layout, placed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -381,50 +372,86 @@ class Importance:
         raw = layout.raw_keys.get(call.layer)
         if raw is None:
             raw = layout.raw_keys[call.layer] = call.unrotated_key()[:, :, :prompt].to(call.key.dtype)
-        self.call, self.key = call, raw
-        self.query = call.unrotated_query().to(raw.dtype)
-        self.segment = layout.segment.to(raw.device)
-        self.lengths = layout.lengths.to(raw.device)
-        kind = (raw.dtype, raw.shape[1])
-        if kind not in layout.shares:
+        self.call, self.key, self.layout = call, raw, layout
+        self.segment, self.lengths = layout.segment, layout.lengths
+
+    @property
+    def query(self) -> torch.Tensor:
+        return self.call.unrotated_query().to(self.key.dtype)
+
+    @property
+    def values(self) -> torch.Tensor:
+        """Each key's segment share [batch, kv heads, prompt, K rounded up to 8], made once per sequence."""
+        kind = (self.key.dtype, self.key.shape[1])
+        if kind not in self.layout.shares:
             count = self.lengths.shape[1]
-            numbers = torch.arange(1, count + 1, device=raw.device)
+            numbers = torch.arange(1, count + 1, device=self.key.device)
             share = (self.segment[..., None] == numbers) / self.lengths.clamp(min=1)[:, None, :]
             width = -(-count // 8) * 8  # the fused kernels want the value width a multiple of 8
-            share = torch.nn.functional.pad(share, (0, width - count)).to(raw.dtype)
-            layout.shares[kind] = share[:, None].expand(-1, raw.shape[1], -1, -1).contiguous()
-        self.values = layout.shares[kind]
+            share = torch.nn.functional.pad(share, (0, width - count)).to(self.key.dtype)
+            self.layout.shares[kind] = share[:, None].expand(-1, self.key.shape[1], -1, -1).contiguous()
+        return self.layout.shares[kind]
 
-    def attention(self, rows: torch.Tensor | slice, visible: torch.Tensor) -> torch.Tensor:
-        """[batch, heads, rows, K] for the query ``rows`` seeing ``visible`` keys [batch, rows, prompt]
-        (a row that sees none gets a finite, meaningless value: callers weigh it by 0)."""
-        mask = torch.zeros(visible.shape, dtype=self.key.dtype, device=self.key.device)
-        mask = mask.masked_fill(~visible, torch.finfo(self.key.dtype).min)[:, None]
+    def reader_positions(self, rows: torch.Tensor | slice, base: torch.Tensor) -> torch.Tensor:
+        """[batch, heads, len(rows), K + 2]: where each of the query ``rows`` (readers, at ``base``
+        [batch, len(rows)]) reads block 0, each segment in its own order, and block K + 1; rows
+        without two segments read everything at ``base``. One kernel on the GPU."""
+        query, count = self.call.unrotated_query(), self.lengths.shape[1]
+        if kernels.available(query) and query.shape[-1] in (32, 64, 128, 256) and count <= 64:
+            numbers = self.layout.numbers
+            return kernels.segment_order(
+                query[:, :, rows], self.key, numbers[0], numbers[1], base, numbers[2], self.call.scaling
+            )
+        active = self.layout.active[:, None, None, None]
+        moved = back_shift(self.per_query(rows), self.lengths) * active
+        unmoved = torch.zeros_like(moved[..., :1])
+        return torch.cat([unmoved, moved, unmoved], -1) + base[:, None, :, None]
+
+    def attention(self, rows: torch.Tensor | slice, mask: torch.Tensor) -> torch.Tensor:
+        """[batch, heads, rows, K] for the query ``rows`` under the additive ``mask`` [batch, 1, rows,
+        prompt] (a row that sees no key gets a finite, meaningless value: callers weigh it by 0)."""
         out = torch.nn.functional.scaled_dot_product_attention(
             self.query[:, :, rows], self.key, self.values, attn_mask=mask, scale=self.call.scaling, enable_gqa=True
         )
         return out[..., : self.lengths.shape[1]].to(self.call.unrotated_query().dtype)
 
+    def mask(self, name: str, visible: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The additive mask of ``visible()`` (bool [batch, rows, prompt]), made once per call."""
+
+        def make() -> torch.Tensor:
+            seen = visible()
+            mask = torch.zeros(seen.shape, dtype=self.key.dtype, device=self.key.device)
+            return mask.masked_fill(~seen, torch.finfo(self.key.dtype).min)[:, None]
+
+        return shared(self.call.state, ("pine importance mask", name, self.key.dtype), make)
+
     def segment_to_segment(self, in_segment: torch.Tensor, segment_q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """[batch, heads, K, K]: the importance of segment s to the queries of segment i (the query
         ``rows``), summed over them, each query seeing the segments other than its own; its own
-        first (+inf)."""
+        first (+inf). With two segments the order is fixed (its own, then the other), so nothing
+        is computed (the reference code computes it and finds the same order)."""
         count = self.lengths.shape[1]
+        eye = torch.eye(count, dtype=torch.bool, device=rows.device)
+        if count <= 2:
+            shape = (self.segment.shape[0], self.query.shape[1], count, count)
+            return torch.zeros(shape, dtype=self.query.dtype, device=rows.device).masked_fill(eye, float("inf"))
         inside = self.segment > 0
-        visible = inside[:, None, :] & (self.segment[:, None, :] != segment_q[:, rows, None])
+        mask = self.mask(
+            "segments", lambda: inside[:, None, :] & (self.segment[:, None, :] != segment_q[:, rows, None])
+        )
         numbers = torch.arange(1, count + 1, device=rows.device)
         weight = (segment_q[:, rows, None] == numbers) & in_segment[:, rows, None]
         total = torch.einsum(
-            "bqi,bhqs->bhis", weight.to(self.query.dtype), self.attention(rows, visible).to(self.query.dtype)
+            "bqi,bhqs->bhis", weight.to(self.query.dtype), self.attention(rows, mask).to(self.query.dtype)
         )
         total = total.to(self.call.unrotated_query().dtype)
-        return total.masked_fill(torch.eye(count, dtype=torch.bool, device=total.device), float("inf"))
+        return total.masked_fill(eye, float("inf"))
 
     def per_query(self, rows: torch.Tensor | slice) -> torch.Tensor:
         """[batch, heads, len(rows), K]: the importance of every segment to each of the query ``rows``."""
         queries = self.query[:, :, rows].shape[-2]
-        visible = (self.segment > 0)[:, None, :].expand(-1, queries, -1)
-        return self.attention(rows, visible)
+        mask = self.mask(f"readers {queries}", lambda: (self.segment > 0)[:, None, :].expand(-1, queries, -1))
+        return self.attention(rows, mask)
 
 
 def back_shift(importance: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -434,13 +461,6 @@ def back_shift(importance: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     sizes = lengths[:, None, None, :].expand_as(order).gather(-1, order)
     ahead = torch.cumsum(sizes, -1) - sizes
     return torch.empty_like(ahead).scatter_(-1, order, ahead)
-
-
-def segment_shift(moved: torch.Tensor, segment_k: torch.Tensor) -> torch.Tensor:
-    """long [batch, heads, keys]: each key's move back (its segment's), 0 outside segments."""
-    padded = torch.cat([torch.zeros_like(moved[..., :1]), moved], -1)
-    index = segment_k[:, None, :].expand(-1, moved.shape[1], -1)
-    return padded.gather(-1, index)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,16 +12,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU machines: the torch path is used
-    triton = None
-
-
-def available(query: torch.Tensor) -> bool:
-    return triton is not None and query.is_cuda
-
+from attnkit.kernels.backend import tl, triton
 
 if triton is not None:
 

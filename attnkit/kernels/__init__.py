@@ -1,0 +1,20 @@
+"""Fused GPU kernels (Triton): sink statistics for ACT, block-rotated attention for the positions
+stage, PINE's segment order. Each has a torch path beside it, which callers use where
+:func:`available` says no."""
+
+from __future__ import annotations
+
+import torch
+
+from attnkit.kernels.backend import triton
+from attnkit.kernels.blocks import block_attention, block_runs
+from attnkit.kernels.segments import segment_order
+from attnkit.kernels.sink_stats import sink_stats
+
+__all__ = ["available", "block_attention", "block_runs", "segment_order", "sink_stats"]
+
+
+def available(query: torch.Tensor) -> bool:
+    """Whether the kernels run for ``query``: on CUDA, with Triton installed (tests force it on CPU,
+    where Triton's interpreter runs them)."""
+    return triton is not None and query.is_cuda

@@ -1,0 +1,123 @@
+"""Segment order (Triton): where a reader query reads each segment, in one kernel per layer.
+
+PINE's readers (suffix and generated queries) order a prompt's segments by their importance to the
+query, per head: the softmax of the un-rotated q·k over the segments' keys, summed per segment and
+divided by its length; the most important is read closest, each segment moved back by the lengths
+of those ranked ahead of it. In torch that is an attention call, a sort, a gather, a cumulative sum
+and a scatter per layer; a decode step pays each as a launch. This kernel does all of it: an online
+softmax over the segment keys that sums each segment's share on the way, the ranking by pairwise
+comparison (ties in segment order, as a stable sort), and the positions written out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnkit.kernels.backend import tl, triton
+
+if triton is not None:
+
+    @triton.jit
+    def _order_kernel(
+        Q, sqb, sqh, sqm,
+        K, skb, skh, skn, P,
+        SEG, ssb,
+        LEN, slb,
+        BASE, sbb,
+        ACTIVE,
+        OUT, sob, soh, som,
+        M, G, HKV, S, scale,
+        D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SP: tl.constexpr,
+        PRECISION: tl.constexpr, ACC: tl.constexpr,
+    ):  # fmt: skip
+        tile, bkv = tl.program_id(0), tl.program_id(1)
+        b, kvh = bkv // HKV, bkv % HKV
+        r = tile * BM + tl.arange(0, BM)
+        row_ok = r < G * M
+        g, m = r // M, r % M
+        h = kvh * G + g
+        d = tl.arange(0, D)
+        key_type = K.dtype.element_ty
+        q = tl.load(Q + b * sqb + h[:, None] * sqh + m[:, None] * sqm + d[None, :], mask=row_ok[:, None], other=0.0)
+        q = q.to(key_type)
+        numbers = tl.arange(0, SP) + 1
+
+        top = tl.full([BM], float("-inf"), ACC)
+        total = tl.zeros([BM], ACC)
+        share = tl.zeros([BM, SP], ACC)
+        for start in range(0, P, BN):
+            n = start + tl.arange(0, BN)
+            inside = n < P
+            k = tl.load(K + b * skb + kvh * skh + n[:, None] * skn + d[None, :], mask=inside[:, None], other=0.0)
+            seg = tl.load(SEG + b * ssb + n, mask=inside, other=0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(ACC) * scale
+            s = tl.where((seg > 0)[None, :], s, float("-inf"))
+            new_top = tl.maximum(top, tl.max(s, 1))
+            safe = tl.where(new_top == float("-inf"), 0.0, new_top)
+            p = tl.exp2(s - safe[:, None])
+            alpha = tl.exp2(top - safe)
+            total = total * alpha + tl.sum(p, 1)
+            top = new_top
+            onehot = (seg[:, None] == numbers[None, :]).to(ACC)
+            share = share * alpha[:, None] + tl.dot(p, onehot, input_precision="ieee")
+
+        lengths = tl.load(LEN + b * slb + numbers - 1, mask=numbers <= S, other=0)
+        total = tl.where(total == 0.0, 1.0, total)
+        importance = share / total[:, None] / tl.maximum(lengths, 1).to(ACC)[None, :]
+        mine = importance[:, :, None]  # segment s
+        other = importance[:, None, :]  # segment t, ahead of s when more important (ties: lower number)
+        ahead = (other > mine) | ((other == mine) & (numbers[None, None, :] < numbers[None, :, None]))
+        moved = tl.sum(tl.where(ahead, lengths[None, None, :], 0), 2)
+        moved = moved * tl.load(ACTIVE + b)
+        base = tl.load(BASE + b * sbb + m, mask=row_ok, other=0)
+        o_at = OUT + b * sob + h * soh + m * som
+        tl.store(o_at, base, mask=row_ok)
+        tl.store(
+            o_at[:, None] + numbers[None, :], base[:, None] + moved, mask=row_ok[:, None] & (numbers <= S)[None, :]
+        )
+        tl.store(o_at + S + 1, base, mask=row_ok)
+
+
+def segment_order(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    segments: torch.Tensor,
+    lengths: torch.Tensor,
+    base: torch.Tensor,
+    active: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """int32 [batch, heads, queries, K + 2]: where each query reads block 0 (its ``base``
+    position), segment s (``base`` plus the lengths of the segments more important to it: ties in
+    segment order) and block K + 1 (``base``).
+
+    ``query`` [batch, heads, queries, dim] and the prompt's ``keys`` [batch, kv heads, prompt, dim]
+    un-rotated; ``segments`` [batch, prompt] 0 outside segments, 1..K inside; ``lengths`` [batch,
+    K]; ``base`` [batch, queries]; ``active`` [batch]: rows whose segments move (others read all at
+    ``base``). Importance: the softmax of q·k x ``scale`` over segment keys, summed per segment and
+    divided by its length.
+    """
+    batch, heads, rows, dim = query.shape
+    kv_heads, prompt, count = keys.shape[1], keys.shape[2], lengths.shape[1]
+    if dim not in (32, 64, 128, 256) or count > 64:
+        raise ValueError(f"segment_order: head dim {dim} (32 to 256) and {count} segments (at most 64)")
+    group = heads // kv_heads
+    out = torch.empty(batch, heads, rows, count + 2, dtype=torch.int32, device=query.device)
+    acc = tl.float64 if keys.dtype == torch.float64 else tl.float32
+    segments, lengths, base, active = (t.to(torch.int32).contiguous() for t in (segments, lengths, base, active))
+    query, keys = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, keys))
+    grid = (triton.cdiv(group * rows, 16), batch * kv_heads)
+    _order_kernel[grid](
+        query, *query.stride()[:3],
+        keys, *keys.stride()[:3], prompt,
+        segments, segments.stride(0),
+        lengths, lengths.stride(0),
+        base, base.stride(0),
+        active,
+        out, *out.stride()[:3],
+        rows, group, kv_heads, count, scale * 1.4426950408889634,
+        D=dim, BM=16, BN=64, SP=max(16, triton.next_power_of_2(count)),
+        PRECISION="ieee" if keys.dtype == torch.float32 else "tf32", ACC=acc,
+        num_warps=4,
+    )  # fmt: skip
+    return out
