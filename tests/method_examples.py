@@ -66,6 +66,8 @@ class MethodExample:
     """A ``handle.stats()`` key that is > 0 once the example acted on a prompt."""
     reference: Logits
     """(float64 model, one unpadded row) -> float64 logits by the method's own reference."""
+    acts_at: str = "prefill"
+    """When ``stat`` first counts: ``decode`` for a method that leaves the prefill alone."""
     arch: str = "llama-gqa"
     backend: str = "sdpa"
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -379,9 +381,8 @@ EXAMPLES: dict[str, MethodExample] = {
     "tidaldecode": MethodExample(
         example={"method": "tidaldecode", **TIDAL},
         identity={"method": "tidaldecode", **TIDAL, "budget": 64},  # more than the prompt and steps hold
-        # it acts at decode steps only; "selections" would be 0 after the prefill that the contract
-        # checks, so the stat is the sparse layers it attached to (tests/test_tidal.py counts selections)
-        stat="sparse_layers",
+        stat="selections",
+        acts_at="decode",
         reference=tidal_reference,
         overrides={"num_hidden_layers": 5},
         seqs=KV_SEQS,
