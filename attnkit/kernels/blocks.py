@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from attnkit.kernels.backend import tl, triton
+from attnkit.kernels.backend import online_softmax, tl, triton
 
 if triton is not None:
 
@@ -62,12 +62,7 @@ if triton is not None:
             if HAS_VALID:
                 ok = ok & (tl.load(VALID + n, mask=inside, other=0) != 0)[None, :]
             s = tl.where(ok, s.to(ACC) * scale, float("-inf"))
-            new_top = tl.maximum(top, tl.max(s, 1))
-            safe = tl.where(new_top == float("-inf"), 0.0, new_top)
-            p = tl.exp2(s - safe[:, None])
-            alpha = tl.exp2(top - safe)
-            total = total * alpha + tl.sum(p, 1)
-            top = new_top
+            p, alpha, top, total = online_softmax(s, top, total)
             v_at = V + n[:, None] * svn + d[None, :]
             v1 = tl.load(v_at, mask=inside[:, None], other=0.0)
             v2 = tl.load(v_at + HALF, mask=inside[:, None], other=0.0)

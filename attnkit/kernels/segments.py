@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from attnkit.kernels.backend import tl, triton
+from attnkit.kernels.backend import online_softmax, tl, triton
 
 if triton is not None:
 
@@ -52,12 +52,7 @@ if triton is not None:
             seg = tl.load(SEG + b * ssb + n, mask=inside, other=0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(ACC) * scale
             s = tl.where((seg > 0)[None, :], s, float("-inf"))
-            new_top = tl.maximum(top, tl.max(s, 1))
-            safe = tl.where(new_top == float("-inf"), 0.0, new_top)
-            p = tl.exp2(s - safe[:, None])
-            alpha = tl.exp2(top - safe)
-            total = total * alpha + tl.sum(p, 1)
-            top = new_top
+            p, alpha, top, total = online_softmax(s, top, total)
             onehot = (seg[:, None] == numbers[None, :]).to(ACC)
             share = share * alpha[:, None] + tl.dot(p, onehot, input_precision="ieee")
 
