@@ -273,7 +273,7 @@ def launch_config(rows: int, programs: int, keys: int) -> dict[str, int]:
         return {
             "BM": 128 if rows >= 1024 else 64,
             "BN": 64,
-            "num_warps": 8,
+            "num_warps": 4,
             "num_stages": 2,
             "SPLITS": 1,
             "SPLIT_KEYS": keys,
