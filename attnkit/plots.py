@@ -26,6 +26,7 @@ __all__ = [
     "draw_token_map",
     "head_map",
     "needle_heatmap",
+    "score_heatmap",
     "new_figure",
     "save_figure",
     "ticks",
@@ -178,6 +179,40 @@ def needle_heatmap(
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
     cbar = fig.colorbar(image, ax=ax, pad=0.03)
     cbar.set_label(metric, fontsize=8)
+    cbar.ax.tick_params(labelsize=7)
+    return save_figure(fig, path)
+
+
+def score_heatmap(
+    grid: Any,
+    rows: list[str],
+    columns: list[str],
+    path: str | Path | None = None,
+    *,
+    top: float = 100.0,
+    title: str = "",
+    xlabel: str = "context length (tokens)",
+    ylabel: str = "",
+    label: str = "score",
+) -> Figure:
+    """A rows x columns table of scores in [0, ``top``] as a heatmap (0 red to ``top`` green), each
+    cell's value written in; NaN cells (not run) stay blank. The ``ruler`` task's per-task and
+    depth maps."""
+    grid = np.asarray(grid, dtype=float)
+    fig = new_figure(max(4.0, 0.9 * len(columns) + 2.6), max(3.0, 0.4 * len(rows) + 1.6))
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="RdYlGn", norm=Normalize(0.0, top))
+    ax.set_xticks(np.arange(len(columns)), columns)
+    ax.set_yticks(np.arange(len(rows)), rows)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.tick_params(labelsize=8)
+    ax.set_title(title, fontsize=10)
+    for (i, j), value in np.ndenumerate(grid):
+        if np.isfinite(value):
+            ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=7)
+    cbar = fig.colorbar(image, ax=ax, pad=0.03)
+    cbar.set_label(label, fontsize=8)
     cbar.ax.tick_params(labelsize=7)
     return save_figure(fig, path)
 

