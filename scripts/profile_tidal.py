@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_tidal import FULL, buffers, build_model, make_cache  # noqa: E402
+from profile_pine import report  # noqa: E402
 
 import attnkit  # noqa: E402
 from attnkit.compat import cache_argument  # noqa: E402
@@ -30,13 +31,6 @@ def steps(model, cache, token, count: int) -> None:
     for _ in range(count):
         model(input_ids=token, **cache_argument(model, cache), use_cache=True)
         cache.crop(-1)
-
-
-def report(prof, title: str) -> None:
-    events = prof.key_averages()
-    print(f"\n== {title}: {sum(e.count for e in events)} ops", flush=True)
-    print(events.table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60), flush=True)
-    print(events.table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60), flush=True)
 
 
 def main() -> None:

@@ -278,12 +278,17 @@ def check_contiguous(segment: torch.Tensor) -> None:
 
 
 def query_roles(call: AttentionCall, layout: Layout, queries: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool [batch, queries] each: queries inside a segment, and readers after the segment block."""
-    segment_q = keys_segment(call, layout)[:, -queries:]
-    index = torch.arange(call.state.total_length - queries, call.state.total_length, device=segment_q.device)
-    active = layout.active.to(segment_q.device)[:, None]
-    readers = (index[None, :] >= layout.block_end.to(segment_q.device)[:, None]) & active
-    return (segment_q > 0) & active, readers
+    """bool [batch, queries] each: queries inside a segment, and readers after the segment block;
+    the same for every layer of a call, so made once per call."""
+
+    def make() -> tuple[torch.Tensor, torch.Tensor]:
+        segment_q = keys_segment(call, layout)[:, -queries:]
+        index = torch.arange(call.state.total_length - queries, call.state.total_length, device=segment_q.device)
+        active = layout.active.to(segment_q.device)[:, None]
+        readers = (index[None, :] >= layout.block_end.to(segment_q.device)[:, None]) & active
+        return (segment_q > 0) & active, readers
+
+    return shared(call.state, ("pine roles", id(layout), queries), make)
 
 
 def keys_segment(call: AttentionCall, layout: Layout) -> torch.Tensor:
@@ -312,7 +317,7 @@ def repositioning(call: AttentionCall, layout: Layout) -> Repositioning:
     importance = Importance(call, layout)
     open_groups = None
     if state.phase == "prefill":
-        in_segment, readers = shared(state, ("pine roles", id(layout)), lambda: query_roles(call, layout, queries))
+        in_segment, readers = query_roles(call, layout, queries)
         count = importance.lengths.shape[1]
         moved = torch.zeros(*call.query.shape[:3], count, dtype=torch.long, device=placed.device)
         rows = layout.prefill_rows
