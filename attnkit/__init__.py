@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "apply": "attnkit.handle",
     "Handle": "attnkit.handle",
+    "captured_decoding": "attnkit.decode",
     "Recipe": "attnkit.recipe",
     "RecipeError": "attnkit.recipe",
     "load_recipe": "attnkit.recipe",
@@ -25,6 +26,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from attnkit import methods
+    from attnkit.decode import captured_decoding
     from attnkit.handle import Handle, apply
     from attnkit.recipe import Recipe, RecipeError, load_recipe
 
@@ -37,4 +39,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'attnkit' has no attribute {name!r}")
 
 
-__all__ = ["Handle", "Recipe", "RecipeError", "apply", "load_recipe", "methods", "__version__"]
+__all__ = ["Handle", "Recipe", "RecipeError", "apply", "captured_decoding", "load_recipe", "methods", "__version__"]

@@ -29,6 +29,19 @@ from attnkit.recipe.methods import MethodConfig
 ATTACHED: weakref.WeakSet[Method] = weakref.WeakSet()
 """Method objects applied through an active handle: one object serves one handle at a time."""
 
+HANDLES: dict[int, Handle] = {}
+"""id(text config) -> the active handle on that model."""
+
+
+def active_handle(model: torch.nn.Module) -> Handle | None:
+    """The handle applied to ``model``, if any."""
+    return HANDLES.get(id(text_config(model.config)))
+
+
+def hook_count(at: Attachment) -> int:
+    """Hooks and per-call functions an attachment holds (compare two counts to see what an attach added)."""
+    return len(at.hooks) + len(at.begin_call_fns) + len(at.post_prefill_fns)
+
 
 def as_methods(spec: Any) -> list[Method]:
     """Methods from a Recipe, a list of configs or Method objects, a single Method, or None."""
@@ -60,6 +73,12 @@ class Handle:
         self._labels = unique_labels(methods)
         self.active = True
         self.tracker: CallTracker | None = None
+        self.unreplayable: list[str] = []
+        """Labels of the methods whose decode-time work a captured decode step cannot replay."""
+
+    def label(self, method: Method) -> str:
+        """``method``'s label in :meth:`stats`."""
+        return self._labels[self.methods.index(method)]
 
     def stats(self, total: bool = False) -> dict[str, dict[str, Any]]:
         """What each method did on the last forward call (``total=True``: summed since apply)."""
@@ -85,6 +104,8 @@ class Handle:
             ATTACHED.discard(method)
         config = text_config(self.model.config)
         PLANS.pop(id(config), None)
+        if HANDLES.get(id(config)) is self:
+            del HANDLES[id(config)]
         set_text_attention(self.model, self._original)
         self.active = False
 
@@ -140,14 +161,17 @@ def apply(model: torch.nn.Module, recipe: Any = None, *, allow_foreign_heads: bo
         for method in methods:
             ATTACHED.add(method)
             method.stats.reset()  # totals count from this apply
-            before = touched_layers(plan)
+            before, hooks = touched_layers(plan), hook_count(at)
             method.attach(at)
             touched.append({i for i, n in touched_layers(plan).items() if n != before.get(i, 0)})
+            if (touched[-1] or hook_count(at) != hooks) and not method.replayable:
+                handle.unreplayable.append(handle.label(method))
         check_stacking(methods, touched)
         check_plan(plan)
         handle.tracker = CallTracker(plan, [m.stats for m in methods], at)
         at.hooks.extend(handle.tracker.hooks(model))
         set_text_attention(model, attention.register(original))
+        HANDLES[id(config)] = handle
     except BaseException:
         handle.remove()
         raise

@@ -57,3 +57,27 @@ class Stats:
         if total:
             return {**self.info, "calls": self.calls, "phases": dict(self.phases), **self.total}
         return {**self.info, **self.last}
+
+    def checkpoint(self) -> tuple[Any, ...]:
+        """Everything counted so far, for :meth:`rollback` (work that ran but should not count)."""
+        return dict(self.total), self.calls, dict(self.phases), dict(self.last)
+
+    def rollback(self, saved: tuple[Any, ...]) -> None:
+        self.total, self.calls, self.phases, self.last = (dict(saved[0]), saved[1], dict(saved[2]), dict(saved[3]))
+
+    def repeat(self, call: dict[str, Any], times: int = 1) -> None:
+        """Count ``call`` (a :meth:`snapshot` of one call) ``times`` more times: a captured decode
+        step replays the recorded call's work exactly, without running the Python that counts it."""
+        phase = call.get("phase")
+        self.calls += times
+        if phase is not None:
+            self.phases[phase] = self.phases.get(phase, 0) + times
+        for key, value in call.items():
+            if (
+                key != "phase"
+                and key not in self.info
+                and isinstance(value, (int, float))
+                and not isinstance(value, bool)
+            ):
+                self.total[key] = self.total.get(key, 0) + value * times
+        self.last = dict(call)

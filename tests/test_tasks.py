@@ -91,6 +91,28 @@ def test_generate_stops_on_model_eos(model, tokenizer):
     assert stopped["n_new_tokens"] == 1
 
 
+def test_generate_decode_captured_gives_the_eager_rows(model, tokenizer, monkeypatch):
+    """`decode: captured` hands generate() attnkit's decoding loop (here in its graph-free `buffers`
+    mode, which runs on a CPU), with the same completions as eager decoding."""
+    import functools
+
+    import attnkit.tasks.generate as generate_module
+    from attnkit.decode import captured_decoding
+
+    calls = []
+
+    def buffered(*args, **kwargs):
+        calls.append(1)
+        return functools.partial(captured_decoding, mode="buffers")(*args, **kwargs)
+
+    monkeypatch.setattr(
+        generate_module, "decoding", lambda mode: {"custom_generate": buffered} if mode == "captured" else {}
+    )
+    eager = generate(model, tokenizer, prompts=PROMPTS, max_new_tokens=8, batch_size=3)
+    captured = generate(model, tokenizer, prompts=PROMPTS, max_new_tokens=8, batch_size=3, decode="captured")
+    assert calls and captured.rows == eager.rows
+
+
 def test_generate_sampling_is_seeded(model, tokenizer):
     task = dict(prompts=PROMPTS, max_new_tokens=6, do_sample=True, temperature=1.5, seed=3)
     first = generate(model, tokenizer, **task).rows

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from attnkit import compat
+from attnkit.engine.graphs import graph_attention
 from attnkit.engine.kvcache import attend
 from attnkit.engine.plan import AttentionCall, LayerPlan, plan_for
 from attnkit.engine.state import shared
-from attnkit.primitives import additive_mask, repeat_kv
+from attnkit.primitives import additive_mask, layer_window, repeat_kv
 
 NAME = "attnkit"
 
@@ -59,8 +60,12 @@ def backend_function(name: str) -> Callable[..., Any] | None:
 
 
 def attnkit_mask(*args: Any, config: Any = None, **kwargs: Any) -> Any:
-    """Build the mask the model's own backend expects, so untouched layers get exactly their input."""
-    return plan_for(config).mask_fn(*args, config=config, **kwargs)
+    """Build the mask the model's own backend expects, so untouched layers get exactly their input.
+    None on a captured-decoding step: its kernel reads lengths and padding from the device."""
+    plan = plan_for(config)
+    if plan.state is not None and plan.state.graph is not None:
+        return None
+    return plan.mask_fn(*args, config=config, **kwargs)
 
 
 def attnkit_attention(
@@ -75,8 +80,10 @@ def attnkit_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers' attention signature: query [b, h, q, d], key/value [b, kvh, k, d] -> [b, q, h, d]."""
     plan = plan_for(module.config)
-    layer = plan.layers.get(module.layer_idx)
     state = plan.state
+    layer = plan.layers.get(module.layer_idx)
+    if state is not None and state.graph is not None:
+        return captured_attention(module, query, key, value, layer, state, scaling, kwargs.get("softcap")), None
     decoding = layer is not None and bool(layer.decode_steps) and state is not None and state.phase == "decode"
     backend = plan.backend or compat.eager_attention_forward(module)
     compressed = state.sequence.get("kv", {}).get(module.layer_idx) if state is not None else None
@@ -125,6 +132,27 @@ def attnkit_attention(
     if compressing:
         compress(call, layer.compressor)
     return output, weights
+
+
+def captured_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layer: LayerPlan | None,
+    state: Any,
+    scaling: float | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """A captured decode step's attention (``state.graph``): the layer's decode-step reads choose
+    the columns (or not), and the length-reading kernel attends over the fixed-capacity cache."""
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    call = AttentionCall(module, module.layer_idx, query, key, value, None, state, None, scaling, softcap)
+    for step in layer.decode_steps if layer is not None else ():
+        call = step(call)
+    window = layer_window(module.config, module.layer_idx)
+    cached = state.graph.layers[module.layer_idx]
+    return graph_attention(query, key, value, cached, scaling, softcap, window, call.columns)
 
 
 def compress(call: AttentionCall, compressor: Callable[[AttentionCall, Any], Any]) -> None:

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 from attnkit import compat
 from attnkit.engine.attach import Attachment
+from attnkit.engine.graphs import GraphCache
 from attnkit.engine.plan import ModelPlan
 from attnkit.engine.state import CallState, Phase, append_tokens
 from attnkit.heads import text_config
@@ -43,6 +44,8 @@ class CallTracker:
         ids = inputs if isinstance(inputs, torch.Tensor) and not inputs.is_floating_point() else None
         positions = call_positions(position_ids, past, query_length, inputs if inputs is not None else attention_mask)
         state = CallState(phase, past, query_length, attention_mask, ids, positions, cache=cache)
+        if phase == "decode" and isinstance(cache, GraphCache):
+            state.graph = cache
         if cache is not None:
             if phase == "prefill" or cache not in self.sequences:
                 self.sequences[cache] = {}

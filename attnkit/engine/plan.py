@@ -49,6 +49,9 @@ class AttentionCall:
     rotate_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     """(x [batch, heads, n, dim], positions [batch, 1 or heads, n]) -> x rotated there with the
     layer's own rotary: set by the positions stage for its hook."""
+    columns: torch.Tensor | None = None
+    """On a captured decode step (``state.graph``): the cache columns a decode-step read chose for
+    this layer [batch, KV heads or query heads, n] (-1: none), which the kernel gathers as it reads."""
     raw: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     """The un-rotated query and key, made on first use."""
 

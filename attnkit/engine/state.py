@@ -31,6 +31,9 @@ class CallState:
     """Per-call space for methods, keyed by method label."""
     cache: Any = None
     """The call's KV cache object, if it was given one."""
+    graph: Any = None
+    """The cache of a decode step on a captured-decoding cache (:class:`attnkit.engine.graphs.GraphCache`):
+    every layer then attends through the length-reading kernel, and no mask is built."""
     sequence: dict[str, Any] = field(default_factory=dict)
     """Space that lives as long as the call's cache: what prefill found (sinks, say) for decode
     steps to reuse. Fresh at every prefill; a call without a cache gets a fresh one too, which the

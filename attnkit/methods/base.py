@@ -21,6 +21,9 @@ class Method:
     one_per_layer: ClassVar[str | None] = None
     """Why two instances of this method cannot edit one layer (None: they can); ``apply`` refuses
     such recipes, naming this reason."""
+    replayable: ClassVar[bool] = False
+    """Whether a captured decode step (a CUDA graph, :mod:`attnkit.decode`) replays this method's
+    decode-time work exactly: true of tensor-only hooks that decide nothing on the host per call."""
 
     def __init__(self, config: MethodConfig | None = None, **params: Any) -> None:
         if config is not None and params:

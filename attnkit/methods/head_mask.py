@@ -21,6 +21,7 @@ class HeadMask(Method):
 
     name = "head_mask"
     config_class = HeadMaskConfig
+    replayable = True
 
     def attach(self, at: Attachment) -> None:
         heads = at.heads(self.config.heads)

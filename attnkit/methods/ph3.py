@@ -22,6 +22,7 @@ class PH3(Method):
 
     name = "ph3"
     config_class = PH3Config
+    replayable = True
 
     def attach(self, at: Attachment) -> None:
         artifact = load_artifact(self.config.heads, at.shape, allow_foreign=at.allow_foreign_heads)

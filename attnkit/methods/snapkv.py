@@ -26,6 +26,7 @@ class SnapKV(KVMethod):
 
     name = "snapkv"
     config_class = SnapKVConfig
+    replayable = True
 
     def select(self, call: AttentionCall, keys, values, starts, lengths) -> list[KVGroup] | None:
         cfg = self.config

@@ -31,6 +31,7 @@ class Streaming(KVMethod):
 
     name = "streaming"
     config_class = StreamingConfig
+    replayable = True
 
     def select(self, call, keys, values, starts, lengths) -> list[KVGroup] | None:
         budgets = row_budgets(self.config.budget, lengths)

@@ -117,6 +117,37 @@ def select(call: AttentionCall, current: int, budget: int, recent: int, selectio
     return Selection(index, gathered_heads, gathered_mask(mask, index, gathered_heads, heads, query.dtype))
 
 
+def select_captured(call: AttentionCall, budget: int, recent: int, selection: str) -> torch.Tensor:
+    """:func:`select` on a captured decode step, where lengths live on the device: the cache
+    columns [batch, query heads or KV heads, budget] the sparse layers read, -1 where a short
+    context leaves the budget unfilled (the kernel skips those, so the layers read every token,
+    as :func:`select` does when the budget holds the whole context)."""
+    cached = call.state.graph.layers[call.layer]
+    query, keys = call.query, call.key  # keys: the whole fixed-capacity cache
+    b, heads, _, d = query.shape
+    kv, capacity = keys.shape[1], keys.shape[2]
+    logits = call.logits(query.reshape(b, kv, heads // kv, d), keys)  # [b, kv, group, capacity]
+    columns = torch.arange(capacity, device=keys.device)
+    current = cached.column()  # [1]: the new token's column
+    earlier = (columns < current)[None, :]  # [b or 1, capacity]
+    if cached.valid is not None:
+        earlier = earlier & cached.valid
+    pool = earlier & (columns < current - recent)
+    pooled = logits.masked_fill(~pool[:, None, None, :], float("-inf"))
+    probs = None
+    if selection == "kv_head_sum":
+        readable = earlier | (columns == current)
+        probs = torch.softmax(logits.masked_fill(~readable[:, None, None, :], float("-inf")), dim=-1)
+        probs = probs.masked_fill(~pool[:, None, None, :], 0.0)
+    picked = select_columns(pooled, min(budget - 1 - recent, capacity), selection, probs)  # [b, kv, g or 1, k]
+    rows = pool[:, None, None, :].expand(b, kv, picked.shape[2], -1)
+    picked = torch.where(rows.gather(-1, picked), picked, -1)  # a column outside the pool: not read
+    kept = current + torch.arange(-recent, 1, device=keys.device)  # the recent tokens and the new one
+    kept = torch.where(kept >= 0, kept, -1).expand(*picked.shape[:3], recent + 1)
+    index = torch.cat([picked, kept], dim=-1)
+    return index.reshape(b, -1, index.shape[-1])
+
+
 def gathered_mask(
     mask: torch.Tensor | None, index: torch.Tensor, gathered_heads: int, heads: int, dtype: torch.dtype
 ) -> torch.Tensor | None:
@@ -161,6 +192,7 @@ class TidalDecode(Method):
 
     name = "tidaldecode"
     config_class = TidalDecodeConfig
+    replayable = True
 
     def attach(self, at: Attachment) -> None:
         cfg = self.config
@@ -195,6 +227,10 @@ class TidalDecode(Method):
         def step(call: AttentionCall) -> AttentionCall:
             current = self._current(call)
             self._count(call, current, read=None)
+            if call.state.graph is not None:  # a captured step: select on the device, every step alike
+                call.state.scratch[self.key] = select_captured(call, cfg.budget, cfg.recent, cfg.selection)
+                self.stats.add("selections")
+                return call
             if cfg.budget > current:  # the budget holds every token: nothing to select
                 call.state.scratch[self.key] = None
                 return call
@@ -210,6 +246,9 @@ class TidalDecode(Method):
             if self.key not in call.state.scratch:
                 raise RuntimeError(f"tidaldecode: layer {call.layer} ran before this decode step's selection layer")
             selection = call.state.scratch[self.key]
+            if call.state.graph is not None:
+                self._count(call, current, read=selection.shape[1] * selection.shape[2])
+                return dataclasses.replace(call, columns=selection)
             if selection is None:
                 self._count(call, current, read=None)
                 return call

@@ -16,6 +16,16 @@ from pydantic import (
 
 from attnkit.recipe.errors import RecipeError, pydantic_errors
 
+Decode = Literal["eager", "captured"]
+
+
+def decode_field() -> Any:
+    return Field(
+        "eager",
+        description="decode steps: eager, or captured (replayed from one CUDA graph: the untouched model, "
+        "head_mask, ph3, snapkv, streaming, tidaldecode; other methods decode eagerly, with a warning)",
+    )
+
 
 class TaskBase(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -32,6 +42,7 @@ class GenerateTask(TaskBase):
     chat_template: bool | Literal["auto"] = Field("auto", description="wrap prompts in the tokenizer's chat template")
     system: str | None = Field(None, description="system message when the chat template is used")
     max_new_tokens: int = Field(64, ge=1)
+    decode: Decode = decode_field()
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -83,6 +94,7 @@ class GridTask(TaskBase):
     )
     system: str | None = Field(None, description="system message when the chat template is used")
     max_new_tokens: int = Field(32, ge=1)
+    decode: Decode = decode_field()
 
     @field_validator("depths")
     @classmethod
@@ -218,6 +230,7 @@ class RulerTask(TaskBase):
     max_new_tokens: int | None = Field(
         None, ge=1, description="reply budget for every task (default: RULER's per task: 128, vt 30, cwe 120, fwe 50)"
     )
+    decode: Decode = decode_field()
     seed: int = Field(0, description="seeds every prompt (the same for a baseline and an attnkit run)")
 
     @field_validator("depths")
@@ -247,6 +260,7 @@ class ConflictTask(TaskBase):
     )
     normalize: bool = Field(False, description="compare answers by mean instead of summed token log-prob")
     max_new_tokens: int = Field(12, ge=1, description="generation length (the first line is matched)")
+    decode: Decode = decode_field()
     template: str = Field("Context: {context}\nQuestion: {question}\nAnswer:", description="prompt with context")
     closed_book_template: str = Field("Question: {question}\nAnswer:", description="prompt without context")
     chat_template: bool = False

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from attnkit import compat
+from attnkit.decode import decoding
 from attnkit.recipe.tasks import ConflictTask
 from attnkit.tasks.choice import encode_choice, left_pad, wilson_interval
 from attnkit.tasks.generate import eos_ids
@@ -267,6 +268,7 @@ def generate_answers(
                 do_sample=False,
                 eos_token_id=stop or None,
                 pad_token_id=tokenizer.pad_token_id,
+                **decoding(task.decode),
             )
         out.extend(tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
         advance(len(batch))

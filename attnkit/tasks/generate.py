@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from attnkit.decode import decoding
 from attnkit.heads import ModelShape
 from attnkit.recipe.tasks import GenerateTask
 from attnkit.tasks.result import (
@@ -74,6 +75,7 @@ def generation_kwargs(task: GenerateTask, stop: list[int], pad_id: int) -> dict[
         "eos_token_id": stop or None,
         "pad_token_id": pad_id,
         "do_sample": task.do_sample,
+        **decoding(task.decode),
     }
     if task.do_sample:
         kwargs.update(temperature=task.temperature, top_p=task.top_p)

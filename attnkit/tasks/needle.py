@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from attnkit.data import DataError
+from attnkit.decode import decoding
 from attnkit.heads import ModelShape
 from attnkit.plots import needle_heatmap
 from attnkit.recipe.tasks import GridTask, NeedleTask, PasskeyTask
@@ -293,15 +294,16 @@ def read_haystack(path: str | Path | None, option: str) -> tuple[str, str]:
 
 
 def generate_replies(
-    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int
+    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, decode: str = "eager"
 ) -> list[tuple[str, int]]:
-    """Greedy replies (text, new tokens) to a batch of token-id prompts, left-padded when they differ."""
+    """Greedy replies (text, new tokens) to a batch of token-id prompts, left-padded when they differ;
+    ``decode``: a task's ``decode`` setting."""
     stop = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
     ids, mask, _ = left_pad(prompts, pad)
     output = model.generate(
         input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=max_new_tokens,
-        do_sample=False, eos_token_id=stop or None, pad_token_id=pad,
+        do_sample=False, eos_token_id=stop or None, pad_token_id=pad, **decoding(decode),
     )  # fmt: skip
     new = output[:, ids.shape[1] :]
     return [
@@ -320,7 +322,7 @@ def run_cells(model: Any, tokenizer: Any, task: GridTask, cells: list[Cell], met
             chosen = order[b : b + task.batch_size]
             began = time.perf_counter()
             replies = generate_replies(
-                model, tokenizer, [cells[i].prompt.input_ids for i in chosen], task.max_new_tokens
+                model, tokenizer, [cells[i].prompt.input_ids for i in chosen], task.max_new_tokens, task.decode
             )
             seconds = (time.perf_counter() - began) / len(chosen)
             for i, (reply, n) in zip(chosen, replies):

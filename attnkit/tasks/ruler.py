@@ -208,7 +208,7 @@ def run_ruler(model: Any, tokenizer: Any, task: RulerTask, *, progress: bool = T
         for batch in batches(order, prompts, task.batch_size):
             began = time.perf_counter()
             budget = reply_budget(task, prompts[batch[0]].family)
-            replies = generate_replies(model, tokenizer, [prompts[i].input_ids for i in batch], budget)
+            replies = generate_replies(model, tokenizer, [prompts[i].input_ids for i in batch], budget, task.decode)
             seconds = (time.perf_counter() - began) / len(batch)
             for i, (reply, n) in zip(batch, replies):
                 results[i] = row(prompts[i], reply, n, seconds, source)

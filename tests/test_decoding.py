@@ -1,0 +1,257 @@
+"""Captured decoding (attnkit.decode): generate() through one replayed decode step.
+
+On a CPU the captured step's computation runs in ``buffers`` mode (the same cache buffers, inputs
+and length-reading kernel, under Triton's interpreter, without a graph); the graph itself is
+checked on CUDA. Either way the tokens must be generate()'s own, on every architecture.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import warnings
+
+import pytest
+import torch
+
+import attnkit
+from attnkit.decode import captured_decoding
+from attnkit.engine.graphs import GraphError
+from attnkit.methods import ACT, HeadMask, Razor, SnapKV, Streaming, TidalDecode
+from attnkit.stats import Stats
+from tests.factory import ARCHS, left_padded_batch, tiny_model
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the kernel needs Triton")
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [12, 13, 14, 20]]
+"""Two rows, left-padded: longer than the tiny models' sliding windows (6 and 8)."""
+
+
+def decoded(model, mode: str, new: int = 8, **kwargs) -> tuple[torch.Tensor, list[str]]:
+    batch = left_padded_batch(PROMPTS, 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model.generate(
+            **batch,
+            max_new_tokens=new,
+            custom_generate=functools.partial(captured_decoding, mode=mode),
+            **kwargs,
+        )
+    return out, [str(w.message) for w in caught if "attnkit" in str(w.message)]
+
+
+def reference(model, new: int = 8, **kwargs) -> torch.Tensor:
+    return model.generate(**left_padded_batch(PROMPTS, 0), max_new_tokens=new, **kwargs)
+
+
+@needs_triton
+@pytest.mark.parametrize("arch", ARCHS)
+def test_buffers_mode_generates_what_generate_does(arch: str) -> None:
+    """Every architecture (sliding windows, softcaps, q/k norms): the captured step's computation
+    gives generate()'s greedy tokens on a left-padded batch, with no fallback."""
+    model = tiny_model(arch, attn_implementation="eager" if arch == "gemma2-gqa" else "sdpa")
+    out, said = decoded(model, "buffers", do_sample=False)
+    assert said == []
+    assert torch.equal(out, reference(model, do_sample=False))
+
+
+@needs_triton
+def test_buffers_mode_logits_match_a_full_recomputation() -> None:
+    """The step's logits (not just the argmax) equal the model's logits for the whole sequence."""
+    model = tiny_model("llama-gqa")
+    batch = left_padded_batch(PROMPTS, 0)
+    seen: list[torch.Tensor] = []
+
+    def keep(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        seen.append(scores.clone())
+        return scores
+
+    from transformers import LogitsProcessorList
+
+    out = model.generate(
+        **batch,
+        max_new_tokens=5,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([keep]),
+        custom_generate=functools.partial(captured_decoding, mode="buffers"),
+    )
+    mask = torch.cat([batch["attention_mask"], torch.ones(2, 5, dtype=torch.long)], dim=1)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        full = model(input_ids=out, attention_mask=mask, position_ids=positions).logits
+    prompt = batch["input_ids"].shape[1]
+    for step, scores in enumerate(seen):
+        torch.testing.assert_close(scores, full[:, prompt - 1 + step].float(), atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+def test_head_mask_is_replayed_and_counted_per_step() -> None:
+    model = tiny_model("llama-gqa")
+    methods = [HeadMask(heads={1: [0, 2]}, scale=0.0)]
+    with attnkit.apply(model, methods) as handle:
+        expected = reference(model, do_sample=False)
+        before = handle.stats(total=True)["head_mask"]
+        out, said = decoded(model, "buffers", do_sample=False)
+        after = handle.stats(total=True)["head_mask"]
+    assert said == [] and torch.equal(out, expected)
+    assert after["phases"]["decode"] - before["phases"]["decode"] == 7  # 8 tokens: 1 from the prefill
+    assert after["head_outputs_scaled"] - before["head_outputs_scaled"] == 8 * 2
+
+
+@needs_triton
+@pytest.mark.parametrize("selection", ["query_head", "kv_head_union", "kv_head_sum"])
+@pytest.mark.parametrize("budget, recent", [(6, 0), (8, 2), (64, 0)])
+def test_tidaldecode_is_replayed_with_the_eager_paths_tokens(selection: str, budget: int, recent: int) -> None:
+    """TidalDecode's captured step selects on the device (every step alike, the budget unfilled on a
+    short context) and the kernel gathers the chosen columns: the tokens of its eager gather path,
+    a budget smaller than the context and one larger than it."""
+    model = tiny_model("llama-gqa", num_hidden_layers=6)
+    settings = dict(budget=budget, recent=recent, selection_layer=1, reselection_layer=3, selection=selection)
+    with attnkit.apply(model, [TidalDecode(**settings)]) as handle:
+        expected = reference(model, do_sample=False)
+        before = handle.stats(total=True)["tidaldecode"]
+        out, said = decoded(model, "buffers", do_sample=False)
+        after = handle.stats(total=True)["tidaldecode"]
+    assert said == [] and torch.equal(out, expected)
+    assert after["decode_steps"] - before["decode_steps"] == 7
+    assert after["selections"] - before.get("selections", 0) == 7 * 2  # on the device, every step
+
+
+@needs_triton
+@pytest.mark.parametrize("method", [SnapKV(budget=6, window=2, kernel=1), Streaming(budget=6, sink=2)])
+def test_a_compressed_cache_of_plain_tokens_is_replayed(method) -> None:
+    """snapkv and streaming keep one group of plain tokens per layer: the captured step reads those
+    slots and then the new tokens, with the tokens of the eager compressed-cache path."""
+    model = tiny_model("llama-gqa")
+    batch = {"input_ids": torch.tensor([PROMPTS[0]])}
+    with attnkit.apply(model, [method]):
+        expected = model.generate(**batch, max_new_tokens=8, do_sample=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = model.generate(
+                **batch,
+                max_new_tokens=8,
+                do_sample=False,
+                custom_generate=functools.partial(captured_decoding, mode="buffers"),
+            )
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize(
+    "methods, named",
+    [
+        ([ACT(heads={1: [0]})], "act"),
+        ([Razor(heads={0: [0], 1: [1]}, local=2, sink=1)], "razor"),
+        ([SnapKV(budget=6, window=2, kernel=1)], "empty slots"),  # the short row leaves some
+    ],
+)
+def test_a_method_replay_cannot_follow_decodes_eagerly_and_says_which(methods, named: str) -> None:
+    model = tiny_model("llama-gqa")
+    with attnkit.apply(model, methods):
+        expected = reference(model, do_sample=False)
+        out, said = decoded(model, "buffers", do_sample=False)
+    assert torch.equal(out, expected)
+    assert len(said) == 1 and named in said[0] and "decoding eagerly" in said[0]
+
+
+def test_without_cuda_it_says_so_and_decodes_eagerly() -> None:
+    model = tiny_model("llama-gqa")
+    out, said = decoded(model, "graph", do_sample=False)
+    assert torch.equal(out, reference(model, do_sample=False))
+    if not torch.cuda.is_available():
+        assert said == ["attnkit: decoding eagerly: captured decoding needs a CUDA device and Triton"]
+
+
+def test_sampling_draws_as_generate_does() -> None:
+    model = tiny_model("llama-gqa")
+    torch.manual_seed(3)
+    expected = reference(model, do_sample=True, top_k=20, temperature=0.8)
+    torch.manual_seed(3)
+    out, _ = decoded(model, "eager", do_sample=True, top_k=20, temperature=0.8)
+    assert torch.equal(out, expected)
+
+
+def test_eos_finishes_a_row_with_padding() -> None:
+    """A row that produced EOS gets the pad token afterwards, as generate() does."""
+    model = tiny_model("llama-gqa")
+    first = reference(model, new=3, do_sample=False)[:, -3:]
+    eos = int(first[0, 0])
+    expected = reference(model, do_sample=False, eos_token_id=eos)
+    out, _ = decoded(model, "eager", do_sample=False, eos_token_id=eos)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize(
+    "kwargs, says",
+    [
+        (dict(num_beams=2), "num_beams=1"),
+        (dict(return_dict_in_generate=True), "token ids only"),
+    ],
+)
+def test_requests_it_cannot_serve_are_refused_with_the_fix(kwargs: dict, says: str) -> None:
+    model = tiny_model("llama-gqa")
+    with pytest.raises(GraphError, match=says):
+        decoded(model, "graph", do_sample=False, **kwargs)
+
+
+def test_the_model_is_left_as_it_was() -> None:
+    """Without a handle, captured decoding applies an empty recipe for the generation and removes it."""
+    model = tiny_model("llama-gqa")
+    before = model.config._attn_implementation
+    decoded(model, "eager", do_sample=False)
+    assert model.config._attn_implementation == before
+    assert attnkit.handle.active_handle(model) is None
+
+
+def test_stats_repeat_a_recorded_call() -> None:
+    stats = Stats()
+    stats.describe("heads", 2)
+    saved = stats.checkpoint()
+    stats.begin_call("decode")
+    stats.add("scaled", 3)
+    call = stats.snapshot()
+    stats.rollback(saved)
+    assert stats.snapshot(total=True) == {"heads": 2, "calls": 0, "phases": {}}
+    stats.repeat(call, times=4)
+    assert stats.snapshot(total=True) == {"heads": 2, "calls": 4, "phases": {"decode": 4}, "scaled": 12}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("arch", ["llama-gqa", "mistral-gqa", "gemma3-gqa"])
+def test_graph_replay_generates_what_generate_does_on_cuda(arch: str) -> None:
+    """The captured graph itself: same greedy tokens as generate(), head_mask counted per replay."""
+    model = tiny_model(arch).cuda()
+    methods = [HeadMask(heads={1: [1]}, scale=0.0)]
+    batch = {k: v.cuda() for k, v in left_padded_batch(PROMPTS, 0).items()}
+    with attnkit.apply(model, methods) as handle:
+        expected = model.generate(**batch, max_new_tokens=12, do_sample=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback
+            out = model.generate(**batch, max_new_tokens=12, do_sample=False, custom_generate=captured_decoding)
+        stats = handle.stats()["head_mask"]
+    assert torch.equal(out, expected)
+    assert stats["phase"] == "decode" and stats["head_outputs_scaled"] == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("kind", ["tidaldecode", "snapkv"])
+def test_graph_replay_of_sparse_and_compressed_decoding_on_cuda(kind: str) -> None:
+    """TidalDecode (a left-padded batch) and snapkv (one row) through the captured graph: the tokens
+    of their eager paths, no fallback, every replayed step counted."""
+    model = tiny_model("llama-gqa", num_hidden_layers=6).cuda()
+    if kind == "tidaldecode":
+        methods = [TidalDecode(budget=6, selection_layer=1, reselection_layer=3)]
+        batch = left_padded_batch(PROMPTS, 0)
+    else:
+        methods = [SnapKV(budget=6, window=2, kernel=1)]
+        batch = {"input_ids": torch.tensor([PROMPTS[0]])}
+    batch = {k: v.cuda() for k, v in batch.items()}
+    with attnkit.apply(model, methods) as handle:
+        expected = model.generate(**batch, max_new_tokens=12, do_sample=False)
+        before = handle.stats(total=True)[kind]["phases"].get("decode", 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = model.generate(**batch, max_new_tokens=12, do_sample=False, custom_generate=captured_decoding)
+        after = handle.stats(total=True)[kind]["phases"]["decode"]
+    assert torch.equal(out, expected)
+    assert after - before == 11
