@@ -1,0 +1,290 @@
+"""What does a decode step cost with attnkit's decode-time methods applied? Step time and tokens/s
+against the untouched model, per context and batch.
+
+Llama-3-8B shape (32 layers, 32 query / 8 KV heads of 128), random bf16 weights, sdpa, one GPU.
+Configurations:
+
+- ``untouched``: the model as transformers runs it, torch's default sdpa settings (cuDNN allowed);
+- ``untouched_no_cudnn``: the same with sdpa's cuDNN backend left out, the other half of the
+  "best of cuDNN on and off" baseline;
+- ``identity`` (an empty recipe) and ``head_mask`` (4 heads on 2 layers zeroed);
+- ``snapkv``, ``streaming`` (budget ``--budget``) and ``razor`` (15% retrieval heads, 4,000 local
+  tokens, C=8), each from a real prefill of ``context`` tokens at batch 1, repeated along the batch;
+- ``tidaldecode`` (budget ``--budget``, per query head);
+- ``captured``: the untouched model's decode step replayed from a CUDA graph (attnkit's captured
+  decoding, an empty recipe), and ``head_mask_captured``, ``snapkv_captured``,
+  ``streaming_captured``, ``tidaldecode_captured`` the same with those methods.
+
+Uncompressed configurations decode from a cache made directly: seeded random keys and values in
+preallocated buffers, written in place (``bench_tidal.InPlaceLayer``: transformers' DynamicCache
+concatenates the whole cache at every step, a copy that would dilute every ratio). Every step sees
+``context`` tokens (the cache is rewound after each).
+
+Timing: configurations take turns in interleaved rounds (order reversed every other round), each a
+block of ``--steps`` steps after ``--warmup`` untimed ones (CUDA events). A configuration's step is
+the median over rounds of its block's mean; spread = (max - min) / median over rounds. A ratio whose
+distance from 1 is inside the untouched model's spread is "within noise". ``--profile`` adds, per
+configuration, a torch.profiler count per step of host-side operator calls, kernel launches, host
+syncs and GPU busy time.
+
+    python scripts/bench_decode.py [--contexts 4096 32768] [--batches 1 16] [--rounds 4] [--json out.json]
+    python scripts/bench_decode.py --quick          # a tiny model on the CPU, to smoke-test the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kv import batch_cache, retrieval_heads  # noqa: E402
+from bench_tidal import FULL, TINY, buffers, build_model, decode_block, make_cache, timed_ms  # noqa: E402
+
+import attnkit  # noqa: E402
+from attnkit.compat import cache_argument  # noqa: E402
+from attnkit.decode import Replay, graph_step  # noqa: E402
+from attnkit.engine.graphs import GraphCache, GraphLayer, graph_cache, graph_inputs  # noqa: E402
+from attnkit.engine.kvcache import sdpa_without_cudnn  # noqa: E402
+from attnkit.methods import HeadMask, Razor, SnapKV, Streaming, TidalDecode  # noqa: E402
+
+COMPRESSING = {"snapkv", "streaming", "razor"}
+FIRED = {
+    "head_mask": "head_outputs_scaled",
+    "snapkv": "layers_compressed",
+    "streaming": "layers_compressed",
+    "razor": "layers_compressed",
+    "tidaldecode": "selections",
+}
+"""The stats counter that shows each method acted."""
+
+
+def configurations(shape: dict, budget: int) -> dict[str, list | None]:
+    layers = shape["num_hidden_layers"]
+    return {
+        "untouched": None,
+        "untouched_no_cudnn": None,
+        "identity": [],
+        "head_mask": [HeadMask(heads={layers // 4: [0, 1], 3 * layers // 4: [2, 3]}, scale=0.0)],
+        "snapkv": [SnapKV(budget=budget)],
+        "streaming": [Streaming(budget=budget)],
+        "razor": [Razor(heads=retrieval_heads(shape, 0.15), local=min(4000, budget * 2), ratio=8.0)],
+        "tidaldecode": [TidalDecode(budget=budget)],
+        "captured": [],
+        "head_mask_captured": [HeadMask(heads={layers // 4: [0, 1], 3 * layers // 4: [2, 3]}, scale=0.0)],
+        "snapkv_captured": [SnapKV(budget=budget)],
+        "streaming_captured": [Streaming(budget=budget)],
+        "tidaldecode_captured": [TidalDecode(budget=budget)],
+    }
+
+
+class Case:
+    """One (context, batch) case: the model, the shared random cache and how each configuration decodes."""
+
+    def __init__(self, model, held: list, context: int, batch: int, device: str):
+        self.model, self.context, self.batch, self.device = model, context, batch, device
+        self.cache = make_cache(model, held, batch, context)
+        self.token = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+        gen = torch.Generator(device=device).manual_seed(2)
+        self.prompt = torch.randint(0, model.config.vocab_size, (1, context), device=device, generator=gen)
+
+    def steps(self, name: str, count: int):
+        """A callable running ``count`` decode steps of this configuration."""
+        if name.endswith("captured"):
+            return self.captured(name, count)
+        if name.split("_")[0] in COMPRESSING:
+            cache, token = batch_cache(self.model, self.prompt, self.batch)
+            with_cache = cache_argument(self.model, cache)
+
+            def run() -> None:
+                for _ in range(count):
+                    self.model(input_ids=token, **with_cache, use_cache=True)
+
+            return run
+        return decode_block(self.model, self.cache, self.token, count)
+
+    def captured(self, name: str, count: int):
+        """``count`` replays of one captured decode step (attnkit.decode): over the same random cache,
+        adopted in place as the graph's buffers, or for a KV method over its compressed prefill,
+        copied as the decoding loop copies it. The step's token is written before each replay, as
+        the loop does. Rewound after the block."""
+        handle = attnkit.handle.active_handle(self.model)
+        if name.split("_")[0] in COMPRESSING:
+            cache, _ = batch_cache(self.model, self.prompt, self.batch)
+            graphed = graph_cache(cache, count + 1, None)
+        else:
+            buffers = [(layer.key_buffer, layer.value_buffer) for layer in self.cache.layers]
+            inputs = graph_inputs(self.batch, self.context, None, self.device)
+            layers = [GraphLayer(k, v, self.context, self.context, inputs) for k, v in buffers]
+            graphed = GraphCache(layers, inputs)
+        forward, _ = graph_step(self.model, graphed)
+        replay = Replay(forward, graphed, handle)
+        tokens = self.token[:, 0]
+
+        def run() -> None:
+            for _ in range(count):
+                replay(tokens)
+            replay.rewind(count)
+
+        return run
+
+
+def one_round(case: Case, name: str, methods, args) -> tuple[float, dict]:
+    """The mean step of one timed block of ``name``, and its methods' stats."""
+    handle = attnkit.apply(case.model, methods) if methods is not None else None
+    context = sdpa_without_cudnn() if name == "untouched_no_cudnn" else _nothing()
+    try:
+        with torch.no_grad(), context:
+            case.steps(name, args.warmup)()
+            ms = timed_ms(case.steps(name, args.steps), case.device) / args.steps
+        stats = handle.stats(total=True) if handle else {}
+    finally:
+        if handle:
+            handle.remove()
+    for label, values in stats.items():
+        if not (values["phases"].get("decode") and values.get(FIRED[label], 0) > 0):
+            raise RuntimeError(f"{label} did not act: {values}")
+    return ms, stats
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def profile(case: Case, name: str, methods, steps: int) -> dict[str, float]:
+    """Per decode step: host-side operator calls, kernel launches, host syncs, GPU busy ms, wall ms."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    handle = attnkit.apply(case.model, methods) if methods is not None else None
+    context = sdpa_without_cudnn() if name == "untouched_no_cudnn" else _nothing()
+    try:
+        with torch.no_grad(), context:
+            case.steps(name, 3)()
+            run = case.steps(name, steps)
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if case.device == "cuda" else [])
+            with torch_profile(activities=activities) as prof:
+                began = time.perf_counter()
+                run()
+                if case.device == "cuda":
+                    torch.cuda.synchronize()
+                wall = (time.perf_counter() - began) * 1e3
+    finally:
+        if handle:
+            handle.remove()
+    events = prof.events()
+    ops = sum(1 for e in events if e.device_type.name == "CPU" and e.name.startswith("aten::") and e.cpu_parent is None)
+    launches = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    syncs = sum(1 for e in events if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync"))
+    busy = sum(e.device_time for e in events if e.device_type.name == "CUDA") / 1e3
+    return {
+        "top_level_ops": ops / steps,
+        "kernel_launches": launches / steps,
+        "syncs_or_copies": syncs / steps,
+        "gpu_busy_ms": busy / steps,
+        "wall_ms_profiled": wall / steps,
+    }
+
+
+def run_case(case: Case, configs: dict, args) -> dict:
+    rounds: dict[str, list[float]] = {name: [] for name in configs}
+    for r in range(args.rounds):
+        for name in list(configs) if r % 2 == 0 else list(reversed(configs)):
+            ms, _ = one_round(case, name, configs[name], args)
+            rounds[name].append(ms)
+    base = statistics.median(rounds["untouched"])
+    base_spread = (max(rounds["untouched"]) - min(rounds["untouched"])) / base
+    rows = {}
+    for name, times in rounds.items():
+        step = statistics.median(times)
+        ratio = step / base
+        rows[name] = {
+            "step_ms": step,
+            "rounds_ms": times,
+            "spread": (max(times) - min(times)) / step,
+            "tokens_per_s": case.batch * 1e3 / step,
+            "ratio": ratio,
+            "within_noise": abs(ratio - 1) <= base_spread,
+        }
+        if args.profile:
+            rows[name]["profile"] = profile(case, name, configs[name], args.profile_steps)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny model on the CPU, to smoke-test the script")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--configs", nargs="+", help="a subset of the configurations (untouched is always run)")
+    parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--tidal-budgets", type=int, nargs="*", help="also TidalDecode at these budgets")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    shape, device = (TINY, "cpu") if args.quick else (FULL, "cuda")
+    if args.quick:
+        args.contexts, args.batches, args.budget = [256], [1, 2], 64
+        args.rounds, args.steps, args.warmup, args.profile_steps = 2, 2, 1, 2
+    configs = configurations(shape, args.budget)
+    for budget in args.tidal_budgets or []:  # TidalDecode at other budgets, eager and captured
+        configs[f"tidaldecode_{budget}"] = [TidalDecode(budget=budget)]
+        configs[f"tidaldecode_{budget}_captured"] = [TidalDecode(budget=budget)]
+    if args.configs:
+        configs = {
+            n: m
+            for n, m in configs.items()
+            if n == "untouched" or n in args.configs or "_" in n and n.split("_")[1].isdigit()
+        }
+    if device == "cpu":  # CUDA graphs need a GPU
+        configs = {n: m for n, m in configs.items() if not n.endswith("captured")}
+    model = build_model(shape, device)
+    held = buffers(shape, max(args.batches), max(args.contexts) + args.steps + args.warmup + 8, device)
+    results: dict[str, Any] = {}
+    for context in args.contexts:
+        for batch in args.batches:
+            began = time.perf_counter()
+            case = Case(model, held, context, batch, device)
+            results[f"{context}x{batch}"] = rows = run_case(case, configs, args)
+            print(f"context {context}, batch {batch} ({time.perf_counter() - began:.0f} s)", flush=True)
+            for name, row in rows.items():
+                noise = "  within noise" if row["within_noise"] and name != "untouched" else ""
+                print(
+                    f"  {name:<19} {row['step_ms']:8.2f} ms/step {row['tokens_per_s']:9.1f} tok/s "
+                    f"{row['ratio']:6.3f}x  spread {row['spread']:5.1%}  rounds "
+                    + " ".join(f"{t:.2f}" for t in row["rounds_ms"])
+                    + noise,
+                    flush=True,
+                )
+                if "profile" in row:
+                    print("      " + "  ".join(f"{k} {v:.1f}" for k, v in row["profile"].items()), flush=True)
+    report = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "settings": {k: getattr(args, k) for k in ("rounds", "steps", "warmup", "budget")},
+        "results": results,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
