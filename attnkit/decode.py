@@ -175,6 +175,8 @@ class Loop:
         probe = next((layer.keys for layer in cache.layers if getattr(layer, "keys", None) is not None), None)
         if probe is None:
             return "the prefill left no keys in the cache"
+        if not kernels.installed():
+            return "captured decoding needs Triton (pip install triton)"
         if self.mode == "graph" and not kernels.available(probe):
             return "captured decoding needs a CUDA device and Triton"
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import string
 
@@ -91,6 +92,7 @@ def test_generate_stops_on_model_eos(model, tokenizer):
     assert stopped["n_new_tokens"] == 1
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the decode kernel needs Triton")
 def test_generate_decode_captured_gives_the_eager_rows(model, tokenizer, monkeypatch):
     """`decode: captured` hands generate() attnkit's decoding loop (here in its graph-free `buffers`
     mode, which runs on a CPU), with the same completions as eager decoding."""

@@ -12,7 +12,12 @@ from attnkit.kernels.decode import decode_attention
 from attnkit.kernels.segments import segment_order
 from attnkit.kernels.sink_stats import sink_stats
 
-__all__ = ["available", "block_attention", "block_runs", "decode_attention", "segment_order", "sink_stats"]
+__all__ = ["available", "installed", "block_attention", "block_runs", "decode_attention", "segment_order", "sink_stats"]
+
+
+def installed() -> bool:
+    """Whether Triton is installed (its kernels then run on CUDA, or in its interpreter on a CPU)."""
+    return triton is not None
 
 
 def available(query: torch.Tensor) -> bool:
