@@ -124,7 +124,7 @@ class Loop:
         budget = new_tokens(config, input_ids.shape[1])
         if budget == 0:
             return input_ids
-        step = self.steps(cache, attention_mask, positions[:, -1:] + 1, budget)
+        step: Step | None = None  # made at the first decode step: a one-token generation captures nothing
         sequences = input_ids
         unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
         pad = pad_token(config)
@@ -142,6 +142,7 @@ class Loop:
             if made + 1 == budget or unfinished.max() == 0:
                 break
             with torch.no_grad():
+                step = step or self.steps(cache, attention_mask, positions[:, -1:] + 1, budget - 1)
                 logits = step(tokens)
         if self.streamer is not None:
             self.streamer.end()
@@ -229,18 +230,20 @@ class Replay:
         self.graphed, inputs = graphed, graphed.inputs
         self.stats = [m.stats for m in handle.methods]
         saved = [s.checkpoint() for s in self.stats]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            forward()  # allocations and Triton's compilation happen outside the graph
-        torch.cuda.current_stream().wait_stream(stream)
-        inputs.advance(-1)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            forward()
-        self.recorded = [s.last for s in self.stats]
-        for s, state in zip(self.stats, saved):
-            s.rollback(state)
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                forward()  # allocations and Triton's compilation happen outside the graph
+            torch.cuda.current_stream().wait_stream(stream)
+            inputs.advance(-1)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                forward()
+            self.recorded = [s.last for s in self.stats]
+        finally:
+            for s, state in zip(self.stats, saved):
+                s.rollback(state)
         graphed.move(-2)  # the warm-up and the capture each counted a token on the host
 
     def __call__(self, tokens: torch.Tensor) -> None:
