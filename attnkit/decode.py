@@ -8,8 +8,8 @@ This loop prefills the prompt as usual, with the recipe's methods acting on it, 
 into fixed-capacity buffers (:mod:`attnkit.engine.graphs`), captures one decode step, and replays
 it for every later token: the host only picks the next tokens. The model needs no handle (the
 untouched model decodes through the same path); with one, its methods must be replayable
-(``Method.replayable``: ``head_mask``, ``ph3``, ``snapkv``, ``streaming``, ``tidaldecode``, or any
-method at its identity setting).
+(``Method.replayable``: ``head_mask``, ``ph3``, ``snapkv``, ``streaming``, ``tidaldecode``, ACT's
+fast path, or any method at its identity setting).
 
 Where a step cannot be captured (no CUDA or Triton, a method whose decode-time work runs on the
 host, a cache of another kind, capture failing), the loop says why once and decodes eagerly, with
@@ -170,8 +170,8 @@ class Loop:
         if self.handle.unreplayable:
             return (
                 f"{', '.join(self.handle.unreplayable)} change(s) decode steps on the host, which a captured "
-                "graph cannot replay (replayable: head_mask, ph3, snapkv, streaming, tidaldecode, and methods at "
-                "their identity settings)"
+                "graph cannot replay (replayable: head_mask, ph3, snapkv, streaming, tidaldecode, act's fast path, "
+                "and methods at their identity settings)"
             )
         probe = next((layer.keys for layer in cache.layers if getattr(layer, "keys", None) is not None), None)
         if probe is None:
@@ -186,6 +186,7 @@ class Loop:
         """Copy the prefill into a :class:`GraphCache`, capture one step (or, in ``buffers`` mode,
         run it eagerly on the buffers: the same computation without a graph, for tests)."""
         graphed = graph_cache(cache, budget, attention_mask)
+        self.handle.tracker.share(cache, graphed)
         forward, logits = graph_step(self.model, graphed)
         if self.mode == "buffers":
 

@@ -7,12 +7,14 @@ Configurations:
 - ``untouched``: the model as transformers runs it, torch's default sdpa settings (cuDNN allowed);
 - ``untouched_no_cudnn``: the same with sdpa's cuDNN backend left out, the other half of the
   "best of cuDNN on and off" baseline;
-- ``identity`` (an empty recipe) and ``head_mask`` (4 heads on 2 layers zeroed);
+- ``identity`` (an empty recipe), ``head_mask`` (4 heads on 2 layers zeroed) and ``act`` (ACT's
+  defaults: every head of layers 2 to 30, the fast path);
 - ``snapkv``, ``streaming`` (budget ``--budget``) and ``razor`` (15% retrieval heads, 4,000 local
-  tokens, C=8), each from a real prefill of ``context`` tokens at batch 1, repeated along the batch;
+  tokens, C=8), and ``act``, each from a real prefill of ``context`` tokens at batch 1, repeated
+  along the batch;
 - ``tidaldecode`` (budget ``--budget``, per query head);
 - ``captured``: the untouched model's decode step replayed from a CUDA graph (attnkit's captured
-  decoding, an empty recipe), and ``head_mask_captured``, ``snapkv_captured``,
+  decoding, an empty recipe), and ``head_mask_captured``, ``act_captured``, ``snapkv_captured``,
   ``streaming_captured``, ``tidaldecode_captured`` the same with those methods.
 
 Uncompressed configurations decode from a cache made directly: seeded random keys and values in
@@ -54,10 +56,12 @@ from attnkit.compat import cache_argument  # noqa: E402
 from attnkit.decode import Replay, graph_step  # noqa: E402
 from attnkit.engine.graphs import GraphCache, GraphLayer, graph_cache, graph_inputs  # noqa: E402
 from attnkit.engine.kvcache import sdpa_without_cudnn  # noqa: E402
-from attnkit.methods import HeadMask, Razor, SnapKV, Streaming, TidalDecode  # noqa: E402
+from attnkit.methods import ACT, HeadMask, Razor, SnapKV, Streaming, TidalDecode  # noqa: E402
 
-COMPRESSING = {"snapkv", "streaming", "razor"}
+PREFILLED = {"snapkv", "streaming", "razor", "act"}
+"""Configurations that decode from a real prefill (their methods act on it), not the random cache."""
 FIRED = {
+    "act": "layer_calls",
     "head_mask": "head_outputs_scaled",
     "snapkv": "layers_compressed",
     "streaming": "layers_compressed",
@@ -78,7 +82,9 @@ def configurations(shape: dict, budget: int) -> dict[str, list | None]:
         "streaming": [Streaming(budget=budget)],
         "razor": [Razor(heads=retrieval_heads(shape, 0.15), local=min(4000, budget * 2), ratio=8.0)],
         "tidaldecode": [TidalDecode(budget=budget)],
+        "act": [ACT()],
         "captured": [],
+        "act_captured": [ACT()],
         "head_mask_captured": [HeadMask(heads={layers // 4: [0, 1], 3 * layers // 4: [2, 3]}, scale=0.0)],
         "snapkv_captured": [SnapKV(budget=budget)],
         "streaming_captured": [Streaming(budget=budget)],
@@ -100,7 +106,7 @@ class Case:
         """A callable running ``count`` decode steps of this configuration."""
         if name.endswith("captured"):
             return self.captured(name, count)
-        if name.split("_")[0] in COMPRESSING:
+        if name.split("_")[0] in PREFILLED:
             cache, token = batch_cache(self.model, self.prompt, self.batch)
             with_cache = cache_argument(self.model, cache)
 
@@ -117,9 +123,10 @@ class Case:
         copied as the decoding loop copies it. The step's token is written before each replay, as
         the loop does. Rewound after the block."""
         handle = attnkit.handle.active_handle(self.model)
-        if name.split("_")[0] in COMPRESSING:
+        if name.split("_")[0] in PREFILLED:
             cache, _ = batch_cache(self.model, self.prompt, self.batch)
             graphed = graph_cache(cache, count + 1, None)
+            handle.tracker.share(cache, graphed)
         else:
             buffers = [(layer.key_buffer, layer.value_buffer) for layer in self.cache.layers]
             inputs = graph_inputs(self.batch, self.context, None, self.device)

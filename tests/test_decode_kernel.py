@@ -11,9 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None, reason="the kernel needs Triton (its interpreter on CPU)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("triton") is None, reason="the kernel needs Triton (its interpreter on CPU)"
+    ),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered in log2"),  # the interpreter's log2(0) = -inf
+]
 
 if importlib.util.find_spec("triton") is not None:
     from attnkit.kernels.decode import decode_attention
@@ -39,9 +42,10 @@ def readable_slots(query, keys, lengths, valid=None, window=None, index=None):
     return readable.expand(batch, heads, capacity)
 
 
-def reference(query, keys, values, lengths, scale, valid=None, window=None, softcap=None, index=None):
+def reference(query, keys, values, lengths, scale, valid=None, window=None, softcap=None, index=None, lse=False):
     """softmax(scale q·kᵀ) v in float64 over the readable slots, masks built explicitly; NaN in
-    unreadable slots is ignored; a row that reads nothing gets 0. [batch, 1, heads, dim]."""
+    unreadable slots is ignored; a row that reads nothing gets 0. [batch, 1, heads, dim]; given
+    ``lse``, also the logits' log-sum-exp [batch, heads] (-inf for a row that reads nothing)."""
     heads, kv_heads = query.shape[1], keys.shape[1]
     keep = readable_slots(query, keys, lengths, valid, window, index)[..., None]  # [batch, heads, capacity, 1]
     k = torch.where(keep, keys.double().repeat_interleave(heads // kv_heads, 1), 0.0)
@@ -51,7 +55,8 @@ def reference(query, keys, values, lengths, scale, valid=None, window=None, soft
         logits = softcap * torch.tanh(logits / softcap)
     logits = logits.masked_fill(~keep.transpose(-1, -2), float("-inf"))
     weights = torch.softmax(logits, -1).nan_to_num(0.0)
-    return (weights @ v).transpose(1, 2)
+    out = (weights @ v).transpose(1, 2)
+    return (out, logits.logsumexp(-1)[..., 0]) if lse else out
 
 
 def inputs(batch, heads, kv_heads, dim, capacity, dtype=torch.float32, seed=0):
@@ -71,8 +76,9 @@ def poison(cache, readable):
 
 
 def check(query, keys, values, lengths, scale, tol=1e-4, splits=None, **kwargs):
-    """The kernel against the reference, every unreadable slot of the cache NaN; returns its output."""
-    expected = reference(query, keys, values, lengths, scale, **kwargs)
+    """The kernel against the reference, every unreadable slot of the cache NaN, its output and
+    log-sum-exp (``return_lse``, the output the same as without); returns both."""
+    expected, expected_lse = reference(query, keys, values, lengths, scale, lse=True, **kwargs)
     masks = {name: kwargs.get(name) for name in ("valid", "window", "index")}
     readable = readable_slots(query, keys, lengths, **masks)
     keys, values = poison(keys, readable), poison(values, readable)
@@ -81,7 +87,12 @@ def check(query, keys, values, lengths, scale, tol=1e-4, splits=None, **kwargs):
     assert not got.isnan().any()
     error = ((got.double() - expected).abs().max() / expected.abs().max()).item()
     assert error < tol, error
-    return got
+    with_lse, lse = decode_attention(query, keys, values, lengths, scale, splits=splits, return_lse=True, **kwargs)
+    assert torch.equal(with_lse, got)
+    assert lse.shape == expected_lse.shape and lse.dtype == torch.float32
+    assert (lse == float("-inf")).equal(~readable.any(-1))  # -inf exactly where a head reads nothing
+    torch.testing.assert_close(lse.double(), expected_lse, rtol=tol, atol=tol)
+    return got, lse
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(8, 2, 64), (4, 4, 32), (4, 1, 32)], ids=["gqa", "mha", "mqa"])
@@ -113,8 +124,8 @@ def test_left_padding_and_a_row_with_nothing_to_read(dtype):
     valid[0, :6] = 0
     valid[1, 3:9] = 0
     valid[2] = 0
-    got = check(query, keys, values, torch.tensor([20, 32, 12]), 0.125, valid=valid, splits=2)
-    assert (got[2] == 0).all()
+    got, lse = check(query, keys, values, torch.tensor([20, 32, 12]), 0.125, valid=valid, splits=2)
+    assert (got[2] == 0).all() and (lse[2] == float("-inf")).all() and lse[:2].isfinite().all()
 
 
 @pytest.mark.parametrize("window", [1, 10, 100])
@@ -124,14 +135,19 @@ def test_window(window):
     check(query, keys, values, torch.tensor([30, 47]), 0.2, window=window, splits=4)
 
 
-def test_window_and_softcap_with_padding():
+@pytest.mark.parametrize("splits", [1, 2])
+def test_window_and_softcap_with_padding(splits):
     """Gemma 2's mask and soft-capping together; large logits so that the cap bites."""
     query, keys, values = inputs(2, 8, 4, 64, 32, seed=5)
     valid = torch.ones(2, 32, dtype=torch.bool)
     valid[0, :4] = False
-    got = check(query * 20, keys, values, torch.tensor([25, 9]), 0.125, window=8, softcap=5.0, valid=valid)
-    plain = decode_attention(query * 20, keys, values, torch.tensor([25, 9]), 0.125, window=8, valid=valid)
-    assert (got - plain).abs().max() > 1e-2  # the cap changed the result
+    lengths = torch.tensor([25, 9])
+    got, lse = check(query * 20, keys, values, lengths, 0.125, splits=splits, window=8, softcap=5.0, valid=valid)
+    plain, plain_lse = decode_attention(
+        query * 20, keys, values, lengths, 0.125, window=8, valid=valid, splits=splits, return_lse=True
+    )
+    assert (got - plain).abs().max() > 1e-2 and (lse - plain_lse).abs().max() > 1  # the cap changed the result
+    assert lse.max() <= 5.0 + math.log(8)  # at most 8 keys, each logit capped at 5
 
 
 def test_bfloat16():
@@ -199,8 +215,8 @@ def test_index(heads, kv_heads, per, splits):
     index[2] = listing(1, units, 24, [*range(10), *range(30, 48)], seed=11, dtype=dtype)[0]
     readable = readable_slots(query, keys, torch.tensor([40, 17, 30]), valid, index=index)
     assert readable[:2].sum(-1).min() > 0 and not readable[2].any()
-    got = check(query, keys, values, torch.tensor([40, 17, 30]), 0.2, valid=valid, index=index, splits=splits)
-    assert (got[2] == 0).all()
+    got, lse = check(query, keys, values, torch.tensor([40, 17, 30]), 0.2, valid=valid, index=index, splits=splits)
+    assert (got[2] == 0).all() and (lse[2] == float("-inf")).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -217,11 +233,12 @@ def test_index_with_strided_cache_and_index(dtype):
     keys.copy_(poison(keys, readable))
     values.copy_(poison(values, readable))
     assert not (keys.is_contiguous() or values.is_contiguous() or index.is_contiguous())
-    expected = reference(query, keys, values, lengths, 0.125, index=index)
-    got = decode_attention(query, keys, values, lengths, 0.125, index=index)
+    expected, expected_lse = reference(query, keys, values, lengths, 0.125, index=index, lse=True)
+    got, lse = decode_attention(query, keys, values, lengths, 0.125, index=index, return_lse=True)
     assert got.dtype == dtype and not got.isnan().any()
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert ((got.double() - expected).abs().max() / expected.abs().max()) < tol
+    torch.testing.assert_close(lse.double(), expected_lse, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("per", ["kv_head", "head"])
@@ -239,10 +256,10 @@ def test_index_of_the_filled_slots_equals_the_contiguous_read(per):
     for row, length in enumerate(lengths.tolist()):
         for unit in range(units):
             index[row, unit, :length] = torch.randperm(length, generator=g)
-    kwargs = {"valid": valid, "softcap": 5.0, "splits": 2}
+    kwargs = {"valid": valid, "softcap": 5.0, "splits": 2, "return_lse": True}
     contiguous = decode_attention(query, keys, values, lengths, 0.125, **kwargs)
     gathered = decode_attention(query, keys, values, lengths, 0.125, index=index, **kwargs)
-    torch.testing.assert_close(gathered, contiguous, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gathered, contiguous, rtol=1e-5, atol=1e-6)  # outputs and log-sum-exps
 
 
 def test_index_errors():
@@ -325,14 +342,17 @@ def test_gathered_on_cuda_against_sdpa_and_under_graph_replay(per):
         index[..., ::8] = -1
         return index
 
-    def expected(index, rows, dtype):
-        """Gather each head's listed slots, then sdpa (bf16) or an explicit softmax (float64)."""
+    def expected(index, rows, dtype, lse=False):
+        """Gather each head's listed slots, then sdpa (bf16) or an explicit softmax (float64);
+        given ``lse``, torch.logsumexp of the float64 logits [batch, heads] instead."""
         at = index.long().clamp(min=0).repeat_interleave(heads // units, 1)[..., None].expand(-1, -1, -1, dim)
         k, v = (t.repeat_interleave(heads // kv_heads, 1).gather(2, at).to(dtype) for t in (keys, values))
         length = torch.tensor(rows, device="cuda")[:, None, None]
         keep = ((index >= 0) & (index < length)).repeat_interleave(heads // units, 1)[:, :, None, :]
         if dtype == torch.float64:
             logits = (scale * query.double() @ k.transpose(-1, -2)).masked_fill(~keep, float("-inf"))
+            if lse:
+                return logits.logsumexp(-1)[..., 0]
             out = torch.softmax(logits, -1) @ v
         else:
             out = F.scaled_dot_product_attention(query, k, v, attn_mask=keep, scale=scale)
@@ -346,6 +366,11 @@ def test_gathered_on_cuda_against_sdpa_and_under_graph_replay(per):
 
     index = listing(1)
     close(decode_attention(query, keys, values, lengths, scale, index=index), index, [8000, 3000])
+    out, lse = decode_attention(query, keys, values, lengths, scale, index=index, return_lse=True)
+    close(out, index, [8000, 3000])
+    want = expected(index, [8000, 3000], torch.float64, lse=True)
+    assert lse.dtype == torch.float32 and lse.shape == (batch, heads)
+    torch.testing.assert_close(lse.double(), want, rtol=1e-3, atol=1e-3)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

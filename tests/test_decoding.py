@@ -137,10 +137,42 @@ def test_a_compressed_cache_of_plain_tokens_is_replayed(method) -> None:
     assert torch.equal(out, expected)
 
 
+@needs_triton
+@pytest.mark.parametrize("arch", ["llama-gqa", "mistral-gqa"])
+def test_act_fast_path_is_replayed_with_its_eager_tokens_and_logits(arch: str) -> None:
+    """ACT's fast path on a captured step: the prefill's sinks at their own columns and the
+    kernel's log-sum-exp give the eager fast path's tokens and logits (a sliding window drops old
+    sinks). The tolerance is ACT's, not the kernel's: the correction divides by the non-sink mass,
+    so the two paths' float32 rounding (the kernel's log-sum-exp against torch's sink logits) grows
+    where a head's sink mass nears 1; both stay within 1e-3 of the float64 eager path here."""
+    from transformers import LogitsProcessorList
+
+    model = tiny_model(arch)
+    seen: dict[str, list[torch.Tensor]] = {"eager": [], "buffers": []}
+
+    def keeper(name: str):
+        def keep(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            seen[name].append(scores.clone())
+            return scores
+
+        return LogitsProcessorList([keep])
+
+    with attnkit.apply(model, [ACT()]) as handle:
+        expected = reference(model, do_sample=False, logits_processor=keeper("eager"))
+        before = handle.stats(total=True)["act"]
+        out, said = decoded(model, "buffers", do_sample=False, logits_processor=keeper("buffers"))
+        after = handle.stats(total=True)["act"]
+    assert said == [] and torch.equal(out, expected)
+    for eager, captured in zip(seen["eager"], seen["buffers"]):
+        torch.testing.assert_close(captured, eager, atol=2e-3, rtol=0)
+    assert before["sinks_found"] > 0
+    assert after["layer_calls"] == 2 * before["layer_calls"]  # both runs: the prefill and 7 steps, every layer
+
+
 @pytest.mark.parametrize(
     "methods, named",
     [
-        ([ACT(heads={1: [0]})], "act"),
+        ([ACT(heads={1: [0]}, path="eager")], "act"),
         ([Razor(heads={0: [0], 1: [1]}, local=2, sink=1)], "razor"),
         pytest.param([SnapKV(budget=6, window=2, kernel=1)], "empty slots", marks=needs_triton),  # the short row
     ],
@@ -236,13 +268,16 @@ def test_graph_replay_generates_what_generate_does_on_cuda(arch: str) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("kind", ["tidaldecode", "snapkv"])
+@pytest.mark.parametrize("kind", ["tidaldecode", "snapkv", "act"])
 def test_graph_replay_of_sparse_and_compressed_decoding_on_cuda(kind: str) -> None:
-    """TidalDecode (a left-padded batch) and snapkv (one row) through the captured graph: the tokens
-    of their eager paths, no fallback, every replayed step counted."""
+    """TidalDecode and ACT (a left-padded batch) and snapkv (one row) through the captured graph: the
+    tokens of their eager paths, no fallback, every replayed step counted."""
     model = tiny_model("llama-gqa", num_hidden_layers=6).cuda()
     if kind == "tidaldecode":
         methods = [TidalDecode(budget=6, selection_layer=1, reselection_layer=3)]
+        batch = left_padded_batch(PROMPTS, 0)
+    elif kind == "act":
+        methods = [ACT()]
         batch = left_padded_batch(PROMPTS, 0)
     else:
         methods = [SnapKV(budget=6, window=2, kernel=1)]

@@ -145,14 +145,21 @@ def captured_attention(
     softcap: float | None,
 ) -> torch.Tensor:
     """A captured decode step's attention (``state.graph``): the layer's decode-step reads choose
-    the columns (or not), and the length-reading kernel attends over the fixed-capacity cache."""
+    the columns (or not), the length-reading kernel attends over the fixed-capacity cache, and the
+    output corrections get its log-sum-exp (``call.lse``)."""
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     call = AttentionCall(module, module.layer_idx, query, key, value, None, state, None, scaling, softcap)
     for step in layer.decode_steps if layer is not None else ():
         call = step(call)
     window = layer_window(module.config, module.layer_idx)
     cached = state.graph.layers[module.layer_idx]
-    return graph_attention(query, key, value, cached, scaling, softcap, window, call.columns)
+    edits = layer.output_edits if layer is not None else []
+    output = graph_attention(query, key, value, cached, scaling, softcap, window, call.columns, bool(edits))
+    if edits:
+        output, call.lse = output
+    for edit in edits:
+        output = edit(call, output)
+    return output
 
 
 def compress(call: AttentionCall, compressor: Callable[[AttentionCall, Any], Any]) -> None:

@@ -98,6 +98,11 @@ class CallTracker:
                     fn(cache, state)
         self.plan.state = None
 
+    def share(self, cache: Any, copy: Any) -> None:
+        """``copy`` continues ``cache``'s sequence (a copy of it made for captured decoding): what
+        the prefill found stays there for the decode steps."""
+        self.sequences[copy] = self.sequences.setdefault(cache, {})
+
     @staticmethod
     def wants_cache(model: torch.nn.Module, kwargs: dict[str, Any]) -> bool:
         use_cache = kwargs.get("use_cache")

@@ -204,9 +204,19 @@ def graph_attention(
     softcap: float | None,
     window: int | None,
     columns: torch.Tensor | None = None,
-) -> torch.Tensor:
+    with_lse: bool = False,
+) -> Any:
     """One decode step's attention over ``layer``'s buffers -> [batch, 1, heads, d]; ``columns``: read
-    only these [batch, KV heads or heads, n] (-1: none)."""
+    only these [batch, KV heads or heads, n] (-1: none); ``with_lse``: (output, log-sum-exp [batch, heads])."""
     return decode_attention(
-        query, key, value, layer.filled(), scaling, valid=layer.valid, window=window, softcap=softcap, index=columns
+        query,
+        key,
+        value,
+        layer.filled(),
+        scaling,
+        valid=layer.valid,
+        window=window,
+        softcap=softcap,
+        index=columns,
+        return_lse=with_lse,
     )

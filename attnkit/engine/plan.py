@@ -52,6 +52,9 @@ class AttentionCall:
     columns: torch.Tensor | None = None
     """On a captured decode step (``state.graph``): the cache columns a decode-step read chose for
     this layer [batch, KV heads or query heads, n] (-1: none), which the kernel gathers as it reads."""
+    lse: torch.Tensor | None = None
+    """On a captured decode step with output corrections: the kernel's log-sum-exp of each query
+    head's logits [batch, heads] (float32), for corrections that need the softmax's normaliser."""
     raw: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     """The un-rotated query and key, made on first use."""
 

@@ -8,6 +8,7 @@ once for all the query heads of one KV head (GQA); ranges past a row's length or
 cost an empty partial. The mask is the one a static cache needs: the filled slots, padding from a
 2-D mask, an optional sliding window, and Gemma 2's logit soft-capping. Given an index, a program
 reads only the listed slots (a sparse read), the list split over programs instead of the cache.
+On request each head's log-sum-exp comes out too, from the softmax's own running max and sum.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import math
 
 import torch
 
-from attnkit.kernels import blocks
 from attnkit.kernels.backend import online_softmax, tl, triton
 
 if triton is not None:
@@ -29,12 +29,12 @@ if triton is not None:
         LENGTHS, slb,
         VALID, sab, sac,
         INDEX, sib, siu, sie,
-        OUT, sob, soh,
+        OUT, sob, soh, LSE,
         PART, STATS,
         UNITS, G, PER_KV, capacity, entries, split_keys, window, scale, cap,
         DIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLITS: tl.constexpr,
         HAS_VALID: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_INDEX: tl.constexpr,
-        DOT: tl.constexpr, PRECISION: tl.constexpr,
+        DOT: tl.constexpr, PRECISION: tl.constexpr, RETURN_LSE: tl.constexpr,
     ):  # fmt: skip
         """A program per (split, batch, unit): a unit is G query heads u * G + g of KV head
         u // PER_KV (a KV head and its group, or one query head when the index lists per query
@@ -78,15 +78,46 @@ if triton is not None:
             v = tl.load(v_base + n[:, None] * svn + d[None, :], mask=ok[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
 
+        row = b * UNITS * G + h
         if SPLITS == 1:
+            if RETURN_LSE:  # ln 2 (top + log2 total), the logits being base 2; -inf if none read
+                tl.store(LSE + row, (top + tl.log2(total)) * 0.6931471805599453, mask=row_ok)
             total = tl.where(total == 0.0, 1.0, total)  # a row that reads no key: 0, not NaN
             o_at = OUT + b * sob + h[:, None] * soh + d[None, :]
             tl.store(o_at, (acc / total[:, None]).to(OUT.dtype.element_ty), mask=row_ok[:, None])
-        else:  # partial sums per split, in blocks._combine_kernel's layout (one query per row)
-            row = b * UNITS * G + h
+        else:  # partial sums per split, combined by _combine_kernel
             tl.store(PART + (row[:, None] * SPLITS + split) * DIM + d[None, :], acc, mask=row_ok[:, None])
             tl.store(STATS + (row * SPLITS + split) * 2, top, mask=row_ok)
             tl.store(STATS + (row * SPLITS + split) * 2 + 1, total, mask=row_ok)
+
+    @triton.jit
+    def _combine_kernel(
+        PART, STATS, OUT, LSE, ROWS,
+        SPLITS: tl.constexpr, DIM: tl.constexpr, BR: tl.constexpr, RETURN_LSE: tl.constexpr,
+    ):  # fmt: skip
+        """Each row's output (a row: a (batch, head), [batch, 1, heads, dim] contiguous) and, given
+        RETURN_LSE, its log-sum-exp from its splits' partial sums (flash-decoding's second pass)."""
+        row = tl.program_id(0) * BR + tl.arange(0, BR)
+        ok = row < ROWS
+        split = tl.arange(0, SPLITS)
+        at = (row[:, None] * SPLITS + split[None, :]) * 2
+        top = tl.load(STATS + at, mask=ok[:, None], other=float("-inf"))
+        total = tl.load(STATS + at + 1, mask=ok[:, None], other=0.0)
+        best = tl.max(top, 1)
+        best = tl.where(best == float("-inf"), 0.0, best)
+        weight = tl.exp2(top - best[:, None])
+        norm = tl.sum(total * weight, 1)
+        if RETURN_LSE:  # as in _decode_kernel; a row that read nothing: log2(0) = -inf
+            tl.store(LSE + row, (best + tl.log2(norm)) * 0.6931471805599453, mask=ok)
+        norm = tl.where(norm == 0.0, 1.0, norm)
+        d = tl.arange(0, DIM)
+        part = tl.load(
+            PART + (row[:, None, None] * SPLITS + split[None, :, None]) * DIM + d[None, None, :],
+            mask=ok[:, None, None],
+            other=0.0,
+        )
+        out = tl.sum(part * weight[:, :, None], 1) / norm[:, None]
+        tl.store(OUT + row[:, None] * DIM + d[None, :], out.to(OUT.dtype.element_ty), mask=ok[:, None])
 
 
 def decode_attention(
@@ -100,7 +131,8 @@ def decode_attention(
     softcap: float | None = None,
     splits: int | None = None,
     index: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One decode step's attention output [batch, 1, heads, dim], contiguous, in ``values``' dtype
     (the layout attention functions return).
 
@@ -118,6 +150,10 @@ def decode_attention(
     listed slots that the rules above let through. Entries < 0 pad a list. The order does not
     matter; a slot listed twice counts twice (lists are not checked for duplicates). The splits
     then divide the n entries. Not with ``window`` (ValueError).
+
+    ``return_lse``: return ``(output, lse)``, ``lse`` float32 [batch, heads] the natural-log
+    log-sum-exp of each head's logits as its softmax saw them (scaled, soft-capped) over the slots
+    it read, -inf where it read none; from the softmax's running max and sum, no second read.
 
     No host synchronisation and allocations sized by the shapes alone, so the call can be captured
     in a CUDA graph and replayed after ``lengths`` (and ``valid``, ``index``) change in place. Head
@@ -155,7 +191,9 @@ def decode_attention(
     split_keys = max(1, -(-entries // splits))
 
     out = torch.empty(batch, 1, heads, dim, dtype=values.dtype, device=values.device)
-    part = stats = out  # placeholders when one split writes the output itself
+    part = stats = lse = out  # placeholders when one split writes the output itself, and for no LSE
+    if return_lse:
+        lse = torch.empty(batch, heads, dtype=torch.float32, device=values.device)
     if padded > 1:
         part = torch.empty(batch * heads, padded, dim, dtype=torch.float32, device=values.device)
         stats = torch.empty(batch * heads, padded, 2, dtype=torch.float32, device=values.device)
@@ -176,23 +214,22 @@ def decode_attention(
         lengths, lengths.stride(0) if lengths.shape[0] > 1 else 0,
         flags, flags.stride(0) if valid is not None and valid.shape[0] > 1 else 0, flags.stride(-1),
         listed, *index_strides,
-        out, out.stride(0), out.stride(2),
+        out, out.stride(0), out.stride(2), lse,
         part, stats,
         units, heads // units, units // kv_heads, capacity, entries, split_keys, window or 0,
         scale / softcap if softcap else scale * log2e, softcap * log2e if softcap else 1.0,
         DIM=dim, BM=max(16, triton.next_power_of_2(heads // units)), BN=64 if dim <= 128 else 32,
         SPLITS=padded, HAS_VALID=valid is not None, HAS_WINDOW=window is not None, HAS_SOFTCAP=bool(softcap),
         HAS_INDEX=index is not None, DOT=dot, PRECISION="ieee" if values.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2,
+        RETURN_LSE=return_lse, num_warps=4, num_stages=2,
     )  # fmt: skip
     if padded > 1:
         rows = batch * heads
         tile = max(1, min(16, 4096 // (padded * dim)))
-        blocks._combine_kernel[(triton.cdiv(rows, tile),)](
-            part, stats, out, out.stride(0), out.stride(2), out.stride(1), rows, heads, 1,
-            SPLITS=padded, DIM=dim, BR=tile,
-        )  # fmt: skip
-    return out
+        _combine_kernel[(triton.cdiv(rows, tile),)](
+            part, stats, out, lse, rows, SPLITS=padded, DIM=dim, BR=tile, RETURN_LSE=return_lse
+        )
+    return (out, lse) if return_lse else out
 
 
 def default_splits(programs: int, keys: int) -> int:

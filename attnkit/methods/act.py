@@ -119,6 +119,8 @@ class ACT(Method):
             query = call.query[:, idx]
             key = call.key[:, idx // groups]
             value = call.value[:, idx // groups]
+            if call.state is not None and call.state.graph is not None:
+                return self._captured(call, query, key, value, output, idx)
             keys = key.shape[-2]
             key_valid = valid_keys(call, keys)
             sinks = self._recall(call, keys) if call.state.phase != "prefill" else None
@@ -133,6 +135,42 @@ class ACT(Method):
             return output
 
         return edit
+
+    def _captured(
+        self,
+        call: AttentionCall,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        output: torch.Tensor,
+        idx: torch.Tensor,
+    ) -> torch.Tensor:
+        """The fast path on a captured decode step: the prefill's sinks (at their own columns of the
+        fixed-capacity cache; their padded layout made at the first such step, before the graph is
+        captured) and the kernel's log-sum-exp, with no host reads."""
+        store = self._store(call)
+        if ("columns", call.layer) not in store:
+            sinks = store.get(call.layer)
+            store["columns", call.layer] = None if sinks is None else sink_columns(sinks)
+        columns = store["columns", call.layer]
+        if columns is None:
+            return output
+        window = layer_window(call.module.config, call.layer)
+        if window is not None:  # a sink that left the window is not read
+            seen = columns[0] >= call.state.graph.layers[call.layer].filled() - window
+            columns = (columns[0], columns[1] & seen)
+        lse = call.lse[:, idx, None]
+        corrected = calibrated(call, query, key, value, lse, columns, None, output[:, :, idx], self.config.beta)
+        output = output.clone()
+        output[:, :, idx] = corrected
+        self.stats.add("layer_calls")
+        return output
+
+    @property
+    def replayable(self) -> bool:  # type: ignore[override]
+        """The fast path replays (an output correction from the kernel's log-sum-exp); the eager
+        path edits probabilities, which the captured step's kernel never forms."""
+        return self.config.path == "fast"
 
 
 def total_length(call: AttentionCall) -> int:
@@ -255,17 +293,43 @@ def correct_output(
 
     output: [b, q, h, d] kernel output of the chosen heads; returns the same shape and dtype.
     """
-    b, h, q, d = query.shape
+    columns = sink_columns(sinks)
+    if columns is None:
+        return output
+    mask = sink_mask(call, columns[0], query.shape[2], key.shape[-2])
+    return calibrated(call, query, key, value, lse, columns, mask, output, beta)
+
+
+def sink_columns(sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The sink columns of each row and head, padded to the most any has: (columns, present) [b, h, m];
+    None without sinks. Reads the count on the host (so a captured step makes it before capture)."""
     width = int(sinks.sum(-1).max()) if sinks.any() else 0
     if width == 0:
-        return output
+        return None
     order = torch.sort(sinks.int(), dim=-1, descending=True, stable=True)
-    cols, present = order.indices[..., :width], order.values[..., :width].bool()  # [b, h, m]
-    gather = cols[..., None].expand(b, h, width, d)
+    return order.indices[..., :width], order.values[..., :width].bool()
+
+
+def calibrated(
+    call: AttentionCall,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lse: torch.Tensor,
+    columns: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor | None,
+    output: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """ACT's correction of ``output`` [b, q, h, d] from the sink ``columns`` (and the layer's
+    ``mask`` there, [b, h, q, m] or None) and the rows' log-sum-exp ``lse`` [b, h, q]."""
+    cols, present = columns
+    b, h, q, d = query.shape
+    gather = cols[..., None].expand(b, h, cols.shape[-1], d)
     key_s, value_s = key.gather(2, gather), value.gather(2, gather)
-    scores = call.logits(query, key_s)  # [b, h, q, m]
-    mask = sink_mask(call, cols, q, key.shape[-2])
-    scores = scores + mask + torch.where(present, 0.0, MASKED)[:, :, None, :]
+    scores = call.logits(query, key_s) + torch.where(present, 0.0, MASKED)[:, :, None, :]  # [b, h, q, m]
+    if mask is not None:
+        scores = scores + mask
     attn = torch.exp(scores - lse[..., None])
     mass = attn.sum(-1, keepdim=True)
     part = torch.matmul(attn, value_s.to(attn.dtype))
