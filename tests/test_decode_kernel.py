@@ -272,16 +272,35 @@ def test_index_errors():
             decode_attention(query, keys, values, lengths, 0.1, index=wrong)
 
 
+def cuda_inputs(batch, heads, kv_heads, dim, capacity, rows):
+    """Seeded bf16 query, keys and values on the GPU, and int32 lengths ``rows``."""
+    torch.manual_seed(0)
+    query = torch.randn(batch, heads, 1, dim, device="cuda", dtype=torch.bfloat16) * 2
+    keys = torch.randn(batch, kv_heads, capacity, dim, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn(batch, kv_heads, capacity, dim, device="cuda", dtype=torch.bfloat16)
+    return query, keys, values, torch.tensor(rows, device="cuda", dtype=torch.int32)
+
+
+def captured(call):
+    """``call`` captured in a CUDA graph after a warm-up run (Triton compiles outside the capture):
+    the graph and the output tensor its replays write."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    return graph, out
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_against_sdpa_and_under_graph_replay():
     """The compiled kernel at Llama-3-8B's shape in bf16 against sdpa on each row's filled part,
     then captured in a CUDA graph and replayed after the lengths changed in place."""
-    torch.manual_seed(0)
     batch, heads, kv_heads, dim, capacity = 2, 32, 8, 128, 4096
-    query = torch.randn(batch, heads, 1, dim, device="cuda", dtype=torch.bfloat16) * 2
-    keys = torch.randn(batch, kv_heads, capacity, dim, device="cuda", dtype=torch.bfloat16)
-    values = torch.randn(batch, kv_heads, capacity, dim, device="cuda", dtype=torch.bfloat16)
-    lengths = torch.tensor([4000, 1234], device="cuda", dtype=torch.int32)
+    query, keys, values, lengths = cuda_inputs(batch, heads, kv_heads, dim, capacity, [4000, 1234])
     scale = dim**-0.5
 
     def expected(rows):
@@ -305,14 +324,7 @@ def test_on_cuda_against_sdpa_and_under_graph_replay():
 
     close(decode_attention(query, keys, values, lengths, scale), [4000, 1234])
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        decode_attention(query, keys, values, lengths, scale)  # warm-up (compilation) outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = decode_attention(query, keys, values, lengths, scale)
+    graph, out = captured(lambda: decode_attention(query, keys, values, lengths, scale))
     for rows in ([17, 4096], [4000, 1234], [0, 300]):
         lengths.copy_(torch.tensor(rows))
         graph.replay()
@@ -326,13 +338,9 @@ def test_gathered_on_cuda_against_sdpa_and_under_graph_replay(per):
     """Sparse reads of 2048 of 8192 slots (1 in 8 entries -1, many past the length), a list per KV
     head or per query head, in bf16 at Llama-3-8B's head shape against sdpa over the gathered
     slots; then under CUDA-graph replay after the index and the lengths changed in place."""
-    torch.manual_seed(0)
     batch, heads, kv_heads, dim, capacity, n = 2, 32, 8, 128, 8192, 2048
     units = kv_heads if per == "kv_head" else heads
-    query = torch.randn(batch, heads, 1, dim, device="cuda", dtype=torch.bfloat16) * 2
-    keys = torch.randn(batch, kv_heads, capacity, dim, device="cuda", dtype=torch.bfloat16)
-    values = torch.randn(batch, kv_heads, capacity, dim, device="cuda", dtype=torch.bfloat16)
-    lengths = torch.tensor([8000, 3000], device="cuda", dtype=torch.int32)
+    query, keys, values, lengths = cuda_inputs(batch, heads, kv_heads, dim, capacity, [8000, 3000])
     scale = dim**-0.5
 
     def listing(seed):
@@ -372,14 +380,7 @@ def test_gathered_on_cuda_against_sdpa_and_under_graph_replay(per):
     assert lse.dtype == torch.float32 and lse.shape == (batch, heads)
     torch.testing.assert_close(lse.double(), want, rtol=1e-3, atol=1e-3)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        decode_attention(query, keys, values, lengths, scale, index=index)  # compilation outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = decode_attention(query, keys, values, lengths, scale, index=index)
+    graph, out = captured(lambda: decode_attention(query, keys, values, lengths, scale, index=index))
     for seed, rows in ((2, [8192, 17]), (3, [4000, 1234]), (4, [0, 8192])):
         index.copy_(listing(seed))
         lengths.copy_(torch.tensor(rows))

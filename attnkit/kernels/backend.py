@@ -1,5 +1,5 @@
-"""Triton, where it is installed (GPU machines; CPU machines use the torch paths instead), and the
-online-softmax step the kernels share."""
+"""Triton, where it is installed (GPU machines; CPU machines use the torch paths instead), and what
+the kernels share: the online-softmax step and flash-decoding's combine pass."""
 
 from __future__ import annotations
 
@@ -22,5 +22,36 @@ if triton is not None:
         p = tl.exp2(s - safe[:, None])
         alpha = tl.exp2(top - safe)
         return p, alpha, new_top, total * alpha + tl.sum(p, 1)
+
+    @triton.jit
+    def combine_splits(
+        PART, STATS, OUT, LSE, sob, soh, som, ROWS, H, M,
+        SPLITS: tl.constexpr, DIM: tl.constexpr, BR: tl.constexpr, RETURN_LSE: tl.constexpr,
+    ):  # fmt: skip
+        """Flash-decoding's second pass: each row's output from its splits' partial sums and their
+        (base-2 max, sum) STATS; rows are (batch, head, query) in that order, written at the strides
+        of OUT; given RETURN_LSE, the row's natural log-sum-exp (-inf for a row that read nothing)."""
+        row = tl.program_id(0) * BR + tl.arange(0, BR)
+        ok = row < ROWS
+        split = tl.arange(0, SPLITS)
+        at = (row[:, None] * SPLITS + split[None, :]) * 2
+        top = tl.load(STATS + at, mask=ok[:, None], other=float("-inf"))
+        total = tl.load(STATS + at + 1, mask=ok[:, None], other=0.0)
+        best = tl.max(top, 1)
+        best = tl.where(best == float("-inf"), 0.0, best)
+        weight = tl.exp2(top - best[:, None])
+        norm = tl.sum(total * weight, 1)
+        if RETURN_LSE:
+            tl.store(LSE + row, (best + tl.log2(norm)) * 0.6931471805599453, mask=ok)
+        norm = tl.where(norm == 0.0, 1.0, norm)
+        d = tl.arange(0, DIM)
+        part = tl.load(
+            PART + (row[:, None, None] * SPLITS + split[None, :, None]) * DIM + d[None, None, :],
+            mask=ok[:, None, None],
+            other=0.0,
+        )
+        out = tl.sum(part * weight[:, :, None], 1) / norm[:, None]
+        o_at = OUT + (row // (H * M)) * sob + ((row // M) % H) * soh + (row % M) * som
+        tl.store(o_at[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=ok[:, None])
 else:
-    online_softmax = None
+    online_softmax = combine_splits = None

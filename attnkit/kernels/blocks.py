@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from attnkit.kernels.backend import online_softmax, tl, triton
+from attnkit.kernels.backend import combine_splits, online_softmax, tl, triton
 
 if triton is not None:
 
@@ -137,40 +137,13 @@ if triton is not None:
             o_at = OUT + b * sob + h[:, None] * soh + m[:, None] * som + d[None, :]
             tl.store(o_at, (acc1 / total[:, None]).to(OUT.dtype.element_ty), mask=row_ok[:, None])
             tl.store(o_at + HALF, (acc2 / total[:, None]).to(OUT.dtype.element_ty), mask=row_ok[:, None])
-        else:  # partial sums per split, combined by _combine_kernel
+        else:  # partial sums per split, combined by backend.combine_splits
             row = (b * HKV * G + h) * M + m
             p_at = PART + (row[:, None] * SPLITS + split) * (2 * HALF) + d[None, :]
             tl.store(p_at, acc1, mask=row_ok[:, None])
             tl.store(p_at + HALF, acc2, mask=row_ok[:, None])
             tl.store(STATS + (row * SPLITS + split) * 2, top, mask=row_ok)
             tl.store(STATS + (row * SPLITS + split) * 2 + 1, total, mask=row_ok)
-
-    @triton.jit
-    def _combine_kernel(
-        PART, STATS, OUT, sob, soh, som, ROWS, H, M,
-        SPLITS: tl.constexpr, DIM: tl.constexpr, BR: tl.constexpr,
-    ):  # fmt: skip
-        """Each row's output from its splits' partial sums (flash-decoding's second pass)."""
-        row = tl.program_id(0) * BR + tl.arange(0, BR)
-        ok = row < ROWS
-        split = tl.arange(0, SPLITS)
-        at = (row[:, None] * SPLITS + split[None, :]) * 2
-        top = tl.load(STATS + at, mask=ok[:, None], other=float("-inf"))
-        total = tl.load(STATS + at + 1, mask=ok[:, None], other=0.0)
-        best = tl.max(top, 1)
-        best = tl.where(best == float("-inf"), 0.0, best)
-        weight = tl.exp2(top - best[:, None])
-        norm = tl.sum(total * weight, 1)
-        norm = tl.where(norm == 0.0, 1.0, norm)
-        d = tl.arange(0, DIM)
-        part = tl.load(
-            PART + (row[:, None, None] * SPLITS + split[None, :, None]) * DIM + d[None, None, :],
-            mask=ok[:, None, None],
-            other=0.0,
-        )
-        out = tl.sum(part * weight[:, :, None], 1) / norm[:, None]
-        o_at = OUT + (row // (H * M)) * sob + ((row // M) % H) * soh + (row % M) * som
-        tl.store(o_at[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=ok[:, None])
 
 
 def block_attention(
@@ -254,9 +227,10 @@ def block_attention(
     )  # fmt: skip
     if splits > 1:
         total = batch * heads * rows
-        _combine_kernel[(triton.cdiv(total, 16),)](
-            part, stats, out, *out.stride()[:3], total, heads, rows, SPLITS=splits, DIM=dim, BR=16
-        )
+        combine_splits[(triton.cdiv(total, 16),)](
+            part, stats, out, out, *out.stride()[:3], total, heads, rows,
+            SPLITS=splits, DIM=dim, BR=16, RETURN_LSE=False,
+        )  # fmt: skip
     return out
 
 

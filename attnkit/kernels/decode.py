@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from attnkit.kernels.backend import online_softmax, tl, triton
+from attnkit.kernels.backend import combine_splits, online_softmax, tl, triton
 
 if triton is not None:
 
@@ -85,39 +85,10 @@ if triton is not None:
             total = tl.where(total == 0.0, 1.0, total)  # a row that reads no key: 0, not NaN
             o_at = OUT + b * sob + h[:, None] * soh + d[None, :]
             tl.store(o_at, (acc / total[:, None]).to(OUT.dtype.element_ty), mask=row_ok[:, None])
-        else:  # partial sums per split, combined by _combine_kernel
+        else:  # partial sums per split, combined by backend.combine_splits
             tl.store(PART + (row[:, None] * SPLITS + split) * DIM + d[None, :], acc, mask=row_ok[:, None])
             tl.store(STATS + (row * SPLITS + split) * 2, top, mask=row_ok)
             tl.store(STATS + (row * SPLITS + split) * 2 + 1, total, mask=row_ok)
-
-    @triton.jit
-    def _combine_kernel(
-        PART, STATS, OUT, LSE, ROWS,
-        SPLITS: tl.constexpr, DIM: tl.constexpr, BR: tl.constexpr, RETURN_LSE: tl.constexpr,
-    ):  # fmt: skip
-        """Each row's output (a row: a (batch, head), [batch, 1, heads, dim] contiguous) and, given
-        RETURN_LSE, its log-sum-exp from its splits' partial sums (flash-decoding's second pass)."""
-        row = tl.program_id(0) * BR + tl.arange(0, BR)
-        ok = row < ROWS
-        split = tl.arange(0, SPLITS)
-        at = (row[:, None] * SPLITS + split[None, :]) * 2
-        top = tl.load(STATS + at, mask=ok[:, None], other=float("-inf"))
-        total = tl.load(STATS + at + 1, mask=ok[:, None], other=0.0)
-        best = tl.max(top, 1)
-        best = tl.where(best == float("-inf"), 0.0, best)
-        weight = tl.exp2(top - best[:, None])
-        norm = tl.sum(total * weight, 1)
-        if RETURN_LSE:  # as in _decode_kernel; a row that read nothing: log2(0) = -inf
-            tl.store(LSE + row, (best + tl.log2(norm)) * 0.6931471805599453, mask=ok)
-        norm = tl.where(norm == 0.0, 1.0, norm)
-        d = tl.arange(0, DIM)
-        part = tl.load(
-            PART + (row[:, None, None] * SPLITS + split[None, :, None]) * DIM + d[None, None, :],
-            mask=ok[:, None, None],
-            other=0.0,
-        )
-        out = tl.sum(part * weight[:, :, None], 1) / norm[:, None]
-        tl.store(OUT + row[:, None] * DIM + d[None, :], out.to(OUT.dtype.element_ty), mask=ok[:, None])
 
 
 def decode_attention(
@@ -226,9 +197,10 @@ def decode_attention(
     if padded > 1:
         rows = batch * heads
         tile = max(1, min(16, 4096 // (padded * dim)))
-        _combine_kernel[(triton.cdiv(rows, tile),)](
-            part, stats, out, lse, rows, SPLITS=padded, DIM=dim, BR=tile, RETURN_LSE=return_lse
-        )
+        combine_splits[(triton.cdiv(rows, tile),)](
+            part, stats, out, lse, out.stride(0), out.stride(2), 0, rows, heads, 1,
+            SPLITS=padded, DIM=dim, BR=tile, RETURN_LSE=return_lse,
+        )  # fmt: skip
     return (out, lse) if return_lse else out
 
 
