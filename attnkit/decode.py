@@ -73,7 +73,7 @@ def check_request(generation_config: Any, synced_gpus: bool, model_kwargs: dict[
         raise GraphError("captured decoding runs on one process; drop synced_gpus or custom_generate")
     if getattr(generation_config, "return_dict_in_generate", False):
         raise GraphError("captured decoding returns token ids only; drop return_dict_in_generate or custom_generate")
-    if getattr(generation_config, "num_beams", 1) != 1:
+    if (getattr(generation_config, "num_beams", None) or 1) != 1:
         raise GraphError("captured decoding samples or decodes greedily; set num_beams=1 or drop custom_generate")
     extra = sorted(key for key, value in model_kwargs.items() if value is not None and key not in PASSED)
     if extra:
@@ -128,8 +128,6 @@ class Loop:
         sequences = input_ids
         unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
         pad = pad_token(config)
-        if self.streamer is not None:
-            self.streamer.put(input_ids.cpu())
         for made in range(budget):
             scores = self.processors(sequences, logits)
             tokens = self.choose(scores)

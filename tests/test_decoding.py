@@ -292,3 +292,29 @@ def test_graph_replay_of_sparse_and_compressed_decoding_on_cuda(kind: str) -> No
         after = handle.stats(total=True)[kind]["phases"]["decode"]
     assert torch.equal(out, expected)
     assert after - before == 11
+
+
+def test_a_streamer_handed_to_the_loop_sees_each_new_token() -> None:
+    """generate() streams the prompt itself; the loop streams each new token as it is chosen, then
+    ends the stream. (transformers 5.17-5.24 hand a custom loop no streamer from generate(); the
+    README says so.)"""
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.seen: list[list[int]] = []
+            self.ended = False
+
+        def put(self, value: torch.Tensor) -> None:
+            self.seen.append(value.reshape(-1).tolist())
+
+        def end(self) -> None:
+            self.ended = True
+
+    model = tiny_model("llama-gqa")
+    ids = torch.tensor([PROMPTS[0]])
+    expected, got = Recorder(), Recorder()
+    model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, streamer=expected)
+    config = GenerationConfig(max_new_tokens=5, do_sample=False)
+    captured_decoding(model, ids, LogitsProcessorList(), StoppingCriteriaList(), config, streamer=got, mode="eager")
+    assert got.seen == expected.seen[1:] and got.ended
