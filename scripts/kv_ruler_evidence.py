@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -62,20 +63,44 @@ def run_one(model, tokenizer, task: RulerTask, name: str, methods, path: Path) -
     print(f"{name} @{task.lengths[0]}: average {result.metrics['average']:.1f}, {row['seconds']} s", flush=True)
 
 
+def pooled(scores: list[float], seed: int = 0, draws: int = 10000) -> tuple[float, float, float]:
+    """Mean of per-prompt scores with a 95% percentile bootstrap interval (prompts resampled)."""
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(scores, k=len(scores))) / len(scores) for _ in range(draws))
+    return sum(scores) / len(scores), means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
+
+
 def summary_tables(out: Path) -> None:
-    """Markdown: average per configuration x length, then per task for each configuration."""
+    """Markdown: average per configuration x length, the mean over every prompt with a 95%
+    bootstrap interval, then per task for each configuration."""
     runs = [json.loads(p.read_text()) for p in sorted(out.glob("*@*.json"))]
     configs = list(
         dict.fromkeys(r["config"] for r in sorted(runs, key=lambda r: list(configurations()).index(r["config"])))
     )
     lengths = sorted({r["length"] for r in runs})
     got = {(r["config"], r["length"]): r for r in runs}
-    print("| configuration | " + " | ".join(map(str, lengths)) + " | KV kept |")
-    print("|---" * (len(lengths) + 2) + "|")
+    print(
+        "| configuration | "
+        + " | ".join(map(str, lengths))
+        + " | all prompts (95% CI) | minus full, paired (95% CI) | KV kept |"
+    )
+    print("|---" * (len(lengths) + 4) + "|")
     for c in configs:
         cells = [f"{got[c, n]['metrics']['average']:.1f}" if (c, n) in got else "-" for n in lengths]
         kept = [got[c, n]["kv_fraction"] for n in lengths if (c, n) in got]
-        print(f"| {c} | " + " | ".join(cells) + f" | {sum(kept) / len(kept):.3f} |")
+        scores = [row["score"] for n in lengths if (c, n) in got for row in got[c, n]["rows"]]
+        mean, low, high = pooled(scores)
+        shared = [n for n in lengths if (c, n) in got and ("full", n) in got]
+        diffs = [
+            mine["score"] - base["score"]
+            for n in shared
+            for mine, base in zip(got[c, n]["rows"], got["full", n]["rows"])
+        ]
+        d, d_low, d_high = pooled(diffs) if diffs else (0.0, 0.0, 0.0)
+        print(
+            f"| {c} | " + " | ".join(cells) + f" | {mean:.1f} ({low:.1f} to {high:.1f}) | "
+            f"{d:+.1f} ({d_low:+.1f} to {d_high:+.1f}) | {sum(kept) / len(kept):.3f} |"
+        )
     for n in lengths:
         print(f"\nper task at {n} tokens:\n")
         present = [c for c in configs if (c, n) in got]
