@@ -11,6 +11,24 @@ torch.set_num_threads(2)
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a whole module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    results that must match across runs or batch layouts, bit for bit."""
+    from tests.factory import single_threaded
+
+    with single_threaded():
+        yield
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The character tokenizer of ``tests.test_tasks`` (a module may define its own instead)."""
+    from tests.test_tasks import char_tokenizer
+
+    return char_tokenizer()
+
+
 @pytest.fixture
 def fake_load(monkeypatch, model, tokenizer):
     """attnkit.models.load_model returning the test module's ``model`` and ``tokenizer``; records calls."""

@@ -20,17 +20,12 @@ from tests.factory import (
     arch_attn_pairs,
     left_padded_batch,
     position_ids_from_mask,
-    single_threaded,
     tiny_config,
     tiny_inputs,
     tiny_model,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_threaded():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PAIRS = arch_attn_pairs()

@@ -22,27 +22,18 @@ from attnkit.probes.configs import KVGatesConfig
 from attnkit.probes.kv_gates import Gates, KVGatesError
 from attnkit.probes.razor_heads import top_count
 from attnkit.probes.retrieval_heads import NeedleData
-from tests.factory import single_threaded, tiny_model
+from tests.factory import tiny_model
 from tests.test_kv_profilers import HAY, NEEDLES
-from tests.test_tasks import char_tokenizer
 
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_threaded():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("llama-gqa")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return char_tokenizer()
 
 
 @pytest.mark.parametrize(

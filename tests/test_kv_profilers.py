@@ -22,26 +22,17 @@ from attnkit.probes.razor_heads import (
     top_count,
     top_union,
 )
-from tests.factory import single_threaded, tiny_model
-from tests.test_tasks import char_tokenizer
+from tests.factory import tiny_model
 
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_threaded():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("llama-gqa")  # sdpa; the profilers switch to eager and back
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return char_tokenizer()
 
 
 # ----------------------------------------------------------------------------- razor: scores

@@ -26,7 +26,7 @@ from attnkit.tasks.needle import (
     run_needle,
     run_passkey,
 )
-from tests.factory import single_threaded, tiny_model
+from tests.factory import tiny_model
 from tests.test_tasks import CHAT_TEMPLATE, char_tokenizer
 
 SENTENCES = [
@@ -38,20 +38,12 @@ NEEDLE = "The key is red."
 QUESTION = "What is the key?"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_threaded():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("llama-gqa")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return char_tokenizer()
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from attnkit.probes.configs import (
 )
 from attnkit.probes.progress import Progress
 from attnkit.probes.registry import PROFILERS
-from tests.factory import single_threaded, tiny_model
+from tests.factory import tiny_model
 from tests.test_kv_profilers import HAY, NEEDLES
 from tests.test_ph3 import MERGES, conflict_rows, write
 from tests.test_tasks import char_tokenizer
@@ -38,10 +38,7 @@ from tests.test_tasks import char_tokenizer
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_threaded():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- configs and the CLI

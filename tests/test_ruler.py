@@ -27,7 +27,7 @@ from attnkit.tasks.ruler import (
     summary,
 )
 from attnkit.tasks.ruler_families import FAMILIES, NEEDLE, essay_words, singular
-from tests.factory import single_threaded, tiny_model
+from tests.factory import tiny_model
 from tests.test_tasks import CHAT_TEMPLATE, char_tokenizer
 
 ESSAY = " ".join(
@@ -38,15 +38,7 @@ UNIT = 130
 """The largest haystack unit in characters (a distractor needle with two UUIDs), the fitting tolerance."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_threaded():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return char_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(tokenizer, chat: bool = False, **task):

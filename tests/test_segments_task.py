@@ -15,7 +15,7 @@ from attnkit.recipe.tasks import SegmentsTask, parse_task
 from attnkit.tasks import TaskDataError, run_recipe, summarize
 from attnkit.tasks.needle import exact_match
 from attnkit.tasks.segments import gold_positions, mentioned, orders_of, run_segments, with_gold_at
-from tests.factory import single_threaded, tiny_model
+from tests.factory import tiny_model
 from tests.test_tasks import CHAT_TEMPLATE, char_tokenizer
 
 JUDGE = [
@@ -50,20 +50,12 @@ RECORDS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_threaded():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("llama-gqa")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return char_tokenizer()
 
 
 def write_jsonl(path, items) -> str:

@@ -26,23 +26,14 @@ from attnkit.probes.sink_dims import (
     read_texts,
 )
 from attnkit.sinks import massive_activation
-from tests.factory import BOS_ID, HEAD_DIM, single_threaded, tiny_model
-from tests.test_tasks import char_tokenizer
+from tests.factory import BOS_ID, HEAD_DIM, tiny_model
 
 PLANTED = 41
 LAYERS = 6
 SAMPLES = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_threaded():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return char_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted_model(dim: int, tokens: tuple[int, ...] = (BOS_ID,), seed: int = 0, attn: str = "sdpa"):

@@ -16,27 +16,17 @@ from attnkit.cli import app
 from attnkit.methods import HeadMask
 from attnkit.plots import head_map
 from attnkit.sink_report import SinkReport, sink_heatmap, sink_stats
-from tests.factory import ARCHS, SUPPORTED_ATTN, single_threaded, tiny_model
-from tests.test_tasks import char_tokenizer
+from tests.factory import ARCHS, SUPPORTED_ATTN, tiny_model
 
 TEXT = "The cat sat on the mat."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread (see ``single_threaded``)."""
-    with single_threaded():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
 
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("llama-gqa", attn_implementation="sdpa")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return char_tokenizer()
 
 
 @pytest.fixture(scope="module")

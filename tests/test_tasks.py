@@ -51,11 +51,6 @@ def model():
     return tiny_model("llama-gqa")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return char_tokenizer()
-
-
 def generate(model, tokenizer, **task):
     return run_generate(model, tokenizer, GenerateTask(**task), progress=False)
 
