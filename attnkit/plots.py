@@ -165,22 +165,10 @@ def needle_heatmap(
     grid = np.full((len(depths), len(lengths)), np.nan)
     for r in rows:
         grid[depths.index(float(r["depth"])), lengths.index(int(r["length"]))] = float(r[metric])
-    fig = new_figure(max(4.0, 0.9 * len(lengths) + 2.2), max(3.0, 0.45 * len(depths) + 1.6))
-    ax = fig.add_subplot()
-    image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="RdYlGn", norm=Normalize(0.0, 1.0))
-    ax.set_xticks(np.arange(len(lengths)), [str(n) for n in lengths])
-    ax.set_yticks(np.arange(len(depths)), [f"{d:.0%}" for d in depths])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth")
-    ax.tick_params(labelsize=8)
-    ax.set_title(title, fontsize=10)
-    for (i, j), value in np.ndenumerate(grid):
-        if np.isfinite(value):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
-    cbar = fig.colorbar(image, ax=ax, pad=0.03)
-    cbar.set_label(metric, fontsize=8)
-    cbar.ax.tick_params(labelsize=7)
-    return save_figure(fig, path)
+    return score_heatmap(
+        grid, [f"{d:.0%}" for d in depths], [str(n) for n in lengths], path,
+        top=1.0, title=title, ylabel="needle depth", label=metric, value_format=".2f",
+    )  # fmt: skip
 
 
 def score_heatmap(
@@ -194,10 +182,11 @@ def score_heatmap(
     xlabel: str = "context length (tokens)",
     ylabel: str = "",
     label: str = "score",
+    value_format: str = ".3g",
 ) -> Figure:
     """A rows x columns table of scores in [0, ``top``] as a heatmap (0 red to ``top`` green), each
-    cell's value written in; NaN cells (not run) stay blank. The ``ruler`` task's per-task and
-    depth maps."""
+    cell's value written in (``value_format``); NaN cells (not run) stay blank. The ``ruler`` task's
+    per-task and depth maps, and the needle maps."""
     grid = np.asarray(grid, dtype=float)
     fig = new_figure(max(4.0, 0.9 * len(columns) + 2.6), max(3.0, 0.4 * len(rows) + 1.6))
     ax = fig.add_subplot()
@@ -210,7 +199,7 @@ def score_heatmap(
     ax.set_title(title, fontsize=10)
     for (i, j), value in np.ndenumerate(grid):
         if np.isfinite(value):
-            ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=7)
+            ax.text(j, i, format(value, value_format), ha="center", va="center", fontsize=7)
     cbar = fig.colorbar(image, ax=ax, pad=0.03)
     cbar.set_label(label, fontsize=8)
     cbar.ax.tick_params(labelsize=7)
