@@ -103,26 +103,14 @@ def main() -> None:
         path = args.out / f"{name}.json"
         if path.exists():
             continue
-        began = time.time()
-        handle = attnkit.apply(model, methods) if methods else None
-        try:
-            result = run_needle(model, tokenizer, task, progress=False)
-            stats = handle.stats(total=True)[methods[0].name] if handle else {}
-        finally:
-            if handle:
-                handle.remove()
+        result, stats, row = measured(model, methods, lambda: run_needle(model, tokenizer, task, progress=False))
         result.write_files(args.out, name)
-        before, after = stats.get("kv_bytes_before"), stats.get("kv_bytes_after")
         row = {
             "config": name,
-            "methods": [repr(m) for m in methods or []],
-            "metrics": result.metrics,
-            "kv_bytes_before": before,
-            "kv_bytes_after": after,
-            "kv_fraction": after / before if before else 1.0,
+            **row,
+            "kv_bytes_before": stats.get("kv_bytes_before"),
+            "kv_bytes_after": stats.get("kv_bytes_after"),
             "stats": {k: v for k, v in stats.items() if k != "kv_bytes"},
-            "seconds": round(time.time() - began, 1),
-            "rows": result.rows,
         }
         path.write_text(json.dumps(row, indent=1))
         print(
@@ -131,6 +119,28 @@ def main() -> None:
             flush=True,
         )
     summary(args.out)
+
+
+def measured(model, methods, run) -> tuple:
+    """``run()`` with ``methods`` applied (None: the untouched model), then removed: its result, the
+    first method's stats summed over the run, and the report fields every evidence row shares."""
+    began = time.time()
+    handle = attnkit.apply(model, methods) if methods else None
+    try:
+        result = run()
+        stats = handle.stats(total=True)[methods[0].name] if handle else {}
+    finally:
+        if handle:
+            handle.remove()
+    before, after = stats.get("kv_bytes_before"), stats.get("kv_bytes_after")
+    row = {
+        "methods": [repr(m) for m in methods or []],
+        "metrics": result.metrics,
+        "kv_fraction": after / before if before else 1.0,
+        "seconds": round(time.time() - began, 1),
+        "rows": result.rows,
+    }
+    return result, stats, row
 
 
 def summary(out: Path) -> None:

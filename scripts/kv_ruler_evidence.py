@@ -15,17 +15,15 @@ import argparse
 import json
 import random
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import attnkit  # noqa: E402
 from attnkit.methods import Razor, SnapKV, Streaming  # noqa: E402
 from attnkit.models import load_model  # noqa: E402
 from attnkit.recipe.tasks import RULER_FAMILIES, RulerTask  # noqa: E402
 from attnkit.tasks.ruler import run_ruler  # noqa: E402
-from scripts.kv_evidence import GATED, kv_gates_top  # noqa: E402
+from scripts.kv_evidence import GATED, kv_gates_top, measured  # noqa: E402
 
 
 def configurations() -> dict:
@@ -41,24 +39,8 @@ def configurations() -> dict:
 
 
 def run_one(model, tokenizer, task: RulerTask, name: str, methods, path: Path) -> None:
-    began = time.time()
-    handle = attnkit.apply(model, methods) if methods else None
-    try:
-        result = run_ruler(model, tokenizer, task, progress=False)
-        stats = handle.stats(total=True)[methods[0].name] if handle else {}
-    finally:
-        if handle:
-            handle.remove()
-    before, after = stats.get("kv_bytes_before"), stats.get("kv_bytes_after")
-    row = {
-        "config": name,
-        "length": task.lengths[0],
-        "methods": [repr(m) for m in methods or []],
-        "metrics": result.metrics,
-        "kv_fraction": after / before if before else 1.0,
-        "seconds": round(time.time() - began, 1),
-        "rows": result.rows,
-    }
+    result, _, fields = measured(model, methods, lambda: run_ruler(model, tokenizer, task, progress=False))
+    row = {"config": name, "length": task.lengths[0], **fields}
     path.write_text(json.dumps(row, indent=1))
     print(f"{name} @{task.lengths[0]}: average {result.metrics['average']:.1f}, {row['seconds']} s", flush=True)
 
