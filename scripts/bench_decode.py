@@ -36,6 +36,7 @@ syncs and GPU busy time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -144,10 +145,15 @@ class Case:
         return run
 
 
+def backends(name: str):
+    """sdpa's backends for ``name``: cuDNN left out for ``untouched_no_cudnn``, torch's defaults otherwise."""
+    return sdpa_without_cudnn() if name == "untouched_no_cudnn" else contextlib.nullcontext()
+
+
 def one_round(case: Case, name: str, methods, args) -> tuple[float, dict]:
     """The mean step of one timed block of ``name``, and its methods' stats."""
     handle = attnkit.apply(case.model, methods) if methods is not None else None
-    context = sdpa_without_cudnn() if name == "untouched_no_cudnn" else _nothing()
+    context = backends(name)
     try:
         with torch.no_grad(), context:
             case.steps(name, args.warmup)()
@@ -162,21 +168,13 @@ def one_round(case: Case, name: str, methods, args) -> tuple[float, dict]:
     return ms, stats
 
 
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def profile(case: Case, name: str, methods, steps: int) -> dict[str, float]:
     """Per decode step: host-side operator calls, kernel launches, host syncs, GPU busy ms, wall ms."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     handle = attnkit.apply(case.model, methods) if methods is not None else None
-    context = sdpa_without_cudnn() if name == "untouched_no_cudnn" else _nothing()
+    context = backends(name)
     try:
         with torch.no_grad(), context:
             case.steps(name, 3)()
