@@ -29,6 +29,18 @@ def tokenizer():
     return char_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama (256 positions) and a character tokenizer saved as a local model folder."""
+    from tests.factory import tiny_model
+    from tests.test_tasks import char_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_model("llama-gqa").save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def fake_load(monkeypatch, model, tokenizer):
     """attnkit.models.load_model returning the test module's ``model`` and ``tokenizer``; records calls."""

@@ -16,19 +16,10 @@ from attnkit.models import ModelLoadError, embedded_cache_path, load_model, load
 from attnkit.recipe import load_recipe
 from attnkit.tasks import preflight
 from tests.factory import tiny_model
-from tests.test_tasks import char_tokenizer
 
 runner = CliRunner()
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
 NO_FLASH = pytest.mark.skipif(models.importlib.util.find_spec("flash_attn") is not None, reason="flash-attn installed")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_model("llama-gqa").save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def recipe_file(folder: Path, model_dir: Path, model: str = "", methods: str = "[]") -> Path:

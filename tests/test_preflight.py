@@ -14,23 +14,12 @@ from typer.testing import CliRunner
 
 from attnkit.cli import app
 from attnkit.recipe import RecipeError, load_recipe
-from tests.factory import tiny_model
-from tests.test_tasks import char_tokenizer
 
 runner = CliRunner()
 
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A tiny Llama (256 positions) and a character tokenizer saved as a local model folder."""
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_model("llama-gqa").save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture
