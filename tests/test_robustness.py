@@ -18,7 +18,7 @@ from attnkit.heads import HeadArtifact, HeadSetError, ModelShape, Selection, loa
 from attnkit.probes.progress import Progress
 from attnkit.recipe import load_recipe
 from tests.factory import tiny_model
-from tests.test_preflight import model_dir, recipe_file, workdir  # noqa: F401 (fixtures)
+from tests.test_preflight import recipe_file, workdir  # noqa: F401 (fixtures)
 
 runner = CliRunner()
 
