@@ -6,7 +6,10 @@ transformers' ``generate`` prepares the inputs, logits processors and stopping c
 the decoding loop to a callable given as ``custom_generate`` (its public hook for decoding loops).
 This loop prefills the prompt as usual, with the recipe's methods acting on it, copies the cache
 into fixed-capacity buffers (:mod:`attnkit.engine.graphs`), captures one decode step, and replays
-it for every later token: the host only picks the next tokens. The model needs no handle (the
+it for every later token: the host only picks the next tokens. With ``compile=True`` the step's
+model code (norms, rotary, projections, MLP) is first compiled by ``torch.compile`` into fewer,
+fused kernels, attnkit's attention left out of the compiled graphs, and the graph captures those
+(``custom_generate=functools.partial(attnkit.captured_decoding, compile=True)``). The model needs no handle (the
 untouched model decodes through the same path); with one, its methods must be replayable
 (``Method.replayable``: ``head_mask``, ``ph3``, ``snapkv``, ``streaming``, ``tidaldecode``, ACT's
 fast path, or any method at its identity setting).
@@ -18,8 +21,10 @@ the same token choice, from the same prefill.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -43,19 +48,24 @@ def captured_decoding(
     synced_gpus: bool = False,
     streamer: Any = None,
     mode: str = "graph",
+    compile: bool = False,
     **model_kwargs: Any,
 ) -> torch.LongTensor:
     """A decoding loop for ``generate(custom_generate=...)``: greedy or sampled, one CUDA graph per
     generation. Returns the sequences (prompt and new tokens), as ``generate`` does by default.
 
     ``mode``: ``graph`` (capture and replay); ``buffers`` (the captured step's computation run
-    eagerly on the same buffers, with no graph: what tests check on a CPU); ``eager``.
+    eagerly on the same buffers, with no graph: what tests check on a CPU); ``eager``. ``compile``:
+    the captured step runs the model's code as ``torch.compile`` builds it (compiled at the first
+    decode step; attnkit's attention and the methods' hooks stay as they are).
     """
     check_request(generation_config, synced_gpus, model_kwargs)
     handle = active_handle(model)
     temporary = apply(model, []) if handle is None else None
     try:
-        loop = Loop(model, handle or temporary, logits_processor, stopping_criteria, generation_config, streamer, mode)
+        loop = Loop(
+            model, handle or temporary, logits_processor, stopping_criteria, generation_config, streamer, mode, compile
+        )
         return loop.run(input_ids, model_kwargs.get("attention_mask"), model_kwargs.get("position_ids"))
     finally:
         if temporary is not None:
@@ -63,8 +73,11 @@ def captured_decoding(
 
 
 def decoding(mode: str) -> dict[str, Any]:
-    """``generate()`` keyword arguments for a task's ``decode`` setting (``eager`` or ``captured``)."""
-    return {"custom_generate": captured_decoding} if mode == "captured" else {}
+    """``generate()`` keyword arguments for a task's ``decode`` setting (``eager``, ``captured`` or
+    ``compiled``)."""
+    if mode == "eager":
+        return {}
+    return {"custom_generate": functools.partial(captured_decoding, compile=mode == "compiled")}
 
 
 def check_request(generation_config: Any, synced_gpus: bool, model_kwargs: dict[str, Any]) -> None:
@@ -100,9 +113,10 @@ class Loop:
         config: Any,
         streamer: Any = None,
         mode: str = "graph",
+        compile: bool = False,
     ):
         self.model, self.handle, self.processors, self.criteria = model, handle, processors, criteria
-        self.config, self.streamer, self.mode = config, streamer, mode
+        self.config, self.streamer, self.mode, self.compile = config, streamer, mode, compile
 
     def run(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor | None = None
@@ -185,7 +199,7 @@ class Loop:
         run it eagerly on the buffers: the same computation without a graph, for tests)."""
         graphed = graph_cache(cache, budget, attention_mask)
         self.handle.tracker.share(cache, graphed)
-        forward, logits = graph_step(self.model, graphed)
+        forward, logits = graph_step(self.model, graphed, self.compile)
         if self.mode == "buffers":
 
             def run(tokens: torch.Tensor) -> torch.Tensor:
@@ -194,7 +208,7 @@ class Loop:
                 return logits.clone()
 
             return run
-        replay = Replay(forward, graphed, self.handle)
+        replay = Replay(forward, graphed, self.handle, self.compile)
 
         def run(tokens: torch.Tensor) -> torch.Tensor:
             replay(tokens)
@@ -203,20 +217,39 @@ class Loop:
         return run
 
 
-def graph_step(model: torch.nn.Module, graphed: GraphCache) -> tuple[Callable[[], None], torch.Tensor]:
+def graph_step(
+    model: torch.nn.Module, graphed: GraphCache, compile: bool = False
+) -> tuple[Callable[[], None], torch.Tensor]:
     """The decode step a graph captures: the model on the buffers' tokens and positions, its last
-    logits [batch, vocab] (float32) into a fixed buffer, the buffers moved on by one token."""
+    logits [batch, vocab] (float32) into a fixed buffer, the buffers moved on by one token.
+    ``compile``: the model as ``torch.compile`` builds it (compiled at the step's first runs)."""
     inputs = graphed.inputs
     vocab = model.get_output_embeddings().weight.shape[0]
     logits = torch.empty(inputs.tokens.shape[0], vocab, device=inputs.tokens.device)
     with_cache = compat.cache_argument(model, graphed)
+    call = torch.compile(model) if compile else model
+    layers = len(graphed.layers)
 
     def forward() -> None:
-        out = model(input_ids=inputs.tokens, position_ids=inputs.positions, **with_cache, use_cache=True)
+        with compile_limits(layers) if compile else contextlib.nullcontext():
+            out = call(input_ids=inputs.tokens, position_ids=inputs.positions, **with_cache, use_cache=True)
         logits.copy_(out.logits[:, -1])
         inputs.advance()
 
     return forward, logits
+
+
+@contextlib.contextmanager
+def compile_limits(layers: int) -> Iterator[None]:
+    """torch.compile's settings for a step of ``layers`` layers: recompile limits raised (each layer's
+    attention is compiled once per layer, its index being a constant of its graph, and once more when
+    the host-side lengths become dynamic), and guards on the modules' hooks (a handle applied after
+    an earlier compilation brings hooks that torch.compile would otherwise not see)."""
+    limit = 4 * layers + 16
+    with torch._dynamo.config.patch(
+        recompile_limit=limit, accumulated_recompile_limit=max(256, 8 * limit), skip_nnmodule_hook_guards=False
+    ):
+        yield
 
 
 class Replay:
@@ -225,25 +258,29 @@ class Replay:
     captured call counted it (the replay runs no Python). Neither the warm-up nor the capture
     counts, and the buffers are set back to the first step afterwards."""
 
-    def __init__(self, forward: Callable[[], None], graphed: GraphCache, handle: Handle):
+    def __init__(self, forward: Callable[[], None], graphed: GraphCache, handle: Handle, compiled: bool = False):
         self.graphed, inputs = graphed, graphed.inputs
         self.stats = [m.stats for m in handle.methods]
         saved = [s.checkpoint() for s in self.stats]
+        warmups = 2 if compiled else 1  # a compiled step settles its dynamic host values at the second run
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                forward()  # allocations and Triton's compilation happen outside the graph
+                for _ in range(warmups):
+                    forward()  # allocations and compilation (Triton's, torch.compile's) happen outside the graph
             torch.cuda.current_stream().wait_stream(stream)
-            inputs.advance(-1)
+            inputs.advance(-warmups)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # a compiled step compiles nothing in capture: a recompilation there raises (and decoding falls back)
+            frozen = torch._dynamo.config.patch(error_on_recompile=True) if compiled else contextlib.nullcontext()
+            with frozen, torch.cuda.graph(self.graph):
                 forward()
             self.recorded = [s.last for s in self.stats]
         finally:
             for s, state in zip(self.stats, saved):
                 s.rollback(state)
-        graphed.move(-2)  # the warm-up and the capture each counted a token on the host
+        graphed.move(-warmups - 1)  # the warm-ups and the capture each counted a token on the host
 
     def __call__(self, tokens: torch.Tensor) -> None:
         """One decode step for ``tokens`` [batch]."""

@@ -15,7 +15,12 @@ Configurations:
 - ``tidaldecode`` (budget ``--budget``, per query head);
 - ``captured``: the untouched model's decode step replayed from a CUDA graph (attnkit's captured
   decoding, an empty recipe), and ``head_mask_captured``, ``act_captured``, ``snapkv_captured``,
-  ``streaming_captured``, ``tidaldecode_captured`` the same with those methods.
+  ``streaming_captured``, ``tidaldecode_captured`` the same with those methods;
+- ``*_captured_compiled``: the same with the model's own code compiled by ``torch.compile``
+  (``captured_decoding(compile=True)``); the first round's warm-up, which compiles, is reported;
+- ``hf_compiled``: the untouched model as transformers compiles it, a ``StaticCache`` and
+  ``torch.compile(mode="reduce-overhead")`` (CUDA graphs), the cache copied from the random one
+  (cases of at most ``--hf-compiled-tokens`` cached tokens: the copy doubles the cache's memory).
 
 Uncompressed configurations decode from a cache made directly: seeded random keys and values in
 preallocated buffers, written in place (``bench_tidal.InPlaceLayer``: transformers' DynamicCache
@@ -54,7 +59,7 @@ from bench_tidal import FULL, TINY, buffers, build_model, decode_block, make_cac
 
 import attnkit  # noqa: E402
 from attnkit.compat import cache_argument  # noqa: E402
-from attnkit.decode import Replay, graph_step  # noqa: E402
+from attnkit.decode import Replay, compile_limits, graph_step  # noqa: E402
 from attnkit.engine.graphs import GraphCache, GraphLayer, graph_cache, graph_inputs  # noqa: E402
 from attnkit.engine.kvcache import sdpa_without_cudnn  # noqa: E402
 from attnkit.methods import ACT, HeadMask, Razor, SnapKV, Streaming, TidalDecode  # noqa: E402
@@ -76,6 +81,7 @@ def configurations(shape: dict, budget: int) -> dict[str, list | None]:
     layers = shape["num_hidden_layers"]
     return {
         "untouched": None,
+        "hf_compiled": None,
         "untouched_no_cudnn": None,
         "identity": [],
         "head_mask": [HeadMask(heads={layers // 4: [0, 1], 3 * layers // 4: [2, 3]}, scale=0.0)],
@@ -90,6 +96,10 @@ def configurations(shape: dict, budget: int) -> dict[str, list | None]:
         "snapkv_captured": [SnapKV(budget=budget)],
         "streaming_captured": [Streaming(budget=budget)],
         "tidaldecode_captured": [TidalDecode(budget=budget)],
+        "captured_compiled": [],
+        "head_mask_captured_compiled": [HeadMask(heads={layers // 4: [0, 1], 3 * layers // 4: [2, 3]}, scale=0.0)],
+        "snapkv_captured_compiled": [SnapKV(budget=budget)],
+        "tidaldecode_captured_compiled": [TidalDecode(budget=budget)],
     }
 
 
@@ -99,13 +109,17 @@ class Case:
     def __init__(self, model, held: list, context: int, batch: int, device: str):
         self.model, self.context, self.batch, self.device = model, context, batch, device
         self.cache = make_cache(model, held, batch, context)
+        self.warmups: dict[str, float] = {}
+        """Seconds of each configuration's first warm-up block (compilation included)."""
         self.token = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
         gen = torch.Generator(device=device).manual_seed(2)
         self.prompt = torch.randint(0, model.config.vocab_size, (1, context), device=device, generator=gen)
 
     def steps(self, name: str, count: int):
         """A callable running ``count`` decode steps of this configuration."""
-        if name.endswith("captured"):
+        if name == "hf_compiled":
+            return self.hf_compiled(count)
+        if "captured" in name:
             return self.captured(name, count)
         if name.split("_")[0] in PREFILLED:
             cache, token = batch_cache(self.model, self.prompt, self.batch)
@@ -133,14 +147,41 @@ class Case:
             inputs = graph_inputs(self.batch, self.context, None, self.device)
             layers = [GraphLayer(k, v, self.context, self.context, inputs) for k, v in buffers]
             graphed = GraphCache(layers, inputs)
-        forward, _ = graph_step(self.model, graphed)
-        replay = Replay(forward, graphed, handle)
+        compiled = name.endswith("compiled")
+        forward, _ = graph_step(self.model, graphed, compiled)
+        replay = Replay(forward, graphed, handle, compiled)
         tokens = self.token[:, 0]
 
         def run() -> None:
             for _ in range(count):
                 replay(tokens)
             replay.rewind(count)
+
+        return run
+
+    def hf_compiled(self, count: int):
+        """``count`` decode steps of the untouched model over a StaticCache holding the random cache,
+        through ``torch.compile(mode="reduce-overhead")`` (made at the first call, kept for the case)."""
+        if not hasattr(self, "static"):
+            from transformers import StaticCache
+
+            self.static = StaticCache(config=self.model.config, max_cache_len=self.context + 8)
+            for layer, cached in zip(self.static.layers, self.cache.layers):
+                keys, values = cached.key_buffer, cached.value_buffer
+                layer.lazy_initialization(keys[:, :, :1], values[:, :, :1])
+                layer.keys[:, :, : self.context] = keys[:, :, : self.context]
+                layer.values[:, :, : self.context] = values[:, :, : self.context]
+                layer.cumulative_length.fill_(self.context)
+            self.compiled = torch.compile(self.model, mode="reduce-overhead")
+        with_cache = cache_argument(self.model, self.static)
+
+        def run() -> None:
+            with compile_limits(len(self.static.layers)):  # the model's frames hold attnkit's compiled entries too
+                for _ in range(count):
+                    torch.compiler.cudagraph_mark_step_begin()
+                    self.compiled(input_ids=self.token, **with_cache, use_cache=True)
+                    for layer in self.static.layers:
+                        layer.cumulative_length.sub_(1)
 
         return run
 
@@ -156,7 +197,9 @@ def one_round(case: Case, name: str, methods, args) -> tuple[float, dict]:
     context = backends(name)
     try:
         with torch.no_grad(), context:
+            began = time.perf_counter()
             case.steps(name, args.warmup)()
+            case.warmups.setdefault(name, time.perf_counter() - began)
             ms = timed_ms(case.steps(name, args.steps), case.device) / args.steps
         stats = handle.stats(total=True) if handle else {}
     finally:
@@ -222,6 +265,7 @@ def run_case(case: Case, configs: dict, args) -> dict:
             "tokens_per_s": case.batch * 1e3 / step,
             "ratio": ratio,
             "within_noise": abs(ratio - 1) <= base_spread,
+            "first_warmup_s": case.warmups[name],
         }
         if args.profile:
             rows[name]["profile"] = profile(case, name, configs[name], args.profile_steps)
@@ -241,6 +285,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--hf-compiled-tokens", type=int, default=65536, help="largest batch x context for hf_compiled")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     shape, device = (TINY, "cpu") if args.quick else (FULL, "cuda")
@@ -251,6 +296,7 @@ def main() -> None:
     for budget in args.tidal_budgets or []:  # TidalDecode at other budgets, eager and captured
         configs[f"tidaldecode_{budget}"] = [TidalDecode(budget=budget)]
         configs[f"tidaldecode_{budget}_captured"] = [TidalDecode(budget=budget)]
+        configs[f"tidaldecode_{budget}_captured_compiled"] = [TidalDecode(budget=budget)]
     if args.configs:
         configs = {
             n: m
@@ -258,7 +304,7 @@ def main() -> None:
             if n == "untouched" or n in args.configs or "_" in n and n.split("_")[1].isdigit()
         }
     if device == "cpu":  # CUDA graphs need a GPU
-        configs = {n: m for n, m in configs.items() if not n.endswith("captured")}
+        configs = {n: m for n, m in configs.items() if "captured" not in n and n != "hf_compiled"}
     model = build_model(shape, device)
     held = buffers(shape, max(args.batches), max(args.contexts) + args.steps + args.warmup + 8, device)
     results: dict[str, Any] = {}
@@ -266,7 +312,9 @@ def main() -> None:
         for batch in args.batches:
             began = time.perf_counter()
             case = Case(model, held, context, batch, device)
-            results[f"{context}x{batch}"] = rows = run_case(case, configs, args)
+            fits = context * batch <= args.hf_compiled_tokens
+            here = {n: m for n, m in configs.items() if n != "hf_compiled" or fits}
+            results[f"{context}x{batch}"] = rows = run_case(case, here, args)
             print(f"context {context}, batch {batch} ({time.perf_counter() - began:.0f} s)", flush=True)
             for name, row in rows.items():
                 noise = "  within noise" if row["within_noise"] and name != "untouched" else ""
@@ -274,6 +322,7 @@ def main() -> None:
                     f"  {name:<19} {row['step_ms']:8.2f} ms/step {row['tokens_per_s']:9.1f} tok/s "
                     f"{row['ratio']:6.3f}x  spread {row['spread']:5.1%}  rounds "
                     + " ".join(f"{t:.2f}" for t in row["rounds_ms"])
+                    + f"  first warm-up {row['first_warmup_s']:.1f} s"
                     + noise,
                     flush=True,
                 )

@@ -25,16 +25,22 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [12, 13, 14, 20]]
 """Two rows, left-padded: longer than the tiny models' sliding windows (6 and 8)."""
+COMPILED = {
+    "untouched": [],
+    "head_mask": [HeadMask(heads={1: [1]}, scale=0.0)],
+    "tidaldecode": [TidalDecode(budget=6, selection_layer=0, reselection_layer=1)],
+}
+"""What the compiled-step tests run, in this order (the methods' handles come after a compilation)."""
 
 
-def decoded(model, mode: str, new: int = 8, **kwargs) -> tuple[torch.Tensor, list[str]]:
+def decoded(model, mode: str, new: int = 8, compile: bool = False, **kwargs) -> tuple[torch.Tensor, list[str]]:
     batch = left_padded_batch(PROMPTS, 0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = model.generate(
             **batch,
             max_new_tokens=new,
-            custom_generate=functools.partial(captured_decoding, mode=mode),
+            custom_generate=functools.partial(captured_decoding, mode=mode, compile=compile),
             **kwargs,
         )
     return out, [str(w.message) for w in caught if "attnkit" in str(w.message)]
@@ -292,6 +298,43 @@ def test_graph_replay_of_sparse_and_compressed_decoding_on_cuda(kind: str) -> No
         after = handle.stats(total=True)[kind]["phases"]["decode"]
     assert torch.equal(out, expected)
     assert after - before == 11
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name", list(COMPILED))
+def test_graph_replay_of_a_compiled_step_on_cuda(name: str) -> None:
+    """The compiled step captured in the graph: generate()'s tokens, no fallback, steps counted."""
+    model = tiny_model("llama-gqa", num_hidden_layers=6).cuda()
+    batch = {k: v.cuda() for k, v in left_padded_batch(PROMPTS, 0).items()}
+    with attnkit.apply(model, COMPILED[name]) as handle:
+        expected = model.generate(**batch, max_new_tokens=12, do_sample=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="attnkit")
+            loop = functools.partial(captured_decoding, compile=True)
+            out = model.generate(**batch, max_new_tokens=12, do_sample=False, custom_generate=loop)
+        stats = handle.stats(total=True)
+    assert torch.equal(out, expected)
+    if COMPILED[name]:
+        assert stats[name]["phases"]["decode"] == 22
+
+
+@needs_triton
+@pytest.mark.parametrize("arch", ["llama-gqa", "gemma3-gqa"])
+def test_compiled_step_generates_what_generate_does(arch: str) -> None:
+    """torch.compile around attnkit's attention: generate()'s tokens, every method still acting at
+    every step (a handle applied after an earlier compilation included: its hooks are seen)."""
+    model = tiny_model(arch)
+    for name, methods in COMPILED.items():
+        if name == "tidaldecode" and arch != "llama-gqa":  # the tiny Gemma 3 has one full-attention layer
+            continue
+        with attnkit.apply(model, methods) as handle:
+            expected = reference(model, do_sample=False)
+            out, said = decoded(model, "buffers", compile=True, do_sample=False)
+            stats = handle.stats(total=True)
+        assert said == [], name
+        assert torch.equal(out, expected), name
+        if methods:
+            assert stats[name]["phases"]["decode"] == 14, name  # 7 decode steps each, eager and compiled
 
 
 def test_a_streamer_handed_to_the_loop_sees_each_new_token() -> None:

@@ -83,7 +83,8 @@ class Attachment:
         def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
             return (fn(args[0], plan.state), *args[1:])
 
-        self.hooks.append(self.modules[layer].o_proj.register_forward_pre_hook(pre_hook))
+        # methods' hooks keep Python state (stats, caches): torch.compile leaves them out of its graphs
+        self.hooks.append(self.modules[layer].o_proj.register_forward_pre_hook(torch.compiler.disable(pre_hook)))
 
     def layer_input(self, layer: int, fn: Callable[[torch.Tensor, CallState | None], None]) -> None:
         """Read the decoder layer's input hidden state [batch, seq, hidden] (the residual stream before
@@ -93,7 +94,7 @@ class Attachment:
         def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             fn(kwargs.get("hidden_states", args[0] if args else None), plan.state)
 
-        self.hooks.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        self.hooks.append(module.register_forward_pre_hook(torch.compiler.disable(pre_hook), with_kwargs=True))
 
     def _decoder_layer(self, layer: int) -> torch.nn.Module:
         if self._decoder_layers is None:

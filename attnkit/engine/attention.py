@@ -38,8 +38,10 @@ def registered_name(backend: str) -> str:
 def register(backend: str) -> str:
     """Register the attnkit attention and mask functions for a model whose backend is ``backend``."""
     name = registered_name(backend)
-    compat.AttentionInterface.register(name, attnkit_attention)
-    compat.AttentionMaskInterface.register(name, attnkit_mask)
+    # where torch.compile compiles the model, attnkit's attention and mask (their Python-side plans, call
+    # state, stats and Triton kernels) run as they are, between the compiled graphs of the model's code
+    compat.AttentionInterface.register(name, torch.compiler.disable(attnkit_attention))
+    compat.AttentionMaskInterface.register(name, torch.compiler.disable(attnkit_mask))
     return name
 
 

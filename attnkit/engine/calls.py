@@ -131,9 +131,11 @@ class CallTracker:
             self.check(cache)
             self.end(cache)
 
+        # host-side bookkeeping: where torch.compile compiles the model, these run as they are
+        # (traced, their Python state would become guards that fail at every call)
         return [
-            model.register_forward_pre_hook(before, with_kwargs=True),
-            model.register_forward_hook(after, with_kwargs=True),
+            model.register_forward_pre_hook(torch.compiler.disable(before), with_kwargs=True),
+            model.register_forward_hook(torch.compiler.disable(after), with_kwargs=True),
         ]
 
 

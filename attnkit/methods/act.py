@@ -112,9 +112,12 @@ class ACT(Method):
 
     def _fast_edit(self, layer: int, heads: list[int]):
         index = torch.tensor(heads)
+        placed: dict[torch.device, torch.Tensor] = {}  # a captured step copies nothing from the host
 
         def edit(call: AttentionCall, output: torch.Tensor) -> torch.Tensor:
-            idx = index.to(output.device)
+            if output.device not in placed:
+                placed[output.device] = index.to(output.device)
+            idx = placed[output.device]
             groups = call.query.shape[1] // call.key.shape[1]
             query = call.query[:, idx]
             key = call.key[:, idx // groups]

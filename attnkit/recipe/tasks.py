@@ -16,14 +16,15 @@ from pydantic import (
 
 from attnkit.recipe.errors import RecipeError, pydantic_errors
 
-Decode = Literal["eager", "captured"]
+Decode = Literal["eager", "captured", "compiled"]
 
 
 def decode_field() -> Any:
     return Field(
         "eager",
         description="decode steps: eager, or captured (replayed from one CUDA graph: the untouched model, "
-        "head_mask, ph3, snapkv, streaming, tidaldecode, act's fast path; others decode eagerly, with a warning)",
+        "head_mask, ph3, snapkv, streaming, tidaldecode, act's fast path; others decode eagerly, with a warning), "
+        "or compiled (captured, with the model's own code compiled by torch.compile first)",
     )
 
 
