@@ -361,3 +361,14 @@ def test_a_streamer_handed_to_the_loop_sees_each_new_token() -> None:
     config = GenerationConfig(max_new_tokens=5, do_sample=False)
     captured_decoding(model, ids, LogitsProcessorList(), StoppingCriteriaList(), config, streamer=got, mode="eager")
     assert got.seen == expected.seen[1:] and got.ended
+
+
+def test_task_decode_settings_pick_the_loop() -> None:
+    """A task's `decode:` setting: eager (generate's own loop), captured, or compiled."""
+    from attnkit.decode import decoding
+    from attnkit.recipe.tasks import GenerateTask
+
+    assert decoding("eager") == {}
+    assert decoding("captured")["custom_generate"].keywords == {"compile": False}
+    assert decoding("compiled")["custom_generate"].keywords == {"compile": True}
+    assert GenerateTask(prompts=["hi"], decode="compiled").decode == "compiled"
