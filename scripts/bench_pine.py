@@ -13,7 +13,9 @@ cropped back to the prompt between repetitions) and the peak GPU memory of the p
 also the part above what was allocated before it). The configurations are timed in interleaved
 rounds in one process, the order reversed every other round, so drift hits them alike; each time is
 the median over rounds of the median over repetitions (CUDA events). Ratios are against the
-untouched model of the same run.
+untouched model of the same run. On a GPU two more configurations decode through captured decoding
+(``attnkit.decode``: the step replayed from a CUDA graph over a fixed-capacity copy of the prefill's
+cache): ``untouched_captured`` (an empty recipe) and ``pine_captured``.
 
     python scripts/bench_pine.py [--rounds 3] [--reps 3] [--json out.json]
     python scripts/bench_pine.py --tiny --rounds 1 --reps 1   # 2-layer model, 256/512 tokens, runs on CPU
@@ -42,6 +44,8 @@ from bench_overhead import LLAMA3_8B  # noqa: E402
 import attnkit  # noqa: E402
 from attnkit import compat  # noqa: E402
 from attnkit.compat import cache_argument  # noqa: E402
+from attnkit.decode import Replay, graph_step  # noqa: E402
+from attnkit.engine.graphs import graph_cache  # noqa: E402
 from attnkit.methods import Pine  # noqa: E402
 
 TINY = dict(
@@ -53,7 +57,7 @@ TINY = dict(
     num_key_value_heads=2,
     vocab_size=1024,
 )
-CONFIGS = ("untouched", "pine", "eager_anchor")
+CONFIGS = ("untouched", "pine", "eager_anchor", "untouched_captured", "pine_captured")
 CASES = ((4096, 2), (8192, 20))
 """(tokens, segments) of each case; ``--tiny`` runs 256 and 512 tokens instead."""
 TINY_TOKENS = (256, 512)
@@ -126,7 +130,10 @@ def time_fn(fn: Callable[[], Any], reps: int, device: str, reset: Callable[[], N
 @contextmanager
 def configured(model, name: str, segment_ids: torch.Tensor) -> Iterator[Any]:
     """The model as configuration ``name`` runs it; yields the attnkit handle (None without attnkit)."""
-    if name == "pine":
+    if name == "untouched_captured":
+        with attnkit.apply(model, []) as handle:
+            yield handle
+    elif name.startswith("pine"):
         pine = Pine()
         with attnkit.apply(model, [pine]) as handle, pine.segments(segment_ids):
             yield handle
@@ -154,14 +161,17 @@ def prefill_peak(model, ids: torch.Tensor, device: str) -> tuple[float, float]:
     return peak / 1e9, (peak - before) / 1e9
 
 
-def decoder(model, ids: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
+def decoder(model, ids: torch.Tensor, captured: bool = False) -> tuple[Callable[[], None], Callable[[], None]]:
     """(``DECODE_BLOCK`` decode steps after a prefill of ``ids``, the rewind to the prefill: the
-    cache cropped back to the prompt; attnkit cuts what it keeps beside the cache alike)."""
+    cache cropped back to the prompt; attnkit cuts what it keeps beside the cache alike).
+    ``captured``: the steps replayed from one CUDA graph, as ``attnkit.captured_decoding`` runs them."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
     out = model(input_ids=ids, **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
     token = out.logits[:, -1:].argmax(-1)
+    if captured:
+        return replayed(model, cache, token)
     length = cache.get_seq_length()
     with_cache = cache_argument(model, cache)
 
@@ -177,16 +187,34 @@ def decoder(model, ids: torch.Tensor) -> tuple[Callable[[], None], Callable[[], 
     return steps, rewind
 
 
+def replayed(model, cache, token: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``DECODE_BLOCK`` replays of one captured decode step over a copy of ``cache`` with room for
+    them (the warm-up and capture included), and the rewind to the prompt."""
+    handle = attnkit.handle.active_handle(model)
+    graphed = graph_cache(cache, DECODE_BLOCK + 4, None)
+    handle.tracker.share(cache, graphed)
+    forward, _ = graph_step(model, graphed)
+    replay = Replay(forward, graphed, handle)
+    if handle.unreplayable:
+        raise RuntimeError(f"not replayable: {handle.unreplayable}")
+
+    def steps() -> None:
+        for _ in range(DECODE_BLOCK):
+            replay(token[:, 0])
+
+    return steps, lambda: replay.rewind(DECODE_BLOCK)
+
+
 def measure(model, name: str, ids: torch.Tensor, segment_ids: torch.Tensor, reps: int, device: str) -> dict:
     """Prefill ms, decode ms per step and prefill peak memory of configuration ``name``; {'oom': True} if it does not fit."""
     try:
         with torch.no_grad(), configured(model, name, segment_ids) as handle:
             peak, extra = prefill_peak(model, ids, device)
             prefill_ms = time_fn(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), reps, device)
-            steps, rewind = decoder(model, ids)
+            steps, rewind = decoder(model, ids, captured=name.endswith("captured"))
             steps()  # warm-up
             decode_ms = time_fn(steps, reps, device, reset=rewind) / DECODE_BLOCK
-            stats = handle.stats(total=True)["pine"] if handle is not None else None
+            stats = handle.stats(total=True)["pine"] if name.startswith("pine") else None
         if stats is not None:
             assert stats.get("segments", 0) > 0 and stats.get("reordered_queries", 0) > 0, f"pine did not fire: {stats}"
         return {"prefill_ms": prefill_ms, "decode_ms": decode_ms, "peak_gb": peak, "extra_gb": extra, "stats": stats}
@@ -202,10 +230,12 @@ def run_case(model, case: Case, shape: dict, args, device: str) -> dict[str, lis
     gen = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(10, shape["vocab_size"], (1, case.tokens), device=device, generator=gen)
     segment_ids = case.segment_ids(device)
-    per: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+    configs = [name for name in CONFIGS if device == "cuda" or not name.endswith("captured")]  # graphs: CUDA only
+    configs = [name for name in configs if name == "untouched" or not args.configs or name in args.configs]
+    per: dict[str, list[dict]] = {name: [] for name in configs}
     for r in range(args.rounds):
         started = time.perf_counter()
-        for name in CONFIGS if r % 2 == 0 else reversed(CONFIGS):
+        for name in configs if r % 2 == 0 else reversed(configs):
             if per[name] and per[name][-1].get("oom"):
                 continue
             per[name].append(measure(model, name, ids, segment_ids, args.reps, device))
@@ -241,17 +271,17 @@ def print_table(case: Case, summary: dict) -> None:
         f"\n{case.name}: {case.tokens} tokens = prefix {case.prefix} + segments {case.segments} + suffix {case.suffix}"
     )
     header = ["prefill ms", "decode ms/step", "peak GB", "peak above start GB"]
-    print(f"{'config':<14}" + "".join(f"{h:>26}" for h in header))
-    for name in CONFIGS:
+    print(f"{'config':<20}" + "".join(f"{h:>26}" for h in header))
+    for name in summary["median"]:
         med, ratio = summary["median"][name], summary["ratio"][name]
         if med is None:
-            print(f"{name:<14}{'OOM':>26}")
+            print(f"{name:<20}{'OOM':>26}")
             continue
         cells = "".join(
             f"{med[m]:>16.2f} {ratio[m]:>7.3f}x" if ratio[m] is not None else f"{med[m]:>16.2f} {'-':>8}"
             for m in METRICS
         )
-        print(f"{name:<14}{cells}")
+        print(f"{name:<20}{cells}")
     spread = {k: round(v, 4) for k, v in summary["untouched_spread"].items()}
     print("untouched round-to-round spread (max-min)/median:", spread)
 
@@ -261,6 +291,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, help="a subset (untouched is always run)")
     parser.add_argument("--tiny", action="store_true", help="2-layer small Llama, 256 and 512 tokens (CPU smoke test)")
     args = parser.parse_args()
 

@@ -187,6 +187,36 @@ def test_block_attention_equals_reference(rows, count, heads, kv_heads, split, p
     assert torch.allclose(split_up, expected, atol=1e-10), (split_up - expected).abs().max()
 
 
+@needs_triton
+@pytest.mark.parametrize("splits", [1, 4])
+def test_block_attention_reads_a_filled_length_from_the_device(splits):
+    """A preallocated cache (a captured decode step): with ``length`` on the device, the query sits
+    at that key index and the slots after it are never read, whatever they hold."""
+    torch.manual_seed(splits)
+    batch, heads, kv_heads, dim, filled, capacity = 2, 4, 2, 32, 50, 80
+    angles = torch.arange(200, dtype=torch.float64)[:, None] * 0.3 ** torch.arange(dim // 2)
+    angles = torch.cat([angles, angles], -1)
+    table = (angles.cos(), angles.sin())
+    query = torch.randn(batch, heads, 1, dim, dtype=torch.float64)
+    key = torch.randn(batch, kv_heads, capacity, dim, dtype=torch.float64)
+    value = torch.randn(batch, kv_heads, capacity, dim, dtype=torch.float64)
+    key[:, :, filled:], value[:, :, filled:] = float("nan"), float("nan")  # unfilled slots: never read
+    blocks = torch.randint(0, 3, (batch, capacity)).sort(-1).values
+    positions = torch.randint(0, 200, (batch, heads, 1, 3))
+    valid = torch.ones(batch, capacity, dtype=torch.bool)
+    valid[1, :5] = False
+    config = {"SPLITS": splits, "SPLIT_KEYS": -(-capacity // splits), "BM": 16}
+    keys = (key[:, :, :30], key[:, :, 30:])
+    out = kernels.block_attention(
+        query, positions, table, keys, value, blocks, 0.7, valid, config=config, length=torch.tensor([filled])
+    )
+    parts = (key[:, :, :30], key[:, :, 30:filled])
+    expected = block_reference(
+        query, positions, table, parts, value[:, :, :filled], blocks[:, :filled], 0.7, valid[:, :filled], None
+    )
+    assert torch.allclose(out, expected, atol=1e-10), (out - expected).abs().max()
+
+
 def order_reference(query, keys, segments, lengths, base, active, scale):
     """PINE's reader order written out: per row and head, importance by softmax over segment keys,
     then each segment moved back by the lengths of those ranked ahead (stable: ties in order)."""

@@ -6,10 +6,12 @@ permutation of the token runs), then a suffix of 3 tokens. Sliding-window archit
 longer than every test sequence: PINE refuses a window shorter than the sequence (tested below).
 """
 
+import functools
 import importlib.util
 import inspect
 import itertools
 import random
+import warnings
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from transformers import AutoModelForCausalLM, GraniteMoeHybridConfig
 
 import attnkit
 from attnkit import compat, kernels
+from attnkit.decode import captured_decoding
 from attnkit.methods import HeadMask, Pine, SnapKV
 from tests.factory import (
     ARCHS,
@@ -469,3 +472,41 @@ def test_on_cuda_the_fused_kernel_equals_the_torch_path(lengths, monkeypatch):
             results.append(torch.stack(out.logits))
     assert len(calls) == model.config.num_hidden_layers * 5
     assert largest(*results) < 1e-3, largest(*results)
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", ["llama-gqa", "llama-yarn", "gemma3-gqa", "qwen3-gqa"])
+def test_captured_decoding_reads_the_segments_as_the_eager_steps_do(variant, fused_kernel):
+    """Captured decoding's step (``buffers`` mode: the same computation without a graph): PINE's
+    order and attention on the device over the fixed-capacity cache give the eager path's tokens on
+    a left-padded batch (a row without two segments in it), and every step is counted."""
+    model = exact_angles(model64(variant, head_dim=32))
+    rows = [ROWS[0], ROWS[3], ROWS[4]]
+    batch = left_padded_batch(rows, pad_id=model.config.pad_token_id)
+    loop = functools.partial(captured_decoding, mode="buffers")
+    with torch.no_grad(), attnkit.apply(model, [pine()]) as handle:
+        eager = model.generate(**batch, max_new_tokens=6, do_sample=False)
+        before = len(fused_kernel)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="attnkit")
+            sequences = model.generate(**batch, max_new_tokens=6, do_sample=False, custom_generate=loop)
+        stats = handle.stats()["pine"]
+    assert len(fused_kernel) - before >= model.config.num_hidden_layers * 6  # the prefill and 5 steps
+    assert torch.equal(sequences, eager)
+    assert stats["phase"] == "decode" and stats["reordered_queries"] == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None, reason="needs CUDA")
+def test_on_cuda_captured_decoding_replays_pine():
+    """The CUDA graph itself: PINE's decode steps replayed give the eager path's tokens, no fallback."""
+    model = tiny_model("llama-gqa", dtype=torch.float32, head_dim=128).cuda()
+    rows = [prompt(segments_of([40, 90], seed=7))[0], prompt(segments_of([30, 17, 64], seed=8))[0]]
+    batch = {k: v.cuda() for k, v in left_padded_batch(rows, pad_id=model.config.pad_token_id).items()}
+    with torch.no_grad(), attnkit.apply(model, [pine()]) as handle:
+        eager = model.generate(**batch, max_new_tokens=12, do_sample=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="attnkit")
+            captured = model.generate(**batch, max_new_tokens=12, do_sample=False, custom_generate=captured_decoding)
+        decode_steps = handle.stats(total=True)["pine"]["phases"]["decode"]
+    assert torch.equal(captured, eager)
+    assert decode_steps == 22

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from attnkit import compat
-from attnkit.engine.graphs import graph_attention
+from attnkit.engine.graphs import GraphError, graph_attention
 from attnkit.engine.kvcache import attend
 from attnkit.engine.plan import AttentionCall, LayerPlan, plan_for
 from attnkit.engine.state import shared
@@ -147,14 +147,21 @@ def captured_attention(
     softcap: float | None,
 ) -> torch.Tensor:
     """A captured decode step's attention (``state.graph``): the layer's decode-step reads choose
-    the columns (or not), the length-reading kernel attends over the fixed-capacity cache, and the
-    output corrections get its log-sum-exp (``call.lse``)."""
+    the columns (or not), the length-reading kernel attends over the fixed-capacity cache (a
+    positions stage's through its own fused kernel), and the output corrections get its
+    log-sum-exp (``call.lse``)."""
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     call = AttentionCall(module, module.layer_idx, query, key, value, None, state, None, scaling, softcap)
     for step in layer.decode_steps if layer is not None else ():
         call = step(call)
     window = layer_window(module.config, module.layer_idx)
     cached = state.graph.layers[module.layer_idx]
+    if layer is not None and layer.positions is not None:
+        output = layer.positions.captured(call, cached)
+        if output is not None:
+            if layer.output_edits:
+                raise GraphError(f"layer {call.layer}: a captured step does not correct a repositioned output")
+            return output
     edits = layer.output_edits if layer is not None else []
     output = graph_attention(query, key, value, cached, scaling, softcap, window, call.columns, bool(edits))
     if edits:

@@ -50,7 +50,7 @@ class CallTracker:
             if phase == "prefill" or cache not in self.sequences:
                 self.sequences[cache] = {}
             state.sequence = self.sequences[cache]
-        if positions is not None and self.keeps_positions:
+        if positions is not None and self.keeps_positions and state.graph is None:  # a captured step reads none
             state.sequence["positions"] = append_tokens(state.key_positions, positions, past)
         self.plan.state = state
         self.plan.calls += 1

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from attnkit import compat, kernels
+from attnkit.engine.graphs import GraphError, GraphLayer
 from attnkit.engine.plan import AttentionCall
 from attnkit.engine.state import append_tokens, shared
 from attnkit.primitives import compute_dtype, layer_window, logits, repeat_kv, rotate, unrotation
@@ -58,8 +59,9 @@ class QueryBlocks:
     """long [batch, keys]: the block of every key, 0 to V - 1."""
     queries: torch.Tensor
     """[batch, 1 or heads, queries, V]: where each query is rotated to read each block."""
-    keys: torch.Tensor
-    """[batch, keys]: where the keys are rotated (one rotation for every query and block)."""
+    keys: torch.Tensor | None
+    """[batch, keys]: where the keys are rotated (one rotation for every query and block); None
+    where ``rotated`` holds them rotated already."""
     index: torch.Tensor | None = None
     """The query indices any batch row of ``rows`` takes, where the method knows them; None: found
     from ``rows``."""
@@ -141,10 +143,54 @@ class PositionStage:
         call.mask = opened_mask(call, plan.open)
         return repositioned_attention(call, plan, self.rotary)
 
+    def captured(self, call: AttentionCall, cached: GraphLayer) -> torch.Tensor | None:
+        """A captured decode step's output [batch, 1, heads, dim] over the fixed-capacity layer
+        ``cached`` (:class:`attnkit.engine.graphs.GraphLayer`), through the fused kernel with the
+        filled length read on the device; None where the hook leaves the call alone. The query's
+        rotation is the model's rotary at the step's device-side positions; a plan the kernel cannot
+        run raises :class:`GraphError` (captured decoding then decodes eagerly)."""
+        positions = call.state.graph.inputs.positions
+        cos, sin = self.rotary(call.query, positions)
+        call.carried = (cos, sin)
+        call.inverse = unrotation(*(t.to(compute_dtype(call.query))[:, None] for t in (cos, sin)))
+        call.rotate_at = lambda x, at: rotate(x, *rotation(self.rotary, call.query, at, x.dtype))
+        plan = self.fn(call)
+        if plan is None or not (plan.groups or plan.blocks):
+            return None
+        capacity = call.key.shape[-2]
+        window_ok = self.window is None or self.window >= capacity
+        if not (self.fusable_plan(call, plan) and window_ok and plan.open is None and plan.blocks[0].rotated):
+            raise GraphError(
+                f"layer {call.layer}: a captured step repositions through the fused kernel only (CUDA, Triton, one "
+                "set of query blocks with its keys rotated, a rotary whose table serves every query, no sliding "
+                "window shorter than the cache)"
+            )
+        blocks = plan.blocks[0]
+        table = rotation_table(call, self.rotary, blocks.extent)
+        runs = shared(
+            call.state, ("block runs", id(blocks.blocks), blocks.queries.shape[-1]),
+            lambda: kernels.block_runs(blocks.blocks, blocks.queries.shape[-1]),
+        )  # fmt: skip
+        narrow = shared(call.state, ("int32 blocks", id(blocks.blocks)), lambda: blocks.blocks.to(torch.int32))
+        out = kernels.block_attention(
+            call.unrotated_query(), blocks.queries, table, blocks.rotated, call.value, narrow, call.scaling,
+            cached.valid, None, runs, length=cached.filled(),
+        )  # fmt: skip
+        return out.transpose(1, 2).contiguous()
+
     def fusable(self, call: AttentionCall, plan: Repositioning) -> bool:
         """Whether the plan runs in the fused kernel: one set of query blocks for every row, a bound
         on its positions, one rotation table, no window, the padding mask transformers builds."""
         state = call.state
+        return (
+            self.fusable_plan(call, plan)
+            and (self.window is None or self.window >= state.total_length)
+            and (state.attention_mask is None or state.attention_mask.dim() == 2)
+        )
+
+    def fusable_plan(self, call: AttentionCall, plan: Repositioning) -> bool:
+        """The kernel's own conditions: one set of query blocks for every row, a bound on its
+        positions, one rotation table, a head dim it compiles for."""
         return (
             kernels.available(call.query)
             and not plan.groups
@@ -154,8 +200,6 @@ class PositionStage:
             and self.tabled
             and call.carried[0].shape[-1] == call.query.shape[-1]
             and call.query.shape[-1] in (32, 64, 128, 256)
-            and (self.window is None or self.window >= state.total_length)
-            and (state.attention_mask is None or state.attention_mask.dim() == 2)
         )
 
 

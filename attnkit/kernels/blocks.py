@@ -83,10 +83,11 @@ if triton is not None:
         VALID, svab,
         GQ, sgqb, GK, sgkb, OPEN_END,
         OUT, sob, soh, som,
-        PART, STATS, SPLIT_KEYS,
+        PART, STATS, SPLIT_KEYS, LENGTH,
         M, N, G, HKV, scale,
         HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLITS: tl.constexpr,
-        HAS_VALID: tl.constexpr, HAS_OPEN: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+        HAS_VALID: tl.constexpr, HAS_OPEN: tl.constexpr, HAS_LENGTH: tl.constexpr,
+        PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):  # fmt: skip
         tile, bkv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, kvh = bkv // HKV, bkv % HKV
@@ -99,7 +100,10 @@ if triton is not None:
         pos_at = POS + b * spb + h * sph + m * spm
         dtype = K1.dtype.element_ty
 
-        m_abs = N - M + m  # the key index of the query itself
+        if HAS_LENGTH:  # the keys filled so far, read on the device (a captured step's fixed-capacity cache)
+            m_abs = tl.load(LENGTH).to(tl.int32) - M + m
+        else:
+            m_abs = N - M + m  # the key index of the query itself
         reach = m_abs + 1
         gq = m_abs * 0
         if HAS_OPEN:
@@ -158,6 +162,7 @@ def block_attention(
     open_groups: tuple[torch.Tensor, torch.Tensor] | None = None,
     runs: tuple[torch.Tensor, torch.Tensor] | None = None,
     config: dict[str, int] | None = None,
+    length: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention output [batch, heads, queries, dim] in ``value``'s dtype (a view of a [batch,
     queries, heads, dim] tensor, the layout attention functions return).
@@ -171,6 +176,9 @@ def block_attention(
     queries], key groups [batch, keys]): a query of group g > 0 also sees every key of another group
     > 0. A row that sees no key gets 0. ``runs``: :func:`block_runs` of ``blocks``, where the caller
     keeps them. A block whose keys are one run costs one query rotation per tile of queries.
+    ``length`` int [1] on the device: only the first ``length`` keys are filled (a preallocated
+    cache; query i then sits at ``length - queries + i``), so a CUDA graph replays the call as the
+    cache fills.
     """
     query, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, value))
     keys = tuple(t if t.stride(-1) == 1 else t.contiguous() for t in keys)
@@ -218,10 +226,10 @@ def block_attention(
         valid, valid.stride(0),
         query_groups, query_groups.stride(0), key_groups, key_groups.stride(0), open_end,
         out, *out.stride()[:3],
-        part, stats, split_keys,
+        part, stats, split_keys, length if length is not None else flag,
         rows, count, group, kv_heads, scale * math.log2(math.e),
         HALF=dim // 2, BM=tile, BN=chosen["BN"], SPLITS=splits,
-        HAS_VALID=valid is not flag, HAS_OPEN=open_groups is not None,
+        HAS_VALID=valid is not flag, HAS_OPEN=open_groups is not None, HAS_LENGTH=length is not None,
         PRECISION="ieee" if value.dtype == torch.float32 else "tf32", ACC=tl.float64 if acc == torch.float64 else tl.float32,
         num_warps=chosen["num_warps"], num_stages=chosen["num_stages"],
     )  # fmt: skip

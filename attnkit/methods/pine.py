@@ -75,6 +75,9 @@ class Layout:
     prefill_rows: dict[int, torch.Tensor] = field(default_factory=dict)
     """The prompt's query rows per role, found once on the host at prefill: each segment number's
     rows (any batch row), 0 for every segment row, -1 for the readers (suffix)."""
+    graph_blocks: dict[int, torch.Tensor] = field(default_factory=dict)
+    """The block of every slot of a captured-decoding cache [batch, capacity], by capacity: made at
+    the warm-up step, read by every replay."""
 
 
 @register
@@ -83,6 +86,7 @@ class Pine(Method):
 
     name = "pine"
     config_class = PineConfig
+    replayable = True  # a captured decode step orders the segments and attends on the device
 
     def __init__(self, config: PineConfig | None = None, *, tokenizer: Any = None, **params: Any) -> None:
         super().__init__(config, **params)
@@ -309,6 +313,8 @@ def repositioning(call: AttentionCall, layout: Layout) -> Repositioning:
     suffix and generated queries by their own order; prefix queries and rows without two segments
     read everything where it was placed. A decode step is planned without reading anything back to
     the host."""
+    if call.state.graph is not None:
+        return captured_repositioning(call, layout)
     state, queries = call.state, call.query.shape[-2]
     segment_k, blocks_k, placed = shared(
         state, ("pine keys", id(layout), call.key.shape[-2]), lambda: placed_keys_of(call, layout)
@@ -339,6 +345,24 @@ def repositioning(call: AttentionCall, layout: Layout) -> Repositioning:
     extent = layout.extent + state.total_length - layout.segment.shape[1]
     blocks = QueryBlocks(blocks_k, at, placed, rotated=placed_keys(call, layout, placed), extent=extent)
     return Repositioning([], [blocks], open_groups)
+
+
+def captured_repositioning(call: AttentionCall, layout: Layout) -> Repositioning:
+    """A captured decode step's plan, on the device and of fixed shapes: the keys' blocks over the
+    cache's whole capacity (the slots after the prompt in block K + 1, which the kernel reads up to
+    the filled length), the step's query in its own order from its device-side position, the
+    prompt's keys as kept from the prefill and the later ones as the model rotated them."""
+    capacity, prompt = call.key.shape[-2], layout.segment.shape[1]
+    blocks = layout.graph_blocks.get(capacity)
+    if blocks is None:
+        after = torch.arange(capacity, device=call.key.device)[None, :] >= layout.block_end.to(call.key.device)[:, None]
+        blocks = torch.where(after, layout.lengths.shape[1] + 1, keys_segment(call, layout))
+        layout.graph_blocks[capacity] = blocks
+    base = call.state.graph.inputs.positions
+    at = Importance(call, layout).reader_positions(slice(None), base)
+    rotated = (layout.placed_keys[call.layer], call.key[:, :, prompt:])
+    extent = layout.extent + capacity - prompt
+    return Repositioning([], [QueryBlocks(blocks, at, None, rotated=rotated, extent=extent)])
 
 
 def placed_keys_of(call: AttentionCall, layout: Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
