@@ -11,8 +11,8 @@ model code (norms, rotary, projections, MLP) is first compiled by ``torch.compil
 fused kernels, attnkit's attention left out of the compiled graphs, and the graph captures those
 (``custom_generate=functools.partial(attnkit.captured_decoding, compile=True)``). The model needs no handle (the
 untouched model decodes through the same path); with one, its methods must be replayable
-(``Method.replayable``: ``head_mask``, ``ph3``, ``snapkv``, ``streaming``, ``tidaldecode``, ``pine``,
-ACT's fast path, or any method at its identity setting).
+(``Method.replayable``: ``head_mask``, ``ph3``, ``snapkv``, ``streaming``, ``razor``, ``tidaldecode``,
+``pine``, ACT's fast path, or any method at its identity setting).
 
 Where a step cannot be captured (no CUDA or Triton, a method whose decode-time work runs on the
 host, a cache of another kind, capture failing), the loop says why once and decodes eagerly, with
@@ -182,7 +182,7 @@ class Loop:
         if self.handle.unreplayable:
             return (
                 f"{', '.join(self.handle.unreplayable)} change(s) decode steps on the host, which a captured "
-                "graph cannot replay (replayable: head_mask, ph3, snapkv, streaming, tidaldecode, pine, act's fast path, "
+                "graph cannot replay (replayable: head_mask, ph3, snapkv, streaming, razor, tidaldecode, pine, act's fast path, "
                 "and methods at their identity settings)"
             )
         probe = next((layer.keys for layer in cache.layers if getattr(layer, "keys", None) is not None), None)

@@ -15,7 +15,7 @@ Configurations:
 - ``tidaldecode`` (budget ``--budget``, per query head);
 - ``captured``: the untouched model's decode step replayed from a CUDA graph (attnkit's captured
   decoding, an empty recipe), and ``head_mask_captured``, ``act_captured``, ``snapkv_captured``,
-  ``streaming_captured``, ``tidaldecode_captured`` the same with those methods;
+  ``streaming_captured``, ``razor_captured``, ``tidaldecode_captured`` the same with those methods;
 - ``*_captured_compiled``: the same with the model's own code compiled by ``torch.compile``
   (``captured_decoding(compile=True)``); the first round's warm-up, which compiles, is reported;
 - ``hf_compiled``: the untouched model as transformers compiles it, a ``StaticCache`` and
@@ -95,6 +95,7 @@ def configurations(shape: dict, budget: int) -> dict[str, list | None]:
         "head_mask_captured": [HeadMask(heads={layers // 4: [0, 1], 3 * layers // 4: [2, 3]}, scale=0.0)],
         "snapkv_captured": [SnapKV(budget=budget)],
         "streaming_captured": [Streaming(budget=budget)],
+        "razor_captured": [Razor(heads=retrieval_heads(shape, 0.15), local=min(4000, budget * 2), ratio=8.0)],
         "tidaldecode_captured": [TidalDecode(budget=budget)],
         "captured_compiled": [],
         "head_mask_captured_compiled": [HeadMask(heads={layers // 4: [0, 1], 3 * layers // 4: [2, 3]}, scale=0.0)],

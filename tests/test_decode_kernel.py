@@ -262,6 +262,33 @@ def test_index_of_the_filled_slots_equals_the_contiguous_read(per):
     torch.testing.assert_close(gathered, contiguous, rtol=1e-5, atol=1e-6)  # outputs and log-sum-exps
 
 
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_bias_weighs_slots_and_minus_infinity_empties_them(splits, softcap):
+    """A compressed cache's slot biases: added to the logits after the soft-cap (log n: the slot
+    counts as n tokens), -inf: an empty slot, never read (NaN there changes nothing)."""
+    query, keys, values = inputs(2, 8, 2, 32, 40)
+    lengths = torch.tensor([33, 40])
+    bias = torch.zeros(2, 2, 40)
+    bias[:, :, 3] = math.log(7.0)
+    bias[0, 1, 5:9] = float("-inf")
+    keys[0, 1, 5:9], values[0, 1, 5:9] = float("nan"), float("nan")
+    got = decode_attention(query, keys, values, lengths, 0.3, softcap=softcap, splits=splits, bias=bias)
+    readable = readable_slots(query, keys, lengths)
+    k = keys.double().nan_to_num(0.0).repeat_interleave(4, 1)
+    v = values.double().nan_to_num(0.0).repeat_interleave(4, 1)
+    logits = 0.3 * query.double() @ k.transpose(-1, -2)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logits = logits + bias.double().repeat_interleave(4, 1)[:, :, None, :]
+    logits = logits.masked_fill(~readable[:, :, None, :], float("-inf"))
+    expected = (torch.softmax(logits, -1) @ v).transpose(1, 2)
+    assert not got.isnan().any()
+    assert (got.double() - expected).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="bias"):
+        decode_attention(query, keys, values, lengths, 0.3, bias=bias[:, :, :20])
+
+
 def test_index_errors():
     query, keys, values = inputs(1, 4, 2, 32, 16)
     lengths, index = torch.tensor([8]), torch.zeros(1, 2, 4, dtype=torch.int64)

@@ -124,12 +124,23 @@ def test_tidaldecode_is_replayed_with_the_eager_paths_tokens(selection: str, bud
 
 
 @needs_triton
-@pytest.mark.parametrize("method", [SnapKV(budget=6, window=2, kernel=1), Streaming(budget=6, sink=2)])
-def test_a_compressed_cache_of_plain_tokens_is_replayed(method) -> None:
-    """snapkv and streaming keep one group of plain tokens per layer: the captured step reads those
-    slots and then the new tokens, with the tokens of the eager compressed-cache path."""
+@pytest.mark.parametrize(
+    "method",
+    [
+        SnapKV(budget=6, window=2, kernel=1),
+        Streaming(budget=6, sink=2),
+        Razor(heads={0: [0], 1: [1]}, local=2, sink=1),
+    ],
+    ids=["snapkv", "streaming", "razor"],
+)
+@pytest.mark.parametrize("padded", [False, True], ids=["one-row", "left-padded"])
+def test_a_compressed_cache_is_replayed(method, padded: bool) -> None:
+    """snapkv and streaming keep one group of slots per layer, razor two (retrieval heads every
+    token, the others sinks, a window and a compensation slot): the captured step reads each group's
+    slots with their biases (a left-padded batch's empty slots, the compensation's count), then the
+    new tokens, with the tokens of the eager compressed-cache path."""
     model = tiny_model("llama-gqa")
-    batch = {"input_ids": torch.tensor([PROMPTS[0]])}
+    batch = left_padded_batch(PROMPTS, 0) if padded else {"input_ids": torch.tensor([PROMPTS[0]])}
     with attnkit.apply(model, [method]):
         expected = model.generate(**batch, max_new_tokens=8, do_sample=False)
         with warnings.catch_warnings():
@@ -179,8 +190,6 @@ def test_act_fast_path_is_replayed_with_its_eager_tokens_and_logits(arch: str) -
     "methods, named",
     [
         ([ACT(heads={1: [0]}, path="eager")], "act"),
-        ([Razor(heads={0: [0], 1: [1]}, local=2, sink=1)], "razor"),
-        pytest.param([SnapKV(budget=6, window=2, kernel=1)], "empty slots", marks=needs_triton),  # the short row
     ],
 )
 def test_a_method_replay_cannot_follow_decodes_eagerly_and_says_which(methods, named: str) -> None:

@@ -29,12 +29,13 @@ if triton is not None:
         LENGTHS, slb,
         VALID, sab, sac,
         INDEX, sib, siu, sie,
+        BIAS, sbb, sbh, sbn,
         OUT, sob, soh, LSE,
         PART, STATS,
         UNITS, G, PER_KV, capacity, entries, split_keys, window, scale, cap,
         DIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLITS: tl.constexpr,
         HAS_VALID: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_INDEX: tl.constexpr,
-        DOT: tl.constexpr, PRECISION: tl.constexpr, RETURN_LSE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, RETURN_LSE: tl.constexpr,
     ):  # fmt: skip
         """A program per (split, batch, unit): a unit is G query heads u * G + g of KV head
         u // PER_KV (a KV head and its group, or one query head when the index lists per query
@@ -69,10 +70,15 @@ if triton is not None:
                 ok = (n >= 0) & (n < length)
             if HAS_VALID:
                 ok = ok & (tl.load(VALID + b * sab + n * sac, mask=ok, other=0) != 0)
+            if HAS_BIAS:  # each slot's logit bias (natural log); -inf: an empty slot, not read
+                bias = tl.load(BIAS + b * sbb + kvh * sbh + n * sbn, mask=ok, other=0.0)
+                ok = ok & (bias > float("-inf"))
             k = tl.load(k_base + n[:, None] * skn + d[None, :], mask=ok[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION) * scale
             if HAS_SOFTCAP:  # cap * tanh(s), tanh from exp2 (stable at both ends)
                 s = cap * (1.0 - 2.0 / (tl.exp2(s * 2.8853900817779268) + 1.0))
+            if HAS_BIAS:  # in base 2, as the logits
+                s = s + tl.where(ok, bias, 0.0)[None, :] * 1.4426950408889634
             s = tl.where(ok[None, :], s, float("-inf"))
             p, alpha, top, total = online_softmax(s, top, total)
             v = tl.load(v_base + n[:, None] * svn + d[None, :], mask=ok[:, None], other=0.0)
@@ -103,6 +109,7 @@ def decode_attention(
     splits: int | None = None,
     index: torch.Tensor | None = None,
     return_lse: bool = False,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One decode step's attention output [batch, 1, heads, dim], contiguous, in ``values``' dtype
     (the layout attention functions return).
@@ -121,6 +128,10 @@ def decode_attention(
     listed slots that the rules above let through. Entries < 0 pad a list. The order does not
     matter; a slot listed twice counts twice (lists are not checked for duplicates). The splits
     then divide the n entries. Not with ``window`` (ValueError).
+
+    ``bias`` float [batch (or 1), kv heads, >= capacity]: added to each slot's logit after the
+    soft-cap (a compressed cache's compensation slot, log of the tokens it stands for; -inf: an
+    empty slot, never read).
 
     ``return_lse``: return ``(output, lse)``, ``lse`` float32 [batch, heads] the natural-log
     log-sum-exp of each head's logits as its softmax saw them (scaled, soft-capped) over the slots
@@ -168,6 +179,13 @@ def decode_attention(
     if padded > 1:
         part = torch.empty(batch * heads, padded, dim, dtype=torch.float32, device=values.device)
         stats = torch.empty(batch * heads, padded, 2, dtype=torch.float32, device=values.device)
+    if bias is not None and (bias.dim() != 3 or bias.shape[0] not in (1, batch) or bias.shape[1] != kv_heads):
+        raise ValueError(f"decode_attention: bias of shape {tuple(bias.shape)} for {shapes}")
+    if bias is not None and bias.shape[2] < capacity:
+        raise ValueError(f"decode_attention: bias of shape {tuple(bias.shape)} for {shapes}")
+    biased, bias_strides = lengths, (0, 0, 0)  # a pointer the kernel never reads without a bias
+    if bias is not None:
+        biased, bias_strides = bias, (bias.stride(0) if bias.shape[0] > 1 else 0, *bias.stride()[1:])
     if valid is not None and valid.dtype == torch.bool:
         valid = valid.view(torch.uint8)
     flags = lengths if valid is None else valid  # a pointer the kernel never reads without a mask
@@ -185,13 +203,14 @@ def decode_attention(
         lengths, lengths.stride(0) if lengths.shape[0] > 1 else 0,
         flags, flags.stride(0) if valid is not None and valid.shape[0] > 1 else 0, flags.stride(-1),
         listed, *index_strides,
+        biased, *bias_strides,
         out, out.stride(0), out.stride(2), lse,
         part, stats,
         units, heads // units, units // kv_heads, capacity, entries, split_keys, window or 0,
         scale / softcap if softcap else scale * log2e, softcap * log2e if softcap else 1.0,
         DIM=dim, BM=max(16, triton.next_power_of_2(heads // units)), BN=64 if dim <= 128 else 32,
         SPLITS=padded, HAS_VALID=valid is not None, HAS_WINDOW=window is not None, HAS_SOFTCAP=bool(softcap),
-        HAS_INDEX=index is not None, DOT=dot, PRECISION="ieee" if values.dtype == torch.float32 else "tf32",
+        HAS_INDEX=index is not None, HAS_BIAS=bias is not None, DOT=dot, PRECISION="ieee" if values.dtype == torch.float32 else "tf32",
         RETURN_LSE=return_lse, num_warps=4, num_stages=2,
     )  # fmt: skip
     if padded > 1:

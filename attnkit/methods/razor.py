@@ -37,6 +37,7 @@ class Razor(KVMethod):
 
     name = "razor"
     config_class = RazorConfig
+    replayable = True  # a captured step reads each group of heads with its slot biases (compensation)
 
     def prepare(self, at) -> None:
         retrieval = at.heads(self.config.heads, level="kv").by_layer()

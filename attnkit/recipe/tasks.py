@@ -23,7 +23,8 @@ def decode_field() -> Any:
     return Field(
         "eager",
         description="decode steps: eager, or captured (replayed from one CUDA graph: the untouched model, "
-        "head_mask, ph3, snapkv, streaming, tidaldecode, pine, act's fast path; others decode eagerly, with a warning), "
+        "head_mask, ph3, snapkv, streaming, razor, tidaldecode, pine, act's fast path; others decode eagerly, "
+        "with a warning), "
         "or compiled (captured, with the model's own code compiled by torch.compile first)",
     )
 
