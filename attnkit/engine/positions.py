@@ -106,13 +106,16 @@ class PositionStage:
     """Whether the rotary's cos and sin at a position do not depend on the other positions of the
     call (every variant but longrope), so that one table serves every query."""
 
-    def plan(self, call: AttentionCall) -> Repositioning | None:
-        """The hook's plan for this call (None: leave it alone); sets the call's carried rotation."""
-        call.carried = carried_rotation(call, self.rotary)
+    def plan(
+        self, call: AttentionCall, carried: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> Repositioning | None:
+        """The hook's plan for this call (None: leave it alone); sets the call's carried rotation:
+        ``carried`` where the caller knows it (a captured step: its query's only), else the keys'."""
+        call.carried = carried if carried is not None else carried_rotation(call, self.rotary)
         dtype = compute_dtype(call.query)
         call.inverse = shared(
             call.state,
-            ("inverse rotation", self.rotary, call.key.shape[-2], dtype),
+            ("inverse rotation", self.rotary, call.carried[0].shape[1], dtype),
             lambda: unrotation(*(t.to(dtype)[:, None] for t in call.carried)),
         )
         call.rotate_at = lambda x, positions: rotate(x, *rotation(self.rotary, call.query, positions, x.dtype))
@@ -145,38 +148,21 @@ class PositionStage:
 
     def captured(self, call: AttentionCall, cached: GraphLayer) -> torch.Tensor | None:
         """A captured decode step's output [batch, 1, heads, dim] over the fixed-capacity layer
-        ``cached`` (:class:`attnkit.engine.graphs.GraphLayer`), through the fused kernel with the
-        filled length read on the device; None where the hook leaves the call alone. The query's
-        rotation is the model's rotary at the step's device-side positions; a plan the kernel cannot
-        run raises :class:`GraphError` (captured decoding then decodes eagerly)."""
-        positions = call.state.graph.inputs.positions
-        cos, sin = self.rotary(call.query, positions)
-        call.carried = (cos, sin)
-        call.inverse = unrotation(*(t.to(compute_dtype(call.query))[:, None] for t in (cos, sin)))
-        call.rotate_at = lambda x, at: rotate(x, *rotation(self.rotary, call.query, at, x.dtype))
-        plan = self.fn(call)
-        if plan is None or not (plan.groups or plan.blocks):
+        ``cached``, through the fused kernel with the filled length read on the device; None where
+        the hook leaves the call alone. The query's rotation is the model's rotary at the step's
+        device-side positions; a plan the kernel cannot run raises :class:`GraphError` (captured
+        decoding then decodes eagerly)."""
+        plan = self.plan(call, carried=self.rotary(call.query, call.state.graph.inputs.positions))
+        if plan is None:
             return None
-        capacity = call.key.shape[-2]
-        window_ok = self.window is None or self.window >= capacity
+        window_ok = self.window is None or self.window >= call.key.shape[-2]
         if not (self.fusable_plan(call, plan) and window_ok and plan.open is None and plan.blocks[0].rotated):
             raise GraphError(
                 f"layer {call.layer}: a captured step repositions through the fused kernel only (CUDA, Triton, one "
                 "set of query blocks with its keys rotated, a rotary whose table serves every query, no sliding "
                 "window shorter than the cache)"
             )
-        blocks = plan.blocks[0]
-        table = rotation_table(call, self.rotary, blocks.extent)
-        runs = shared(
-            call.state, ("block runs", id(blocks.blocks), blocks.queries.shape[-1]),
-            lambda: kernels.block_runs(blocks.blocks, blocks.queries.shape[-1]),
-        )  # fmt: skip
-        narrow = shared(call.state, ("int32 blocks", id(blocks.blocks)), lambda: blocks.blocks.to(torch.int32))
-        out = kernels.block_attention(
-            call.unrotated_query(), blocks.queries, table, blocks.rotated, call.value, narrow, call.scaling,
-            cached.valid, None, runs, length=cached.filled(),
-        )  # fmt: skip
-        return out.transpose(1, 2).contiguous()
+        return fused_blocks(call, plan.blocks[0], None, self.rotary, cached)
 
     def fusable(self, call: AttentionCall, plan: Repositioning) -> bool:
         """Whether the plan runs in the fused kernel: one set of query blocks for every row, a bound
@@ -332,15 +318,22 @@ def repositioned_attention(call: AttentionCall, plan: Repositioning, rotary: com
 
 
 def fused_blocks(
-    call: AttentionCall, blocks: QueryBlocks, open: tuple[torch.Tensor, torch.Tensor] | None, rotary: compat.Rotary
+    call: AttentionCall,
+    blocks: QueryBlocks,
+    open: tuple[torch.Tensor, torch.Tensor] | None,
+    rotary: compat.Rotary,
+    cached: GraphLayer | None = None,
 ) -> torch.Tensor:
     """The output [batch, queries, heads, dim] of query blocks that take every row, through the
-    fused kernel: no query copy per block, no logits in memory, the mask made on chip."""
+    fused kernel: no query copy per block, no logits in memory, the mask made on chip. ``cached``:
+    a captured step's fixed-capacity layer, whose filled length and padding the kernel reads."""
     state, count = call.state, call.key.shape[-2]
     table = rotation_table(call, rotary, blocks.extent)
     parts = blocks.rotated or (call.rotate_at(call.unrotated_key(), blocks.keys[:, None]).to(call.key.dtype),)
-    valid = None
-    if state.attention_mask is not None:
+    valid = length = None
+    if cached is not None:
+        valid, length = cached.valid, cached.filled()
+    elif state.attention_mask is not None:
         valid = shared(state, ("valid keys", count), lambda: state.attention_mask[:, -count:].bool())
     number = blocks.queries.shape[-1]
     groups = open[1] if open is not None else None
@@ -350,7 +343,7 @@ def fused_blocks(
     narrow = shared(state, ("int32 blocks", id(blocks.blocks)), lambda: blocks.blocks.to(torch.int32))
     query = call.unrotated_query()
     out = kernels.block_attention(
-        query, blocks.queries, table, parts, call.value, narrow, call.scaling, valid, open, runs
+        query, blocks.queries, table, parts, call.value, narrow, call.scaling, valid, open, runs, length=length
     )
     return out.transpose(1, 2).contiguous()
 
