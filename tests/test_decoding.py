@@ -29,6 +29,7 @@ COMPILED = {
     "untouched": [],
     "head_mask": [HeadMask(heads={1: [1]}, scale=0.0)],
     "tidaldecode": [TidalDecode(budget=6, selection_layer=0, reselection_layer=1)],
+    "razor": [Razor(heads={0: [0], 1: [1]}, local=2, sink=1)],
 }
 """What the compiled-step tests run, in this order (the methods' handles come after a compilation)."""
 
@@ -334,7 +335,7 @@ def test_compiled_step_generates_what_generate_does(arch: str) -> None:
     every step (a handle applied after an earlier compilation included: its hooks are seen)."""
     model = tiny_model(arch)
     for name, methods in COMPILED.items():
-        if name == "tidaldecode" and arch != "llama-gqa":  # the tiny Gemma 3 has one full-attention layer
+        if name in ("tidaldecode", "razor") and arch != "llama-gqa":  # Gemma 3's: one full-attention layer
             continue
         with attnkit.apply(model, methods) as handle:
             expected = reference(model, do_sample=False)

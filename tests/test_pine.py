@@ -475,15 +475,19 @@ def test_on_cuda_the_fused_kernel_equals_the_torch_path(lengths, monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("variant", ["llama-gqa", "llama-yarn", "gemma3-gqa", "qwen3-gqa"])
-def test_captured_decoding_reads_the_segments_as_the_eager_steps_do(variant, fused_kernel):
+@pytest.mark.parametrize(
+    "variant, compile",
+    [("llama-gqa", False), ("llama-yarn", False), ("gemma3-gqa", False), ("qwen3-gqa", False), ("llama-gqa", True)],
+)
+def test_captured_decoding_reads_the_segments_as_the_eager_steps_do(variant, compile, fused_kernel):
     """Captured decoding's step (``buffers`` mode: the same computation without a graph): PINE's
     order and attention on the device over the fixed-capacity cache give the eager path's tokens on
-    a left-padded batch (a row without two segments in it), and every step is counted."""
+    a left-padded batch (a row without two segments in it), and every step is counted; with the
+    model's own code compiled around it too."""
     model = exact_angles(model64(variant, head_dim=32))
     rows = [ROWS[0], ROWS[3], ROWS[4]]
     batch = left_padded_batch(rows, pad_id=model.config.pad_token_id)
-    loop = functools.partial(captured_decoding, mode="buffers")
+    loop = functools.partial(captured_decoding, mode="buffers", compile=compile)
     with torch.no_grad(), attnkit.apply(model, [pine()]) as handle:
         eager = model.generate(**batch, max_new_tokens=6, do_sample=False)
         before = len(fused_kernel)
