@@ -355,9 +355,7 @@ def captured_repositioning(call: AttentionCall, layout: Layout) -> Repositioning
     capacity, prompt = call.key.shape[-2], layout.segment.shape[1]
     blocks = layout.graph_blocks.get(capacity)
     if blocks is None:
-        after = torch.arange(capacity, device=call.key.device)[None, :] >= layout.block_end.to(call.key.device)[:, None]
-        blocks = torch.where(after, layout.lengths.shape[1] + 1, keys_segment(call, layout))
-        layout.graph_blocks[capacity] = blocks
+        blocks = layout.graph_blocks[capacity] = keys_block(keys_segment(call, layout), layout)
     base = call.state.graph.inputs.positions
     at = Importance(call, layout).reader_positions(slice(None), base)
     rotated = (layout.placed_keys[call.layer], call.key[:, :, prompt:])
@@ -373,9 +371,15 @@ def placed_keys_of(call: AttentionCall, layout: Layout) -> tuple[torch.Tensor, t
     count = segment_k.shape[1]
     carried = call.state.key_positions.to(call.key.device)[:, -count:]
     shift = torch.nn.functional.pad(layout.shift_to_layout.to(carried.device), (0, count - layout.segment.shape[1]))
-    after = torch.arange(count, device=carried.device)[None, :] >= layout.block_end.to(carried.device)[:, None]
-    blocks = torch.where(after, layout.lengths.shape[1] + 1, segment_k)
-    return segment_k, blocks, carried + shift
+    return segment_k, keys_block(segment_k, layout), carried + shift
+
+
+def keys_block(segment_k: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """long [batch, keys]: the block of every key whose segment is ``segment_k``: 0 the prefix, s
+    segment s, K + 1 the keys after the segments."""
+    index = torch.arange(segment_k.shape[1], device=segment_k.device)
+    after = index[None, :] >= layout.block_end.to(segment_k.device)[:, None]
+    return torch.where(after, layout.lengths.shape[1] + 1, segment_k)
 
 
 def placed_keys(call: AttentionCall, layout: Layout, placed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
