@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from attnkit.compat import CacheLayerMixin, DynamicLayer
-from attnkit.engine.kvcache import CompressedLayer
+from attnkit.engine.kvcache import CompressedLayer, query_heads
 from attnkit.errors import UserError
 from attnkit.kernels import decode_attention
 
@@ -153,11 +153,7 @@ class GraphGroups(FixedLayer):
         """Each part's query heads (long, on the device), for a model of ``heads`` query heads; made
         at the first step (before a graph is captured), then kept."""
         if heads not in self._queries:
-            group = heads // self.num_kv_heads
-            self._queries[heads] = [
-                (part.heads[:, None] * group + torch.arange(group, device=part.heads.device)).flatten()
-                for part in self.parts
-            ]
+            self._queries[heads] = [query_heads(part.heads, heads // self.num_kv_heads) for part in self.parts]
         return self._queries[heads]
 
     def get_max_length(self) -> int:

@@ -92,8 +92,7 @@ class KVGroup:
     def query_index(self, groups: int) -> torch.Tensor:
         """The query heads reading this group's KV heads (``groups`` query heads per KV head), made once."""
         if self._query_index is None:
-            heads = [h * groups + i for h in self.heads for i in range(groups)]
-            self._query_index = torch.tensor(heads, device=self.keys.device, dtype=torch.long)
+            self._query_index = query_heads(self.kv_index(), groups)
         return self._query_index
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -101,6 +100,12 @@ class KVGroup:
             fn(t) for t in (self.keys, self.values, self.columns, self.bias)
         )
         self._kv_index = self._query_index = None  # the device may have changed
+
+
+def query_heads(kv_heads: torch.Tensor, groups: int) -> torch.Tensor:
+    """long [len(kv_heads) x groups]: the query heads reading the KV heads ``kv_heads`` (``groups``
+    query heads per KV head), in KV-head order, on their device."""
+    return (kv_heads[:, None] * groups + torch.arange(groups, device=kv_heads.device)).flatten()
 
 
 def keep(keys: torch.Tensor, values: torch.Tensor, heads: list[int], columns: torch.Tensor) -> KVGroup:
