@@ -15,6 +15,8 @@ the column statistic is accumulated over query chunks, so no N x N matrix is hel
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from attnkit import kernels
@@ -90,10 +92,11 @@ class ACT(Method):
     # -- eager path: edit the materialised probabilities -------------------------------------
 
     def _eager_edit(self, layer: int, heads: list[int]):
-        index = torch.tensor(heads)
+        index = head_index(heads)
 
         def edit(probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-            chosen = probs[:, index.to(probs.device)]
+            idx = index(probs.device)
+            chosen = probs[:, idx]
             key_valid = valid_keys(call, probs.shape[-1])
             sinks = self._recall(call, probs.shape[-1]) if call.state.phase != "prefill" else None
             if sinks is None:
@@ -102,7 +105,7 @@ class ACT(Method):
                 sinks = self._find(means, key_valid)
                 self._remember(call, sinks)
             probs = probs.clone()
-            probs[:, index.to(probs.device)] = calibrate(chosen, sinks, self.config.beta)
+            probs[:, idx] = calibrate(chosen, sinks, self.config.beta)
             self.stats.add("layer_calls")
             return probs
 
@@ -111,13 +114,10 @@ class ACT(Method):
     # -- fast path: correct the kernel's output ------------------------------------------------
 
     def _fast_edit(self, layer: int, heads: list[int]):
-        index = torch.tensor(heads)
-        placed: dict[torch.device, torch.Tensor] = {}  # a captured step copies nothing from the host
+        index = head_index(heads)
 
         def edit(call: AttentionCall, output: torch.Tensor) -> torch.Tensor:
-            if output.device not in placed:
-                placed[output.device] = index.to(output.device)
-            idx = placed[output.device]
+            idx = index(output.device)
             groups = call.query.shape[1] // call.key.shape[1]
             query = call.query[:, idx]
             key = call.key[:, idx // groups]
@@ -174,6 +174,19 @@ class ACT(Method):
         """The fast path replays (an output correction from the kernel's log-sum-exp); the eager
         path edits probabilities, which the captured step's kernel never forms."""
         return self.config.path == "fast"
+
+
+def head_index(heads: list[int]) -> Callable[[torch.device], torch.Tensor]:
+    """``heads`` as an index tensor on a device, copied there once (a captured step copies nothing
+    from the host, and an eager step need not copy at every call)."""
+    placed: dict[torch.device, torch.Tensor] = {}
+
+    def on(device: torch.device) -> torch.Tensor:
+        if device not in placed:
+            placed[device] = torch.tensor(heads, device=device)
+        return placed[device]
+
+    return on
 
 
 def total_length(call: AttentionCall) -> int:
