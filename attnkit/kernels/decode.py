@@ -179,9 +179,9 @@ def decode_attention(
     if padded > 1:
         part = torch.empty(batch * heads, padded, dim, dtype=torch.float32, device=values.device)
         stats = torch.empty(batch * heads, padded, 2, dtype=torch.float32, device=values.device)
-    if bias is not None and (bias.dim() != 3 or bias.shape[0] not in (1, batch) or bias.shape[1] != kv_heads):
-        raise ValueError(f"decode_attention: bias of shape {tuple(bias.shape)} for {shapes}")
-    if bias is not None and bias.shape[2] < capacity:
+    if bias is not None and (
+        bias.dim() != 3 or bias.shape[0] not in (1, batch) or bias.shape[1] != kv_heads or bias.shape[2] < capacity
+    ):
         raise ValueError(f"decode_attention: bias of shape {tuple(bias.shape)} for {shapes}")
     biased, bias_strides = lengths, (0, 0, 0)  # a pointer the kernel never reads without a bias
     if bias is not None:
