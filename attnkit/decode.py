@@ -197,8 +197,7 @@ class Loop:
     def captured(self, cache: Any, attention_mask: torch.Tensor | None, budget: int) -> Step:
         """Copy the prefill into a :class:`GraphCache`, capture one step (or, in ``buffers`` mode,
         run it eagerly on the buffers: the same computation without a graph, for tests)."""
-        graphed = graph_cache(cache, budget, attention_mask)
-        self.handle.tracker.share(cache, graphed)
+        graphed = graph_copy(self.handle, cache, budget, attention_mask)
         forward, logits = graph_step(self.model, graphed, self.compile)
         if self.mode == "buffers":
 
@@ -215,6 +214,14 @@ class Loop:
             return logits.clone()
 
         return run
+
+
+def graph_copy(handle: Handle, cache: Any, new_tokens: int, attention_mask: torch.Tensor | None) -> GraphCache:
+    """``cache`` in fixed-capacity buffers with room for ``new_tokens`` (:func:`graph_cache`), continuing
+    its sequence in ``handle``'s tracker, so that what the prefill found stays there for the steps."""
+    graphed = graph_cache(cache, new_tokens, attention_mask)
+    handle.tracker.share(cache, graphed)
+    return graphed
 
 
 def graph_step(

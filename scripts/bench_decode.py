@@ -59,8 +59,8 @@ from bench_tidal import FULL, TINY, buffers, build_model, decode_block, make_cac
 
 import attnkit  # noqa: E402
 from attnkit.compat import cache_argument  # noqa: E402
-from attnkit.decode import Replay, compile_limits, graph_step  # noqa: E402
-from attnkit.engine.graphs import GraphCache, GraphLayer, graph_cache, graph_inputs  # noqa: E402
+from attnkit.decode import Replay, compile_limits, graph_copy, graph_step  # noqa: E402
+from attnkit.engine.graphs import GraphCache, GraphLayer, graph_inputs  # noqa: E402
 from attnkit.engine.kvcache import sdpa_without_cudnn  # noqa: E402
 from attnkit.methods import ACT, HeadMask, Razor, SnapKV, Streaming, TidalDecode  # noqa: E402
 
@@ -141,8 +141,7 @@ class Case:
         handle = attnkit.handle.active_handle(self.model)
         if name.split("_")[0] in PREFILLED:
             cache, _ = batch_cache(self.model, self.prompt, self.batch)
-            graphed = graph_cache(cache, count + 1, None)
-            handle.tracker.share(cache, graphed)
+            graphed = graph_copy(handle, cache, count + 1, None)
         else:
             buffers = [(layer.key_buffer, layer.value_buffer) for layer in self.cache.layers]
             inputs = graph_inputs(self.batch, self.context, None, self.device)

@@ -44,8 +44,7 @@ from bench_overhead import LLAMA3_8B  # noqa: E402
 import attnkit  # noqa: E402
 from attnkit import compat  # noqa: E402
 from attnkit.compat import cache_argument  # noqa: E402
-from attnkit.decode import Replay, graph_step  # noqa: E402
-from attnkit.engine.graphs import graph_cache  # noqa: E402
+from attnkit.decode import Replay, graph_copy, graph_step  # noqa: E402
 from attnkit.methods import Pine  # noqa: E402
 
 TINY = dict(
@@ -191,8 +190,7 @@ def replayed(model, cache, token: torch.Tensor) -> tuple[Callable[[], None], Cal
     """``DECODE_BLOCK`` replays of one captured decode step over a copy of ``cache`` with room for
     them (the warm-up and capture included), and the rewind to the prompt."""
     handle = attnkit.handle.active_handle(model)
-    graphed = graph_cache(cache, DECODE_BLOCK + 4, None)
-    handle.tracker.share(cache, graphed)
+    graphed = graph_copy(handle, cache, DECODE_BLOCK + 4, None)
     forward, _ = graph_step(model, graphed)
     replay = Replay(forward, graphed, handle)
     if handle.unreplayable:
