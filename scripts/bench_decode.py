@@ -6,7 +6,8 @@ Configurations:
 
 - ``untouched``: the model as transformers runs it, torch's default sdpa settings (cuDNN allowed);
 - ``untouched_no_cudnn``: the same with sdpa's cuDNN backend left out, the other half of the
-  "best of cuDNN on and off" baseline;
+  "best of cuDNN on and off" baseline; ``snapkv_no_cudnn``, ``streaming_no_cudnn``,
+  ``razor_no_cudnn`` and ``tidaldecode_no_cudnn`` the same for each method's own cache;
 - ``identity`` (an empty recipe), ``head_mask`` (4 heads on 2 layers zeroed) and ``act`` (ACT's
   defaults: every head of layers 2 to 30, the fast path);
 - ``snapkv``, ``streaming`` (budget ``--budget``) and ``razor`` (15% retrieval heads, 4,000 local
@@ -27,6 +28,16 @@ preallocated buffers, written in place (``bench_tidal.InPlaceLayer``: transforme
 concatenates the whole cache at every step, a copy that would dilute every ratio). Every step sees
 ``context`` tokens (the cache is rewound after each).
 
+``--capacity``: instead of ``--batches``, each cache at the largest batch that fits it. The
+configurations split into groups by the cache they decode from: the full cache (``untouched*``,
+``captured*``, ``tidaldecode*``) and each KV method's compressed one. A group's batch is the GPU's
+free memory (less ``--reserve-gb``) over one row's bytes (the full cache's: its keys and values;
+a compressed one's: measured after a real prefill), halved where the group has a captured KV
+configuration (captured decoding copies the prefill's cache into its own buffers, so both are held
+for a moment); on running out of memory the group starts again at 85% of the batch. Each group's
+ratios are against its own first eager configuration under torch's defaults (``untouched``,
+``snapkv``, ...).
+
 Timing: configurations take turns in interleaved rounds (order reversed every other round), each a
 block of ``--steps`` steps after ``--warmup`` untimed ones (CUDA events). A configuration's step is
 the median over rounds of its block's mean; spread = (max - min) / median over rounds. A ratio whose
@@ -35,6 +46,7 @@ configuration, a torch.profiler count per step of host-side operator calls, kern
 syncs and GPU busy time.
 
     python scripts/bench_decode.py [--contexts 4096 32768] [--batches 1 16] [--rounds 4] [--json out.json]
+    python scripts/bench_decode.py --capacity --contexts 4096 32768 --configs untouched_no_cudnn snapkv ...
     python scripts/bench_decode.py --quick          # a tiny model on the CPU, to smoke-test the script
 """
 
@@ -61,7 +73,7 @@ import attnkit  # noqa: E402
 from attnkit.compat import cache_argument  # noqa: E402
 from attnkit.decode import Replay, compile_limits, graph_copy, graph_step  # noqa: E402
 from attnkit.engine.graphs import GraphCache, GraphLayer, graph_inputs  # noqa: E402
-from attnkit.engine.kvcache import sdpa_without_cudnn  # noqa: E402
+from attnkit.engine.kvcache import cache_bytes, sdpa_without_cudnn  # noqa: E402
 from attnkit.methods import ACT, HeadMask, Razor, SnapKV, Streaming, TidalDecode  # noqa: E402
 
 PREFILLED = {"snapkv", "streaming", "razor", "act"}
@@ -79,29 +91,33 @@ FIRED = {
 
 def configurations(shape: dict, budget: int) -> dict[str, list | None]:
     layers = shape["num_hidden_layers"]
-    return {
+    methods = {
+        "head_mask": lambda: [HeadMask(heads={layers // 4: [0, 1], 3 * layers // 4: [2, 3]}, scale=0.0)],
+        "snapkv": lambda: [SnapKV(budget=budget)],
+        "streaming": lambda: [Streaming(budget=budget)],
+        "razor": lambda: [Razor(heads=retrieval_heads(shape, 0.15), local=min(4000, budget * 2), ratio=8.0)],
+        "tidaldecode": lambda: [TidalDecode(budget=budget)],
+        "act": lambda: [ACT()],
+    }
+    configs: dict[str, list | None] = {
         "untouched": None,
         "hf_compiled": None,
         "untouched_no_cudnn": None,
         "identity": [],
-        "head_mask": [HeadMask(heads={layers // 4: [0, 1], 3 * layers // 4: [2, 3]}, scale=0.0)],
-        "snapkv": [SnapKV(budget=budget)],
-        "streaming": [Streaming(budget=budget)],
-        "razor": [Razor(heads=retrieval_heads(shape, 0.15), local=min(4000, budget * 2), ratio=8.0)],
-        "tidaldecode": [TidalDecode(budget=budget)],
-        "act": [ACT()],
         "captured": [],
-        "act_captured": [ACT()],
-        "head_mask_captured": [HeadMask(heads={layers // 4: [0, 1], 3 * layers // 4: [2, 3]}, scale=0.0)],
-        "snapkv_captured": [SnapKV(budget=budget)],
-        "streaming_captured": [Streaming(budget=budget)],
-        "razor_captured": [Razor(heads=retrieval_heads(shape, 0.15), local=min(4000, budget * 2), ratio=8.0)],
-        "tidaldecode_captured": [TidalDecode(budget=budget)],
         "captured_compiled": [],
-        "head_mask_captured_compiled": [HeadMask(heads={layers // 4: [0, 1], 3 * layers // 4: [2, 3]}, scale=0.0)],
-        "snapkv_captured_compiled": [SnapKV(budget=budget)],
-        "tidaldecode_captured_compiled": [TidalDecode(budget=budget)],
     }
+    for name, made in methods.items():
+        configs[name] = made()
+        if name in KV_METHODS or name == "tidaldecode":
+            configs[f"{name}_no_cudnn"] = made()
+        for variant in ("captured", "captured_compiled"):
+            configs[f"{name}_{variant}"] = made()
+    return configs
+
+
+KV_METHODS = ("snapkv", "streaming", "razor")
+"""The methods that decode from a compressed cache of their own (a group of their own under ``--capacity``)."""
 
 
 class Case:
@@ -109,7 +125,7 @@ class Case:
 
     def __init__(self, model, held: list, context: int, batch: int, device: str):
         self.model, self.context, self.batch, self.device = model, context, batch, device
-        self.cache = make_cache(model, held, batch, context)
+        self.cache = make_cache(model, held, batch, context) if held is not None else None
         self.warmups: dict[str, float] = {}
         """Seconds of each configuration's first warm-up block (compilation included)."""
         self.token = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
@@ -187,8 +203,8 @@ class Case:
 
 
 def backends(name: str):
-    """sdpa's backends for ``name``: cuDNN left out for ``untouched_no_cudnn``, torch's defaults otherwise."""
-    return sdpa_without_cudnn() if name == "untouched_no_cudnn" else contextlib.nullcontext()
+    """sdpa's backends for ``name``: cuDNN left out for ``*_no_cudnn``, torch's defaults otherwise."""
+    return sdpa_without_cudnn() if name.endswith("_no_cudnn") else contextlib.nullcontext()
 
 
 def one_round(case: Case, name: str, methods, args) -> tuple[float, dict]:
@@ -246,14 +262,15 @@ def profile(case: Case, name: str, methods, steps: int) -> dict[str, float]:
     }
 
 
-def run_case(case: Case, configs: dict, args) -> dict:
+def run_case(case: Case, configs: dict, args, base_name: str = "untouched") -> dict:
+    """Interleaved rounds of ``configs`` on ``case``; ratios against ``base_name``."""
     rounds: dict[str, list[float]] = {name: [] for name in configs}
     for r in range(args.rounds):
         for name in list(configs) if r % 2 == 0 else list(reversed(configs)):
             ms, _ = one_round(case, name, configs[name], args)
             rounds[name].append(ms)
-    base = statistics.median(rounds["untouched"])
-    base_spread = (max(rounds["untouched"]) - min(rounds["untouched"])) / base
+    base = statistics.median(rounds[base_name])
+    base_spread = (max(rounds[base_name]) - min(rounds[base_name])) / base
     rows = {}
     for name, times in rounds.items():
         step = statistics.median(times)
@@ -272,11 +289,85 @@ def run_case(case: Case, configs: dict, args) -> dict:
     return rows
 
 
+def groups(configs: dict) -> dict[str, dict]:
+    """The configurations by the cache they decode from: ``full`` and each KV method's own."""
+    split: dict[str, dict] = {}
+    for name, methods in configs.items():
+        if name == "hf_compiled":
+            continue  # its StaticCache copy doubles the cache: not run at capacity
+        kind = name.split("_")[0]
+        split.setdefault(kind if kind in KV_METHODS else "full", {})[name] = methods
+    return {kind: members for kind, members in split.items() if kind == "full" or kind in members}
+
+
+def row_bytes(model, shape: dict, context: int, kind: str, methods, args) -> int:
+    """One batch row's cache: the full cache's keys and values, or a KV method's after a real prefill."""
+    if kind == "full":
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * model.dtype.itemsize
+        return per_token * (context + args.steps + args.warmup + 8)
+    gen = torch.Generator(device=model.device).manual_seed(2)
+    prompt = torch.randint(0, model.config.vocab_size, (1, context), device=model.device, generator=gen)
+    handle = attnkit.apply(model, methods)
+    try:
+        with torch.no_grad():
+            cache, _ = batch_cache(model, prompt, 1)
+            return cache_bytes(cache)
+    finally:
+        handle.remove()
+
+
+def free_bytes(device: str, args) -> float:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        return torch.cuda.mem_get_info()[0] - args.reserve_gb * 1e9
+    return args.reserve_gb * 1e9  # the CPU smoke test: --reserve-gb is the memory to fill
+
+
+def capacity_case(model, shape: dict, context: int, kind: str, configs: dict, args, device: str) -> tuple[int, dict]:
+    """The group's configurations at the largest batch its cache fits (85% of it after running out)."""
+    first = next(iter(configs.values()))
+    copies = 2 if kind != "full" and any("captured" in name for name in configs) else 1
+    batch = max(1, int(free_bytes(device, args) // (copies * row_bytes(model, shape, context, kind, first, args))))
+    while True:
+        try:
+            extent = context + args.steps + args.warmup + 8
+            held = buffers(shape, batch, extent, device) if kind == "full" else None
+            return batch, run_case(Case(model, held, context, batch, device), configs, args, next(iter(configs)))
+        except torch.OutOfMemoryError:
+            print(f"  {kind}: out of memory at batch {batch}, again at 85%", flush=True)
+            held = None
+            batch = max(1, int(batch * 0.85))
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+
+def show(title: str, rows: dict, base_name: str) -> None:
+    print(title, flush=True)
+    for name, row in rows.items():
+        noise = "  within noise" if row["within_noise"] and name != base_name else ""
+        print(
+            f"  {name:<19} {row['step_ms']:8.2f} ms/step {row['tokens_per_s']:9.1f} tok/s "
+            f"{row['ratio']:6.3f}x  spread {row['spread']:5.1%}  rounds "
+            + " ".join(f"{t:.2f}" for t in row["rounds_ms"])
+            + f"  first warm-up {row['first_warmup_s']:.1f} s"
+            + noise,
+            flush=True,
+        )
+        if "profile" in row:
+            print("      " + "  ".join(f"{k} {v:.1f}" for k, v in row["profile"].items()), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny model on the CPU, to smoke-test the script")
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument(
+        "--capacity", action="store_true", help="each cache at the largest batch it fits (no --batches)"
+    )
+    parser.add_argument("--reserve-gb", type=float, default=10.0, help="GPU memory --capacity leaves free")
     parser.add_argument("--configs", nargs="+", help="a subset of the configurations (untouched is always run)")
     parser.add_argument("--budget", type=int, default=2048)
     parser.add_argument("--tidal-budgets", type=int, nargs="*", help="also TidalDecode at these budgets")
@@ -292,6 +383,7 @@ def main() -> None:
     if args.quick:
         args.contexts, args.batches, args.budget = [256], [1, 2], 64
         args.rounds, args.steps, args.warmup, args.profile_steps = 2, 2, 1, 2
+        args.reserve_gb = 0.02 if args.capacity else args.reserve_gb
     configs = configurations(shape, args.budget)
     for budget in args.tidal_budgets or []:  # TidalDecode at other budgets, eager and captured
         configs[f"tidaldecode_{budget}"] = [TidalDecode(budget=budget)]
@@ -306,33 +398,33 @@ def main() -> None:
     if device == "cpu":  # CUDA graphs need a GPU
         configs = {n: m for n, m in configs.items() if "captured" not in n and n != "hf_compiled"}
     model = build_model(shape, device)
-    held = buffers(shape, max(args.batches), max(args.contexts) + args.steps + args.warmup + 8, device)
     results: dict[str, Any] = {}
-    for context in args.contexts:
-        for batch in args.batches:
-            began = time.perf_counter()
-            case = Case(model, held, context, batch, device)
-            fits = context * batch <= args.hf_compiled_tokens
-            here = {n: m for n, m in configs.items() if n != "hf_compiled" or fits}
-            results[f"{context}x{batch}"] = rows = run_case(case, here, args)
-            print(f"context {context}, batch {batch} ({time.perf_counter() - began:.0f} s)", flush=True)
-            for name, row in rows.items():
-                noise = "  within noise" if row["within_noise"] and name != "untouched" else ""
-                print(
-                    f"  {name:<19} {row['step_ms']:8.2f} ms/step {row['tokens_per_s']:9.1f} tok/s "
-                    f"{row['ratio']:6.3f}x  spread {row['spread']:5.1%}  rounds "
-                    + " ".join(f"{t:.2f}" for t in row["rounds_ms"])
-                    + f"  first warm-up {row['first_warmup_s']:.1f} s"
-                    + noise,
-                    flush=True,
+    if args.capacity:
+        for context in args.contexts:
+            for kind, members in groups(configs).items():
+                began = time.perf_counter()
+                batch, rows = capacity_case(model, shape, context, kind, members, args, device)
+                results[f"{context}xcapacity:{kind}"] = {"batch": batch, "rows": rows}
+                show(
+                    f"context {context}, {kind} cache at capacity, batch {batch} ({time.perf_counter() - began:.0f} s)",
+                    rows,
+                    next(iter(members)),
                 )
-                if "profile" in row:
-                    print("      " + "  ".join(f"{k} {v:.1f}" for k, v in row["profile"].items()), flush=True)
+    else:
+        held = buffers(shape, max(args.batches), max(args.contexts) + args.steps + args.warmup + 8, device)
+        for context in args.contexts:
+            for batch in args.batches:
+                began = time.perf_counter()
+                case = Case(model, held, context, batch, device)
+                fits = context * batch <= args.hf_compiled_tokens
+                here = {n: m for n, m in configs.items() if n != "hf_compiled" or fits}
+                results[f"{context}x{batch}"] = rows = run_case(case, here, args)
+                show(f"context {context}, batch {batch} ({time.perf_counter() - began:.0f} s)", rows, "untouched")
     report = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
-        "settings": {k: getattr(args, k) for k in ("rounds", "steps", "warmup", "budget")},
+        "settings": {k: getattr(args, k) for k in ("rounds", "steps", "warmup", "budget", "capacity", "reserve_gb")},
         "results": results,
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None,
     }

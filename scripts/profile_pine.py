@@ -1,13 +1,17 @@
 """Where does a PINE prefill and decode step spend its time? torch.profiler on the Llama-3-8B shape
 (32 layers, bf16, sdpa), batch 1, the 8K-token 20-segment case of ``bench_pine.py``: the top ops by
 CUDA time and by CPU time, and the op count, for one prefill and for 5 decode steps.
+``--captured``: instead, the captured decode step's computation (``attnkit.decode``'s step over the
+fixed-capacity copy of the cache, run without the graph), with the untouched model's same step
+beside it, and the GPU time per step of each: what the graph replays, kernel by kernel.
 
-    python scripts/profile_pine.py [--tokens 8192 --segments 20]
+    python scripts/profile_pine.py [--tokens 8192 --segments 20] [--captured]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from bench_pine import LLAMA3_8B, build_model, make_case  # noqa: E402
 
 import attnkit  # noqa: E402
 from attnkit.compat import cache_argument  # noqa: E402
+from attnkit.decode import graph_copy, graph_step  # noqa: E402
 from attnkit.methods import Pine  # noqa: E402
 
 
@@ -35,10 +40,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--segments", type=int, default=20)
+    parser.add_argument("--captured", action="store_true", help="the captured step's computation, PINE and untouched")
     args = parser.parse_args()
     case = make_case(args.tokens, args.segments)
     model = build_model(LLAMA3_8B, "cuda")
     ids = torch.randint(10, LLAMA3_8B["vocab_size"], (1, case.tokens), device="cuda", generator=None)
+    if args.captured:
+        for methods in ([], [Pine()]):
+            captured_step(model, ids, methods, case)
+        return
     pine = Pine()
     from transformers import DynamicCache
 
@@ -61,6 +71,36 @@ def main() -> None:
                 model(input_ids=token, **cache_argument(model, cache), use_cache=True)
             torch.cuda.synchronize()
         report(prof, "5 decode steps")
+
+
+def captured_step(model, ids: torch.Tensor, methods: list, case) -> None:
+    """Profile 5 runs of the captured decode step's computation (no graph) with ``methods`` applied."""
+    from transformers import DynamicCache
+
+    name = "pine" if methods else "untouched"
+    with torch.no_grad(), attnkit.apply(model, methods) as handle:
+        segments = methods[0].segments(case.segment_ids(ids.device)) if methods else contextlib.nullcontext()
+        with segments:
+            cache = DynamicCache()
+            model(input_ids=ids, **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
+            graphed = graph_copy(handle, cache, 16, None)
+            forward, _ = graph_step(model, graphed)
+            for _ in range(3):
+                forward()
+            sync(ids.device)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    forward()
+                sync(ids.device)
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy = sum(e.device_time for e in kernels) / 1e3 / 5
+    print(f"\n== captured step's computation, {name}: {len(kernels) / 5:.0f} kernels, {busy:.2f} ms GPU per step")
+    report(prof, f"captured step, {name}")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

@@ -284,16 +284,20 @@ def test_graph_replay_generates_what_generate_does_on_cuda(arch: str) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("kind", ["tidaldecode", "snapkv", "act"])
+@pytest.mark.parametrize("kind", ["tidaldecode", "snapkv", "act", "razor", "streaming"])
 def test_graph_replay_of_sparse_and_compressed_decoding_on_cuda(kind: str) -> None:
-    """TidalDecode and ACT (a left-padded batch) and snapkv (one row) through the captured graph: the
-    tokens of their eager paths, no fallback, every replayed step counted."""
+    """TidalDecode, ACT, razor and streaming (a left-padded batch) and snapkv (one row) through the
+    captured graph: the tokens of their eager paths, no fallback, every replayed step counted."""
     model = tiny_model("llama-gqa", num_hidden_layers=6).cuda()
     if kind == "tidaldecode":
         methods = [TidalDecode(budget=6, selection_layer=1, reselection_layer=3)]
         batch = left_padded_batch(PROMPTS, 0)
-    elif kind == "act":
-        methods = [ACT()]
+    elif kind in ("act", "razor", "streaming"):
+        methods = {
+            "act": [ACT()],
+            "razor": [Razor(heads={0: [0], 1: [1]}, local=2, sink=1)],
+            "streaming": [Streaming(budget=6, sink=2)],
+        }[kind]
         batch = left_padded_batch(PROMPTS, 0)
     else:
         methods = [SnapKV(budget=6, window=2, kernel=1)]
