@@ -240,8 +240,10 @@ def order_reference(query, keys, segments, lengths, base, active, scale):
 
 
 @needs_triton
+@pytest.mark.parametrize("splits", [None, 3])
 @pytest.mark.parametrize("rows,heads,kv_heads,count", [(1, 4, 2, 3), (5, 2, 2, 20), (3, 8, 1, 2)])
-def test_segment_order_equals_reference(rows, heads, kv_heads, count):
+def test_segment_order_equals_reference(rows, heads, kv_heads, count, splits):
+    """One pass, and the keys split in three (the second row's last splits hold no segment key)."""
     torch.manual_seed(rows * 10 + count)
     batch, dim, prompt = 2, 32, 90
     query = torch.randn(batch, heads, rows, dim, dtype=torch.float64)
@@ -254,5 +256,5 @@ def test_segment_order_equals_reference(rows, heads, kv_heads, count):
     lengths = torch.stack([(segments == s).sum(-1) for s in range(1, count + 1)], -1)
     base = torch.randint(0, 50, (batch, rows))
     active = torch.tensor([1, 0 if count == 2 else 1])
-    got = kernels.segment_order(query, keys, segments, lengths, base, active, 0.4)
+    got = kernels.segment_order(query, keys, segments, lengths, base, active, 0.4, splits=splits)
     assert torch.equal(got.long(), order_reference(query, keys, segments, lengths, base, active, 0.4))

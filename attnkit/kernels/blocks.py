@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from attnkit.kernels.backend import combine_splits, online_softmax, tl, triton
+from attnkit.kernels.backend import combine, online_softmax, tl, triton
 
 if triton is not None:
 
@@ -234,11 +234,7 @@ def block_attention(
         num_warps=chosen["num_warps"], num_stages=chosen["num_stages"],
     )  # fmt: skip
     if splits > 1:
-        total = batch * heads * rows
-        combine_splits[(triton.cdiv(total, 16),)](
-            part, stats, out, out, *out.stride()[:3], total, heads, rows,
-            SPLITS=splits, DIM=dim, BR=16, RETURN_LSE=False,
-        )  # fmt: skip
+        combine(part, stats, out, out, out.stride()[:3], batch * heads * rows, heads, rows, splits, dim)
     return out
 
 

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from attnkit.kernels.backend import combine_splits, online_softmax, tl, triton
+from attnkit.kernels.backend import combine, online_softmax, tl, triton
 
 if triton is not None:
 
@@ -214,12 +214,9 @@ def decode_attention(
         RETURN_LSE=return_lse, num_warps=4, num_stages=2,
     )  # fmt: skip
     if padded > 1:
-        rows = batch * heads
-        tile = max(1, min(16, 4096 // (padded * dim)))
-        combine_splits[(triton.cdiv(rows, tile),)](
-            part, stats, out, lse, out.stride(0), out.stride(2), 0, rows, heads, 1,
-            SPLITS=padded, DIM=dim, BR=tile, RETURN_LSE=return_lse,
-        )  # fmt: skip
+        combine(
+            part, stats, out, lse, (out.stride(0), out.stride(2), 0), batch * heads, heads, 1, padded, dim, return_lse
+        )
     return (out, lse) if return_lse else out
 
 

@@ -18,36 +18,21 @@ from attnkit.kernels.backend import online_softmax, tl, triton
 if triton is not None:
 
     @triton.jit
-    def _order_kernel(
-        Q, sqb, sqh, sqm,
-        K, skb, skh, skn, P,
-        SEG, ssb,
-        LEN, slb,
-        BASE, sbb,
-        ACTIVE,
-        OUT, sob, soh, som,
-        M, G, HKV, S, scale,
+    def _shares(
+        q, K, skb, skh, skn, SEG, ssb, b, kvh, lo, hi, scale,
         D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SP: tl.constexpr,
         PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):  # fmt: skip
-        tile, bkv = tl.program_id(0), tl.program_id(1)
-        b, kvh = bkv // HKV, bkv % HKV
-        r = tile * BM + tl.arange(0, BM)
-        row_ok = r < G * M
-        g, m = r // M, r % M
-        h = kvh * G + g
+        """Over keys [lo, hi): the running max and sum of the base-2 softmax over segment keys, and
+        each segment's (unnormalised) share [BM, SP]."""
         d = tl.arange(0, D)
-        key_type = K.dtype.element_ty
-        q = tl.load(Q + b * sqb + h[:, None] * sqh + m[:, None] * sqm + d[None, :], mask=row_ok[:, None], other=0.0)
-        q = q.to(key_type)
         numbers = tl.arange(0, SP) + 1
-
         top = tl.full([BM], float("-inf"), ACC)
         total = tl.zeros([BM], ACC)
         share = tl.zeros([BM, SP], ACC)
-        for start in range(0, P, BN):
+        for start in range(lo, hi, BN):
             n = start + tl.arange(0, BN)
-            inside = n < P
+            inside = n < hi
             k = tl.load(K + b * skb + kvh * skh + n[:, None] * skn + d[None, :], mask=inside[:, None], other=0.0)
             seg = tl.load(SEG + b * ssb + n, mask=inside, other=0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(ACC) * scale
@@ -55,7 +40,15 @@ if triton is not None:
             p, alpha, top, total = online_softmax(s, top, total)
             onehot = (seg[:, None] == numbers[None, :]).to(ACC)
             share = share * alpha[:, None] + tl.dot(p, onehot, input_precision="ieee")
+        return top, total, share
 
+    @triton.jit
+    def _write_order(
+        share, total, LEN, slb, BASE, sbb, ACTIVE, OUT, sob, soh, som, b, h, m, row_ok, S,
+        SP: tl.constexpr, ACC: tl.constexpr,
+    ):  # fmt: skip
+        """Importance from the shares, the ranking (ties in segment order) and the positions written."""
+        numbers = tl.arange(0, SP) + 1
         lengths = tl.load(LEN + b * slb + numbers - 1, mask=numbers <= S, other=0)
         total = tl.where(total == 0.0, 1.0, total)
         importance = share / total[:, None] / tl.maximum(lengths, 1).to(ACC)[None, :]
@@ -72,6 +65,78 @@ if triton is not None:
         )
         tl.store(o_at + S + 1, base, mask=row_ok)
 
+    @triton.jit
+    def _order_kernel(
+        Q, sqb, sqh, sqm,
+        K, skb, skh, skn, P,
+        SEG, ssb,
+        LEN, slb,
+        BASE, sbb,
+        ACTIVE,
+        OUT, sob, soh, som,
+        PART, STATS, split_keys,
+        M, G, HKV, S, scale,
+        D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SP: tl.constexpr, SPLITS: tl.constexpr,
+        PRECISION: tl.constexpr, ACC: tl.constexpr,
+    ):  # fmt: skip
+        """One tile of reader rows over one split of the keys: the order itself (one split), or
+        the split's partial shares for ``_order_combine_kernel``."""
+        tile, bkv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        b, kvh = bkv // HKV, bkv % HKV
+        r = tile * BM + tl.arange(0, BM)
+        row_ok = r < G * M
+        g, m = r // M, r % M
+        h = kvh * G + g
+        d = tl.arange(0, D)
+        q = tl.load(Q + b * sqb + h[:, None] * sqh + m[:, None] * sqm + d[None, :], mask=row_ok[:, None], other=0.0)
+        q = q.to(K.dtype.element_ty)
+        lo = split * split_keys
+        hi = tl.minimum(P, lo + split_keys)
+        top, total, share = _shares(q, K, skb, skh, skn, SEG, ssb, b, kvh, lo, hi, scale, D, BM, BN, SP, PRECISION, ACC)
+        if SPLITS == 1:
+            _write_order(share, total, LEN, slb, BASE, sbb, ACTIVE, OUT, sob, soh, som, b, h, m, row_ok, S, SP, ACC)
+        else:
+            row = (b * HKV * G + h) * M + m
+            numbers = tl.arange(0, SP)
+            tl.store(PART + (row[:, None] * SPLITS + split) * SP + numbers[None, :], share, mask=row_ok[:, None])
+            tl.store(STATS + (row * SPLITS + split) * 2, top, mask=row_ok)
+            tl.store(STATS + (row * SPLITS + split) * 2 + 1, total, mask=row_ok)
+
+    @triton.jit
+    def _order_combine_kernel(
+        PART, STATS,
+        LEN, slb,
+        BASE, sbb,
+        ACTIVE,
+        OUT, sob, soh, som,
+        M, G, HKV, S,
+        BM: tl.constexpr, SP: tl.constexpr, SPLITS: tl.constexpr, ACC: tl.constexpr,
+    ):  # fmt: skip
+        """The splits' partial shares rescaled to one softmax, then the order as in one pass."""
+        tile, bkv = tl.program_id(0), tl.program_id(1)
+        b, kvh = bkv // HKV, bkv % HKV
+        r = tile * BM + tl.arange(0, BM)
+        row_ok = r < G * M
+        g, m = r // M, r % M
+        h = kvh * G + g
+        row = (b * HKV * G + h) * M + m
+        best = tl.full([BM], float("-inf"), ACC)
+        for split in range(SPLITS):
+            best = tl.maximum(best, tl.load(STATS + (row * SPLITS + split) * 2, mask=row_ok, other=float("-inf")))
+        best = tl.where(best == float("-inf"), 0.0, best)
+        numbers = tl.arange(0, SP)
+        total = tl.zeros([BM], ACC)
+        share = tl.zeros([BM, SP], ACC)
+        for split in range(SPLITS):
+            at = (row * SPLITS + split) * 2
+            weight = tl.exp2(tl.load(STATS + at, mask=row_ok, other=float("-inf")) - best)
+            total += weight * tl.load(STATS + at + 1, mask=row_ok, other=0.0)
+            part = tl.load(
+                PART + (row[:, None] * SPLITS + split) * SP + numbers[None, :], mask=row_ok[:, None], other=0.0
+            )
+            share += weight[:, None] * part
+        _write_order(share, total, LEN, slb, BASE, sbb, ACTIVE, OUT, sob, soh, som, b, h, m, row_ok, S, SP, ACC)
+
 
 def segment_order(
     query: torch.Tensor,
@@ -81,6 +146,7 @@ def segment_order(
     base: torch.Tensor,
     active: torch.Tensor,
     scale: float,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """int32 [batch, heads, queries, K + 2]: where each query reads block 0 (its ``base``
     position), segment s (``base`` plus the lengths of the segments more important to it: ties in
@@ -90,7 +156,8 @@ def segment_order(
     un-rotated; ``segments`` [batch, prompt] 0 outside segments, 1..K inside; ``lengths`` [batch,
     K]; ``base`` [batch, queries]; ``active`` [batch]: rows whose segments move (others read all at
     ``base``). Importance: the softmax of q·k x ``scale`` over segment keys, summed per segment and
-    divided by its length.
+    divided by its length. ``splits``: key ranges read by programs of their own, then combined
+    (default: enough to fill the GPU when there are few reader rows, as in a decode step).
     """
     batch, heads, rows, dim = query.shape
     kv_heads, prompt, count = keys.shape[1], keys.shape[2], lengths.shape[1]
@@ -98,11 +165,18 @@ def segment_order(
         raise ValueError(f"segment_order: head dim {dim} (32 to 256) and {count} segments (at most 64)")
     group = heads // kv_heads
     out = torch.empty(batch, heads, rows, count + 2, dtype=torch.int32, device=query.device)
-    acc = tl.float64 if keys.dtype == torch.float64 else tl.float32
+    acc = torch.float64 if keys.dtype == torch.float64 else torch.float32
     segments, lengths, base, active = (t.to(torch.int32).contiguous() for t in (segments, lengths, base, active))
     query, keys = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, keys))
-    grid = (triton.cdiv(group * rows, 16), batch * kv_heads)
-    _order_kernel[grid](
+    tiles, padded = triton.cdiv(group * rows, ROWS), max(16, triton.next_power_of_2(count))
+    splits = splits or order_splits(tiles * batch * kv_heads, prompt)
+    split_keys = -(-prompt // splits)
+    part = stats = out  # placeholders for one split
+    if splits > 1:
+        part = torch.empty(batch * heads * rows, splits, padded, dtype=acc, device=query.device)
+        stats = torch.empty(batch * heads * rows, splits, 2, dtype=acc, device=query.device)
+    kinds = {"SP": padded, "SPLITS": splits, "ACC": tl.float64 if acc == torch.float64 else tl.float32}
+    _order_kernel[(tiles, batch * kv_heads, splits)](
         query, *query.stride()[:3],
         keys, *keys.stride()[:3], prompt,
         segments, segments.stride(0),
@@ -110,9 +184,32 @@ def segment_order(
         base, base.stride(0),
         active,
         out, *out.stride()[:3],
+        part, stats, split_keys,
         rows, group, kv_heads, count, scale * 1.4426950408889634,
-        D=dim, BM=16, BN=64, SP=max(16, triton.next_power_of_2(count)),
-        PRECISION="ieee" if keys.dtype == torch.float32 else "tf32", ACC=acc,
-        num_warps=4,
+        D=dim, BM=ROWS, BN=64, PRECISION="ieee" if keys.dtype == torch.float32 else "tf32",
+        num_warps=4, **kinds,
     )  # fmt: skip
+    if splits > 1:
+        _order_combine_kernel[(tiles, batch * kv_heads)](
+            part, stats,
+            lengths, lengths.stride(0),
+            base, base.stride(0),
+            active,
+            out, *out.stride()[:3],
+            rows, group, kv_heads, count,
+            BM=ROWS, num_warps=4, **kinds,
+        )  # fmt: skip
     return out
+
+
+ROWS = 16
+"""Reader rows (query heads x queries of one KV head) per program."""
+
+
+def order_splits(programs: int, keys: int) -> int:
+    """Key splits for ``programs`` tiles of rows: doubled while the GPU has room and each split
+    keeps at least 256 keys (a decode step's 8 programs over an 8K prompt: 32 splits)."""
+    splits = 1
+    while splits < 64 and programs * splits < 256 and keys // (2 * splits) >= 256:
+        splits *= 2
+    return splits
