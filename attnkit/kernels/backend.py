@@ -15,6 +15,15 @@ except ImportError:
 if triton is not None:
 
     @triton.jit
+    def row_tile(tile, bkv, HKV, G, M, BM: tl.constexpr):
+        """The rows of one program over a (batch, KV head): a tile of the KV head's G query heads x
+        M queries, as (batch, KV head, rows in range, query head, query)."""
+        b, kvh = bkv // HKV, bkv % HKV
+        r = tile * BM + tl.arange(0, BM)
+        g, m = r // M, r % M
+        return b, kvh, r < G * M, kvh * G + g, m
+
+    @triton.jit
     def online_softmax(s, top, total):
         """One tile of an online softmax over base-2 logits ``s`` [rows, keys] (-inf: masked):
         the tile's weights, the factor that rescales what was summed before, and the running max
@@ -56,7 +65,7 @@ if triton is not None:
         o_at = OUT + (row // (H * M)) * sob + ((row // M) % H) * soh + (row % M) * som
         tl.store(o_at[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=ok[:, None])
 else:
-    online_softmax = combine_splits = None
+    online_softmax = combine_splits = row_tile = None
 
 
 def combine(

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from attnkit.kernels.backend import combine, online_softmax, tl, triton
+from attnkit.kernels.backend import combine, online_softmax, row_tile, tl, triton
 
 if triton is not None:
 
@@ -89,12 +89,8 @@ if triton is not None:
         HAS_VALID: tl.constexpr, HAS_OPEN: tl.constexpr, HAS_LENGTH: tl.constexpr,
         PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):  # fmt: skip
-        tile, bkv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        b, kvh = bkv // HKV, bkv % HKV
-        r = tile * BM + tl.arange(0, BM)
-        row_ok = r < G * M
-        g, m = r // M, r % M
-        h = kvh * G + g
+        split = tl.program_id(2)
+        b, kvh, row_ok, h, m = row_tile(tl.program_id(0), tl.program_id(1), HKV, G, M, BM)
         d = tl.arange(0, HALF)
         q_at = Q + b * sqb + h[:, None] * sqh + m[:, None] * sqm + d[None, :]
         pos_at = POS + b * spb + h * sph + m * spm

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from attnkit.kernels.backend import online_softmax, tl, triton
+from attnkit.kernels.backend import online_softmax, row_tile, tl, triton
 
 if triton is not None:
 
@@ -81,12 +81,8 @@ if triton is not None:
     ):  # fmt: skip
         """One tile of reader rows over one split of the keys: the order itself (one split), or
         the split's partial shares for ``_order_combine_kernel``."""
-        tile, bkv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        b, kvh = bkv // HKV, bkv % HKV
-        r = tile * BM + tl.arange(0, BM)
-        row_ok = r < G * M
-        g, m = r // M, r % M
-        h = kvh * G + g
+        split = tl.program_id(2)
+        b, kvh, row_ok, h, m = row_tile(tl.program_id(0), tl.program_id(1), HKV, G, M, BM)
         d = tl.arange(0, D)
         q = tl.load(Q + b * sqb + h[:, None] * sqh + m[:, None] * sqm + d[None, :], mask=row_ok[:, None], other=0.0)
         q = q.to(K.dtype.element_ty)
@@ -113,12 +109,7 @@ if triton is not None:
         BM: tl.constexpr, SP: tl.constexpr, SPLITS: tl.constexpr, ACC: tl.constexpr,
     ):  # fmt: skip
         """The splits' partial shares rescaled to one softmax, then the order as in one pass."""
-        tile, bkv = tl.program_id(0), tl.program_id(1)
-        b, kvh = bkv // HKV, bkv % HKV
-        r = tile * BM + tl.arange(0, BM)
-        row_ok = r < G * M
-        g, m = r // M, r % M
-        h = kvh * G + g
+        b, kvh, row_ok, h, m = row_tile(tl.program_id(0), tl.program_id(1), HKV, G, M, BM)
         row = (b * HKV * G + h) * M + m
         best = tl.full([BM], float("-inf"), ACC)
         for split in range(SPLITS):
