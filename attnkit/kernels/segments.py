@@ -1,4 +1,4 @@
-"""Segment order (Triton): where a reader query reads each segment, in one kernel per layer.
+"""Segment order (Triton): where a reader query reads each segment, in one or two kernels per layer.
 
 PINE's readers (suffix and generated queries) order a prompt's segments by their importance to the
 query, per head: the softmax of the un-rotated q·k over the segments' keys, summed per segment and
@@ -6,7 +6,9 @@ divided by its length; the most important is read closest, each segment moved ba
 of those ranked ahead of it. In torch that is an attention call, a sort, a gather, a cumulative sum
 and a scatter per layer; a decode step pays each as a launch. This kernel does all of it: an online
 softmax over the segment keys that sums each segment's share on the way, the ranking by pairwise
-comparison (ties in segment order, as a stable sort), and the positions written out.
+comparison (ties in segment order, as a stable sort), and the positions written out. A decode
+step has one tile of reader rows per KV head, too few programs to read a long prompt quickly, so
+there the keys are split over programs and a second kernel merges the splits' sums and ranks.
 """
 
 from __future__ import annotations
