@@ -18,6 +18,7 @@ class Stats:
         self.total: dict[str, Any] = {}
         self.calls = 0
         self.phases: dict[str, int] = {}
+        self.ratios: dict[str, tuple[str, str]] = {}
 
     def begin_call(self, phase: str) -> None:
         """A forward call begins; ``phase`` is prefill, decode or extend, as read from its cache."""
@@ -45,9 +46,9 @@ class Stats:
     def ratio(self, key: str, numerator: str, denominator: str) -> None:
         """Record ``numerator / denominator`` of two counters (0 when the denominator is 0) under
         ``key``, for the last call and for the totals alike (a mean per row, say)."""
+        self.ratios[key] = (numerator, denominator)
         for record in (self.last, self.total):
-            count = record.get(denominator, 0)
-            record[key] = record.get(numerator, 0) / count if count else 0.0
+            _divide(record, key, numerator, denominator)
 
     def describe(self, key: str, value: Any) -> None:
         """Record a fixed fact about the method as applied (heads targeted), shown with every snapshot."""
@@ -76,8 +77,16 @@ class Stats:
             if (
                 key != "phase"
                 and key not in self.info
+                and key not in self.ratios
                 and isinstance(value, (int, float))
                 and not isinstance(value, bool)
             ):
                 self.total[key] = self.total.get(key, 0) + value * times
+        for key, (numerator, denominator) in self.ratios.items():
+            _divide(self.total, key, numerator, denominator)
         self.last = dict(call)
+
+
+def _divide(record: dict[str, Any], key: str, numerator: str, denominator: str) -> None:
+    count = record.get(denominator, 0)
+    record[key] = record.get(numerator, 0) / count if count else 0.0

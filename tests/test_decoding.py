@@ -266,6 +266,28 @@ def test_stats_repeat_a_recorded_call() -> None:
     assert stats.snapshot(total=True) == {"heads": 2, "calls": 4, "phases": {"decode": 4}, "scaled": 12}
 
 
+def test_stats_repeat_recomputes_ratios() -> None:
+    """A replayed call's ratio (TidalDecode's read_fraction) is recomputed from the summed counters,
+    not summed itself."""
+    stats = Stats()
+    stats.begin_call("prefill")
+    stats.add("read", 10)
+    stats.add("cached", 10)
+    stats.ratio("fraction", "read", "cached")
+    saved = stats.checkpoint()
+    stats.begin_call("decode")
+    stats.add("read", 1)
+    stats.add("cached", 4)
+    stats.ratio("fraction", "read", "cached")
+    call = stats.snapshot()
+    stats.rollback(saved)
+    stats.repeat(call, times=3)
+    total = stats.snapshot(total=True)
+    assert (total["read"], total["cached"]) == (13, 22)
+    assert total["fraction"] == pytest.approx(13 / 22)
+    assert stats.snapshot()["fraction"] == 0.25
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("arch", ["llama-gqa", "mistral-gqa", "gemma3-gqa"])
 def test_graph_replay_generates_what_generate_does_on_cuda(arch: str) -> None:
