@@ -34,6 +34,7 @@ from attnkit import compat, kernels
 from attnkit.engine.graphs import GraphCache, GraphError, graph_cache
 from attnkit.handle import Handle, active_handle, apply
 from attnkit.heads import text_config
+from attnkit.methods.base import METHODS
 
 Step = Callable[[torch.Tensor], torch.Tensor]
 """(next tokens [batch]) -> the next step's logits [batch, vocab], float32."""
@@ -180,10 +181,11 @@ class Loop:
         if self.mode == "eager":
             return "asked to"
         if self.handle.unreplayable:
+            replayable = ", ".join(name for name, cls in METHODS.items() if cls.replayable is True)
             return (
                 f"{', '.join(self.handle.unreplayable)} change(s) decode steps on the host, which a captured "
-                "graph cannot replay (replayable: head_mask, ph3, snapkv, streaming, razor, tidaldecode, pine, act's fast path, "
-                "and methods at their identity settings)"
+                f"graph cannot replay (replayable: {replayable}, act's fast path, and methods at their identity "
+                "settings)"
             )
         probe = next((layer.keys for layer in cache.layers if getattr(layer, "keys", None) is not None), None)
         if probe is None:
