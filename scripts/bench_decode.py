@@ -120,6 +120,12 @@ KV_METHODS = ("snapkv", "streaming", "razor")
 """The methods that decode from a compressed cache of their own (a group of their own under ``--capacity``)."""
 
 
+def prompt(model, context: int) -> torch.Tensor:
+    """The seeded random prompt [1, context] that KV methods prefill."""
+    gen = torch.Generator(device=model.device).manual_seed(2)
+    return torch.randint(0, model.config.vocab_size, (1, context), device=model.device, generator=gen)
+
+
 class Case:
     """One (context, batch) case: the model, the shared random cache and how each configuration decodes."""
 
@@ -129,8 +135,7 @@ class Case:
         self.warmups: dict[str, float] = {}
         """Seconds of each configuration's first warm-up block (compilation included)."""
         self.token = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
-        gen = torch.Generator(device=device).manual_seed(2)
-        self.prompt = torch.randint(0, model.config.vocab_size, (1, context), device=device, generator=gen)
+        self.prompt = prompt(model, context)
 
     def steps(self, name: str, count: int):
         """A callable running ``count`` decode steps of this configuration."""
@@ -300,19 +305,22 @@ def groups(configs: dict) -> dict[str, dict]:
     return {kind: members for kind, members in split.items() if kind == "full" or kind in members}
 
 
-def row_bytes(model, shape: dict, context: int, kind: str, methods, args) -> int:
+def extent(context: int, args) -> int:
+    """Slots of a random cache for ``context`` tokens: the context, every step a block runs, and spare."""
+    return context + args.steps + args.warmup + 8
+
+
+def row_bytes(model, context: int, kind: str, methods, args) -> int:
     """One batch row's cache: the full cache's keys and values, or a KV method's after a real prefill."""
     if kind == "full":
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * model.dtype.itemsize
-        return per_token * (context + args.steps + args.warmup + 8)
-    gen = torch.Generator(device=model.device).manual_seed(2)
-    prompt = torch.randint(0, model.config.vocab_size, (1, context), device=model.device, generator=gen)
+        return per_token * extent(context, args)
     handle = attnkit.apply(model, methods)
     try:
         with torch.no_grad():
-            cache, _ = batch_cache(model, prompt, 1)
+            cache, _ = batch_cache(model, prompt(model, context), 1)
             return cache_bytes(cache)
     finally:
         handle.remove()
@@ -329,11 +337,10 @@ def capacity_case(model, shape: dict, context: int, kind: str, configs: dict, ar
     """The group's configurations at the largest batch its cache fits (85% of it after running out)."""
     first = next(iter(configs.values()))
     copies = 2 if kind != "full" and any("captured" in name for name in configs) else 1
-    batch = max(1, int(free_bytes(device, args) // (copies * row_bytes(model, shape, context, kind, first, args))))
+    batch = max(1, int(free_bytes(device, args) // (copies * row_bytes(model, context, kind, first, args))))
     while True:
         try:
-            extent = context + args.steps + args.warmup + 8
-            held = buffers(shape, batch, extent, device) if kind == "full" else None
+            held = buffers(shape, batch, extent(context, args), device) if kind == "full" else None
             return batch, run_case(Case(model, held, context, batch, device), configs, args, next(iter(configs)))
         except torch.OutOfMemoryError:
             print(f"  {kind}: out of memory at batch {batch}, again at 85%", flush=True)
@@ -411,7 +418,7 @@ def main() -> None:
                     next(iter(members)),
                 )
     else:
-        held = buffers(shape, max(args.batches), max(args.contexts) + args.steps + args.warmup + 8, device)
+        held = buffers(shape, max(args.batches), extent(max(args.contexts), args), device)
         for context in args.contexts:
             for batch in args.batches:
                 began = time.perf_counter()
