@@ -57,9 +57,10 @@ class FixedLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, length: int):
+    def __init__(self, length: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.length = length
+        self.dtype, self.device, self.is_initialized = dtype, device, True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise GraphError("a captured-decoding cache is made from a prefilled cache; it cannot start empty")
@@ -97,7 +98,7 @@ class GraphLayer(FixedLayer):
         bias: torch.Tensor | None = None,
         heads: torch.Tensor | None = None,
     ):
-        super().__init__(length)
+        super().__init__(length, keys.dtype, keys.device)
         self.keys, self.values, self.base, self.inputs = keys, values, base, inputs
         self.valid = valid
         """[batch, capacity] bool: slots holding real tokens (None: all of them)."""
@@ -107,7 +108,6 @@ class GraphLayer(FixedLayer):
         self.heads = heads
         """long [kv heads here]: the layer's KV heads these buffers hold (a group of a compressed
         layer); None: all of them."""
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
 
     def column(self) -> torch.Tensor:
         """[1] long: the slot this step writes."""
@@ -138,9 +138,8 @@ class GraphGroups(FixedLayer):
     of its KV heads (:func:`graph_attention`)."""
 
     def __init__(self, parts: list[GraphLayer], num_kv_heads: int, length: int):
-        super().__init__(length)
+        super().__init__(length, parts[0].dtype, parts[0].device)
         self.parts, self.num_kv_heads = parts, num_kv_heads
-        self.dtype, self.device, self.is_initialized = parts[0].dtype, parts[0].device, True
         self._queries: dict[int, list[torch.Tensor]] = {}
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
