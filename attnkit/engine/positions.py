@@ -16,6 +16,7 @@ longrope takes the factors of the largest of them).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -118,7 +119,9 @@ class PositionStage:
             ("inverse rotation", self.rotary, call.carried[0].shape[1], dtype),
             lambda: unrotation(*(t.to(dtype)[:, None] for t in call.carried)),
         )
-        call.rotate_at = lambda x, positions: rotate(x, *rotation(self.rotary, call.query, positions, x.dtype))
+        # a partial over the query, not a closure over the call: the call must not hold itself in a
+        # cycle, which keeps every layer's tensors alive until the garbage collector runs
+        call.rotate_at = functools.partial(rotate_at, self.rotary, call.query)
         plan = self.fn(call)
         if plan is None or not (plan.groups or plan.blocks):
             return None
@@ -526,6 +529,11 @@ def head_positions(positions: torch.Tensor, heads: int, length: int, what: str) 
             f"{what} positions of shape {tuple(positions.shape)}: expected [batch, {length}] or [batch, {heads}, {length}]"
         )
     return shaped
+
+
+def rotate_at(rotary: compat.Rotary, like: torch.Tensor, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``x`` [batch, heads, n, dim] rotated at ``positions`` [batch, heads, n] by the model's rotary."""
+    return rotate(x, *rotation(rotary, like, positions, x.dtype))
 
 
 def rotation(
