@@ -12,7 +12,7 @@ Configurations:
   defaults: every head of layers 2 to 30, the fast path);
 - ``snapkv``, ``streaming`` (budget ``--budget``) and ``razor`` (15% retrieval heads, 4,000 local
   tokens, C=8), and ``act``, each from a real prefill of ``context`` tokens at batch 1, repeated
-  along the batch;
+  along the batch (the prefill runs once per method and context; every round decodes a fresh copy);
 - ``tidaldecode`` (budget ``--budget``, per query head);
 - ``captured``: the untouched model's decode step replayed from a CUDA graph (attnkit's captured
   decoding, an empty recipe), and ``head_mask_captured``, ``act_captured``, ``snapkv_captured``,
@@ -28,7 +28,8 @@ preallocated buffers, written in place (``bench_tidal.InPlaceLayer``: transforme
 concatenates the whole cache at every step, a copy that would dilute every ratio). Every step sees
 ``context`` tokens (the cache is rewound after each).
 
-``--capacity``: instead of ``--batches``, each cache at the largest batch that fits it. The
+``--capacity``: after the ``--batches`` of a context (none: ``--batches`` with no value), each
+cache at the largest batch that fits it. The
 configurations split into groups by the cache they decode from: the full cache (``untouched*``,
 ``captured*``, ``tidaldecode*``) and each KV method's compressed one. A group's batch is the GPU's
 free memory (less ``--reserve-gb``) over one row's bytes (the full cache's: its keys and values;
@@ -54,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import statistics
 import sys
@@ -73,7 +75,7 @@ import attnkit  # noqa: E402
 from attnkit.compat import cache_argument  # noqa: E402
 from attnkit.decode import Replay, compile_limits, graph_copy, graph_step  # noqa: E402
 from attnkit.engine.graphs import GraphCache, GraphLayer, graph_inputs  # noqa: E402
-from attnkit.engine.kvcache import cache_bytes, sdpa_without_cudnn  # noqa: E402
+from attnkit.engine.kvcache import CompressedLayer, cache_bytes, sdpa_without_cudnn  # noqa: E402
 from attnkit.methods import ACT, HeadMask, Razor, SnapKV, Streaming, TidalDecode  # noqa: E402
 
 PREFILLED = {"snapkv", "streaming", "razor", "act"}
@@ -129,13 +131,30 @@ def prompt(model, context: int) -> torch.Tensor:
 class Case:
     """One (context, batch) case: the model, the shared random cache and how each configuration decodes."""
 
-    def __init__(self, model, held: list, context: int, batch: int, device: str):
+    def __init__(self, model, held: list, context: int, batch: int, device: str, prefills: dict | None = None):
         self.model, self.context, self.batch, self.device = model, context, batch, device
         self.cache = make_cache(model, held, batch, context) if held is not None else None
         self.warmups: dict[str, float] = {}
         """Seconds of each configuration's first warm-up block (compilation included)."""
         self.token = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
         self.prompt = prompt(model, context)
+        self.prefills = prefills if prefills is not None else {}
+        """Each KV method's compressed prefill at batch 1, with its next token, by method name."""
+
+    def prefilled(self, name: str):
+        """A fresh copy of the KV method's compressed prefill of the case's prompt, repeated along the
+        batch, for the method's handle now applied. The prefill runs once per method and context (at
+        128K it takes seconds; every round of every variant would pay it twice): each later round's
+        handle, of the same method and settings, adopts a copy."""
+        kind = name.split("_")[0]
+        if kind not in self.prefills:
+            self.prefills[kind] = first_prefill(self.model, self.prompt, kind)
+        cache, token = copy.deepcopy(self.prefills[kind])
+        adopt(cache, self.model)
+        if self.batch > 1:
+            cache.batch_repeat_interleave(self.batch)
+            token = token.repeat_interleave(self.batch, dim=0)
+        return cache, token
 
     def steps(self, name: str, count: int):
         """A callable running ``count`` decode steps of this configuration."""
@@ -144,7 +163,7 @@ class Case:
         if "captured" in name:
             return self.captured(name, count)
         if name.split("_")[0] in PREFILLED:
-            cache, token = batch_cache(self.model, self.prompt, self.batch)
+            cache, token = self.prefilled(name)
             with_cache = cache_argument(self.model, cache)
 
             def run() -> None:
@@ -161,7 +180,7 @@ class Case:
         the loop does. Rewound after the block."""
         handle = attnkit.handle.active_handle(self.model)
         if name.split("_")[0] in PREFILLED:
-            cache, _ = batch_cache(self.model, self.prompt, self.batch)
+            cache, _ = self.prefilled(name)
             graphed = graph_copy(handle, cache, count + 1, None)
         else:
             buffers = [(layer.key_buffer, layer.value_buffer) for layer in self.cache.layers]
@@ -207,6 +226,25 @@ class Case:
         return run
 
 
+def first_prefill(model, ids: torch.Tensor, kind: str):
+    """The compressed prefill of ``ids`` at batch 1 under the applied handle, checked to be compressed."""
+    cache, token = batch_cache(model, ids, 1)
+    stats = attnkit.handle.active_handle(model).stats(total=True)[kind]
+    if not stats.get("layers_compressed", 0) and kind != "act":
+        raise RuntimeError(f"{kind} did not compress the prefill: {stats}")
+    return cache, token
+
+
+def adopt(cache, model) -> None:
+    """Let the handle now applied decode ``cache``, compressed under an earlier handle of the same
+    method and settings: a compressed layer refuses any handle but its own, to protect users from
+    decoding a layout no active method reads; here every round applies the same method again."""
+    handle = attnkit.handle.active_handle(model)
+    for layer in cache.layers:
+        if isinstance(layer, CompressedLayer):
+            layer._owner_active = lambda: attnkit.handle.active_handle(model) is handle
+
+
 def backends(name: str):
     """sdpa's backends for ``name``: cuDNN left out for ``*_no_cudnn``, torch's defaults otherwise."""
     return sdpa_without_cudnn() if name.endswith("_no_cudnn") else contextlib.nullcontext()
@@ -227,7 +265,8 @@ def one_round(case: Case, name: str, methods, args) -> tuple[float, dict]:
         if handle:
             handle.remove()
     for label, values in stats.items():
-        if not (values["phases"].get("decode") and values.get(FIRED[label], 0) > 0):
+        counted = label in KV_METHODS or values.get(FIRED[label], 0) > 0  # KV methods: checked by first_prefill
+        if not (values["phases"].get("decode") and counted):
             raise RuntimeError(f"{label} did not act: {values}")
     return ms, stats
 
@@ -310,20 +349,18 @@ def extent(context: int, args) -> int:
     return context + args.steps + args.warmup + 8
 
 
-def row_bytes(model, context: int, kind: str, methods, args) -> int:
-    """One batch row's cache: the full cache's keys and values, or a KV method's after a real prefill."""
+def row_bytes(model, context: int, kind: str, methods, args, prefills: dict) -> int:
+    """One batch row's cache: the full cache's keys and values, or a KV method's after a real prefill
+    (kept in ``prefills`` for the case's rounds)."""
     if kind == "full":
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * model.dtype.itemsize
         return per_token * extent(context, args)
-    handle = attnkit.apply(model, methods)
-    try:
-        with torch.no_grad():
-            cache, _ = batch_cache(model, prompt(model, context), 1)
-            return cache_bytes(cache)
-    finally:
-        handle.remove()
+    if kind not in prefills:
+        with torch.no_grad(), attnkit.apply(model, methods):
+            prefills[kind] = first_prefill(model, prompt(model, context), kind)
+    return cache_bytes(prefills[kind][0])
 
 
 def free_bytes(device: str, args) -> float:
@@ -333,15 +370,19 @@ def free_bytes(device: str, args) -> float:
     return args.reserve_gb * 1e9  # the CPU smoke test: --reserve-gb is the memory to fill
 
 
-def capacity_case(model, shape: dict, context: int, kind: str, configs: dict, args, device: str) -> tuple[int, dict]:
+def capacity_case(
+    model, shape: dict, context: int, kind: str, configs: dict, args, device: str, prefills: dict
+) -> tuple[int, dict]:
     """The group's configurations at the largest batch its cache fits (85% of it after running out)."""
     first = next(iter(configs.values()))
     copies = 2 if kind != "full" and any("captured" in name for name in configs) else 1
-    batch = max(1, int(free_bytes(device, args) // (copies * row_bytes(model, context, kind, first, args))))
+    one_row = row_bytes(model, context, kind, first, args, prefills)
+    batch = max(1, int(free_bytes(device, args) // (copies * one_row)))
     while True:
         try:
             held = buffers(shape, batch, extent(context, args), device) if kind == "full" else None
-            return batch, run_case(Case(model, held, context, batch, device), configs, args, next(iter(configs)))
+            case = Case(model, held, context, batch, device, prefills)
+            return batch, run_case(case, configs, args, next(iter(configs)))
         except torch.OutOfMemoryError:
             print(f"  {kind}: out of memory at batch {batch}, again at 85%", flush=True)
             held = None
@@ -370,10 +411,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny model on the CPU, to smoke-test the script")
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    parser.add_argument(
-        "--capacity", action="store_true", help="each cache at the largest batch it fits (no --batches)"
-    )
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 16])
+    parser.add_argument("--capacity", action="store_true", help="also each cache at the largest batch it fits")
     parser.add_argument("--reserve-gb", type=float, default=10.0, help="GPU memory --capacity leaves free")
     parser.add_argument("--configs", nargs="+", help="a subset of the configurations (untouched is always run)")
     parser.add_argument("--budget", type=int, default=2048)
@@ -406,27 +445,40 @@ def main() -> None:
         configs = {n: m for n, m in configs.items() if "captured" not in n and n != "hf_compiled"}
     model = build_model(shape, device)
     results: dict[str, Any] = {}
-    if args.capacity:
-        for context in args.contexts:
-            for kind, members in groups(configs).items():
-                began = time.perf_counter()
-                batch, rows = capacity_case(model, shape, context, kind, members, args, device)
-                results[f"{context}xcapacity:{kind}"] = {"batch": batch, "rows": rows}
-                show(
-                    f"context {context}, {kind} cache at capacity, batch {batch} ({time.perf_counter() - began:.0f} s)",
-                    rows,
-                    next(iter(members)),
-                )
-    else:
-        held = buffers(shape, max(args.batches), extent(max(args.contexts), args), device)
-        for context in args.contexts:
-            for batch in args.batches:
-                began = time.perf_counter()
-                case = Case(model, held, context, batch, device)
-                fits = context * batch <= args.hf_compiled_tokens
-                here = {n: m for n, m in configs.items() if n != "hf_compiled" or fits}
-                results[f"{context}x{batch}"] = rows = run_case(case, here, args)
-                show(f"context {context}, batch {batch} ({time.perf_counter() - began:.0f} s)", rows, "untouched")
+    for context in args.contexts:
+        prefills: dict = {}  # each KV method's prefill of this context, shared by every case
+        room = free_bytes(device, args) // row_bytes(model, context, "full", None, args, prefills)
+        batches = [b for b in args.batches if b <= room]
+        if batches != args.batches:
+            print(f"context {context}: the full cache fits {room} rows; batches {batches} only", flush=True)
+        held = buffers(shape, max(batches), extent(context, args), device) if batches else None
+        for batch in batches:
+            began = time.perf_counter()
+            case = Case(model, held, context, batch, device, prefills)
+            fits = context * batch <= args.hf_compiled_tokens
+            here = {n: m for n, m in configs.items() if n != "hf_compiled" or fits}
+            results[f"{context}x{batch}"] = rows = run_case(case, here, args)
+            show(f"context {context}, batch {batch} ({time.perf_counter() - began:.0f} s)", rows, "untouched")
+            write(args, results, device)
+        held = case = None
+        if not args.capacity:
+            continue
+        for kind, members in groups(configs).items():
+            began = time.perf_counter()
+            batch, rows = capacity_case(model, shape, context, kind, members, args, device, prefills)
+            results[f"{context}xcapacity:{kind}"] = {"batch": batch, "rows": rows}
+            show(
+                f"context {context}, {kind} cache at capacity, batch {batch} ({time.perf_counter() - began:.0f} s)",
+                rows,
+                next(iter(members)),
+            )
+            write(args, results, device)
+
+
+def write(args, results: dict, device: str) -> None:
+    """The report so far, written after every case (a long run that fails keeps what it measured)."""
+    if not args.json:
+        return
     report = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -435,8 +487,7 @@ def main() -> None:
         "results": results,
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None,
     }
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+    args.json.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
