@@ -65,7 +65,7 @@ def tune(name: str, rows: int, keys: int, blocks: int) -> None:
     causal = rows > 1
     sdpa = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))
     if rows > 1:
-        grid = itertools.product([64, 128], [64], [4, 8], [2])
+        grid = itertools.product([64, 128], [32, 64, 128], [4, 8], [2, 3, 4])
         configs = [dict(BM=bm, BN=bn, num_warps=w, num_stages=s) for bm, bn, w, s in grid]
     else:
         grid = itertools.product([16], [64], [4], [2, 3], [16, 32])
@@ -81,7 +81,13 @@ def tune(name: str, rows: int, keys: int, blocks: int) -> None:
         results.append((ms, config))
     results.sort(key=lambda r: r[0])
     default = timed(lambda: kernels.block_attention(**args))
-    print(f"\n{name}: sdpa {'causal ' if causal else ''}{sdpa:.3f} ms; default {default:.3f} ms", flush=True)
+    narrow = timed(lambda: kernels.block_attention(**{**args, "query": q}))
+    whole = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    print(
+        f"\n{name}: sdpa {'causal ' if causal else ''}{sdpa:.3f} ms, not causal {whole:.3f} ms; "
+        f"default {default:.3f} ms (float32 query), {narrow:.3f} ms (bf16 query)",
+        flush=True,
+    )
     for ms, config in results[:6]:
         print(f"  {ms:.3f} ms ({ms / sdpa:.2f}x sdpa)  {config}", flush=True)
 
