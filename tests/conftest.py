@@ -7,8 +7,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 torch.set_num_threads(2)
-# Triton kernels (attnkit.kernels) run in Triton's CPU interpreter where Triton is installed.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Triton kernels (attnkit.kernels) run in Triton's CPU interpreter on a machine without a GPU; on a
+# GPU the CUDA tests compile them (the interpreter there fails on device tensors).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="module")
