@@ -21,6 +21,7 @@ import attnkit
 from attnkit import compat, kernels
 from attnkit.decode import captured_decoding
 from attnkit.methods import HeadMask, Pine, SnapKV
+from attnkit.methods.pine import Importance
 from tests.factory import (
     ARCHS,
     SLIDING_ARCHS,
@@ -223,6 +224,27 @@ def test_pine_equals_the_float64_reference_at_prefill_and_decode(variant, k):
     acted(decode_stats, at_prefill=False)
     plain = model(input_ids=torch.tensor([ids])).logits[0]
     assert largest(expected[0], plain) > 1e-2, "the test must move something"
+    for step, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert largest(a, b) < 1e-9, (step, largest(a, b))
+
+
+def test_importance_is_exact_where_the_other_segments_underflow(monkeypatch):
+    """Segment queries' importance comes from one unmasked softmax renormalised over the other
+    segments; where a query's own segment outweighs them all past float64's range (query weights
+    x300), that renormalisation has nothing left, and the masked softmax must be taken instead."""
+    model = exact_angles(model64("llama-gqa"))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(300)
+    ids, segment_ids = prompt(segments_of(LENGTHS[5], seed=5))
+    masked = []
+    mask = Importance.mask
+    monkeypatch.setattr(
+        Importance, "mask", lambda self, name, visible: masked.append(name) or mask(self, name, visible)
+    )
+    expected, _, _ = prefill_and_steps(model, [ReferencePine(segment_ids)], ids)
+    got, _, _ = prefill_and_steps(model, [pine()], ids)
+    assert "segments" in masked, "the prompt must underflow, or this test proves nothing"
     for step, (a, b) in enumerate(zip(got, expected, strict=True)):
         assert largest(a, b) < 1e-9, (step, largest(a, b))
 

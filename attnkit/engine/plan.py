@@ -58,12 +58,18 @@ class AttentionCall:
     raw: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     """The un-rotated query and key, made on first use."""
 
-    def unrotated_query(self) -> torch.Tensor:
-        """The query with the rotation it carries undone [batch, heads, queries, dim], at least float32."""
+    def unrotated_query(self, narrow: bool = False) -> torch.Tensor:
+        """The query with the rotation it carries undone [batch, heads, queries, dim], at least float32;
+        ``narrow``: rounded to the query's own dtype (what kernels that rotate it again read: half the
+        bytes of a bf16 model's float32 copy, read once per block of keys)."""
         if "query" not in self.raw:
             cos, sin = self._inverse(-self.query.shape[-2])
             self.raw["query"] = rotate(self.query.to(cos.dtype), cos, sin)
-        return self.raw["query"]
+        if not narrow:
+            return self.raw["query"]
+        if "narrow query" not in self.raw:
+            self.raw["narrow query"] = self.raw["query"].to(self.query.dtype)
+        return self.raw["narrow query"]
 
     def unrotated_key(self) -> torch.Tensor:
         """The keys with the rotation they carry undone [batch, kv heads, keys, dim], at least float32."""

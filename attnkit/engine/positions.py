@@ -344,7 +344,7 @@ def fused_blocks(
         state, ("block runs", id(blocks.blocks), number), lambda: kernels.block_runs(blocks.blocks, number, groups)
     )
     narrow = shared(state, ("int32 blocks", id(blocks.blocks)), lambda: blocks.blocks.to(torch.int32))
-    query = call.unrotated_query()
+    query = call.unrotated_query(narrow=True)
     out = kernels.block_attention(
         query, blocks.queries, table, parts, call.value, narrow, call.scaling, valid, open, runs, length=length
     )

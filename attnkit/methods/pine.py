@@ -64,6 +64,8 @@ class Layout:
     from the prefill so that a decode step rotates its query alone."""
     rows: int = 0
     """How many rows have at least two segments (read once, at prefill)."""
+    span: slice | None = None
+    """The prompt keys from the first segment token of any row to the last one of any row."""
     extent: int = 0
     """A bound above every position a prompt query reads a segment from (the largest prompt position
     plus the segments' total length), read once at prefill; later tokens add theirs."""
@@ -72,9 +74,10 @@ class Layout:
     by dtype and KV heads: made once per sequence, not per layer and step."""
     numbers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     """(segment, lengths, active) as int32, for the kernels: made once, at prefill."""
-    prefill_rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    prefill_rows: dict[int, torch.Tensor | slice] = field(default_factory=dict)
     """The prompt's query rows per role, found once on the host at prefill: each segment number's
-    rows (any batch row), 0 for every segment row, -1 for the readers (suffix)."""
+    rows (any batch row), 0 for every segment row, -1 for the readers (suffix); a slice where they
+    are one run (no copy of the query to read them)."""
     graph_blocks: dict[int, torch.Tensor] = field(default_factory=dict)
     """The block of every slot of a captured-decoding cache [batch, capacity], by capacity: made at
     the warm-up step, read by every replay."""
@@ -132,6 +135,11 @@ class Pine(Method):
         highest = int(state.positions.max()) if state.positions is not None else segment.shape[1] - 1
         layout.extent = highest + 1 + int(layout.lengths.sum(-1).max())
         layout.prefill_rows = prefill_rows(layout)
+        every = layout.prefill_rows.get(0)
+        if isinstance(every, slice):
+            layout.span = every
+        elif every is not None:
+            layout.span = slice(int(every[0]), int(every[-1]) + 1)
         layout.numbers = tuple(t.to(torch.int32).contiguous() for t in (layout.segment, layout.lengths, layout.active))
         state.sequence[key] = layout
         self.stats.add("segments", int(layout.lengths.gt(0).sum()))
@@ -241,9 +249,9 @@ def layout_of(segment: torch.Tensor, positions: torch.Tensor | None) -> Layout:
     return Layout(segment, shift, lengths, block_end, lengths.gt(0).sum(-1) >= 2, {}, {})
 
 
-def prefill_rows(layout: Layout) -> dict[int, torch.Tensor]:
-    """The prompt's query rows per role (see :attr:`Layout.prefill_rows`), on the device; roles no
-    row has are left out."""
+def prefill_rows(layout: Layout) -> dict[int, torch.Tensor | slice]:
+    """The prompt's query rows per role (see :attr:`Layout.prefill_rows`), on the device or as a
+    slice; roles no row has are left out."""
     segment, active = layout.segment.tolist(), layout.active.tolist()
     ends = layout.block_end.tolist()
     found: dict[int, set[int]] = {}
@@ -257,7 +265,12 @@ def prefill_rows(layout: Layout) -> dict[int, torch.Tensor]:
             elif index >= end:
                 found.setdefault(-1, set()).add(index)
     device = layout.segment.device
-    return {role: torch.tensor(sorted(rows), device=device) for role, rows in sorted(found.items())}
+
+    def rows_of(rows: set[int]) -> torch.Tensor | slice:
+        first, last = min(rows), max(rows)
+        return slice(first, last + 1) if len(rows) == last + 1 - first else torch.tensor(sorted(rows), device=device)
+
+    return {role: rows_of(rows) for role, rows in sorted(found.items())}
 
 
 def check_contiguous(segment: torch.Tensor) -> None:
@@ -410,7 +423,8 @@ class Importance:
 
     @property
     def query(self) -> torch.Tensor:
-        return self.call.unrotated_query().to(self.key.dtype)
+        """The un-rotated query in the keys' dtype (the model's)."""
+        return self.call.unrotated_query(narrow=True)
 
     @property
     def values(self) -> torch.Tensor:
@@ -429,7 +443,7 @@ class Importance:
         """[batch, heads, len(rows), K + 2]: where each of the query ``rows`` (readers, at ``base``
         [batch, len(rows)]) reads block 0, each segment in its own order, and block K + 1; rows
         without two segments read everything at ``base``. One kernel on the GPU."""
-        query, count = self.call.unrotated_query(), self.lengths.shape[1]
+        query, count = self.call.unrotated_query(narrow=True), self.lengths.shape[1]
         if kernels.available(query) and query.shape[-1] in (32, 64, 128, 256) and count <= 64:
             numbers = self.layout.numbers
             return kernels.segment_order(
@@ -440,11 +454,19 @@ class Importance:
         unmoved = torch.zeros_like(moved[..., :1])
         return torch.cat([unmoved, moved, unmoved], -1) + base[:, None, :, None]
 
-    def attention(self, rows: torch.Tensor | slice, mask: torch.Tensor) -> torch.Tensor:
-        """[batch, heads, rows, K] for the query ``rows`` under the additive ``mask`` [batch, 1, rows,
-        prompt] (a row that sees no key gets a finite, meaningless value: callers weigh it by 0)."""
+    def attention(
+        self, rows: torch.Tensor | slice, mask: torch.Tensor | None, keys: slice = slice(None)
+    ) -> torch.Tensor:
+        """[batch, heads, rows, K] for the query ``rows`` over the prompt's ``keys`` under the additive
+        ``mask`` [batch, 1, rows, prompt] (a row that sees no key gets a finite, meaningless value:
+        callers weigh it by 0)."""
         out = torch.nn.functional.scaled_dot_product_attention(
-            self.query[:, :, rows], self.key, self.values, attn_mask=mask, scale=self.call.scaling, enable_gqa=True
+            self.query[:, :, rows],
+            self.key[:, :, keys],
+            self.values[:, :, keys],
+            attn_mask=mask,
+            scale=self.call.scaling,
+            enable_gqa=True,
         )
         return out[..., : self.lengths.shape[1]].to(self.call.unrotated_query().dtype)
 
@@ -458,25 +480,43 @@ class Importance:
 
         return shared(self.call.state, ("pine importance mask", name, self.key.dtype), make)
 
-    def segment_to_segment(self, in_segment: torch.Tensor, segment_q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def segment_to_segment(
+        self, in_segment: torch.Tensor, segment_q: torch.Tensor, rows: torch.Tensor | slice
+    ) -> torch.Tensor:
         """[batch, heads, K, K]: the importance of segment s to the queries of segment i (the query
         ``rows``), summed over them, each query seeing the segments other than its own; its own
         first (+inf). With two segments the order is fixed (its own, then the other), so nothing
-        is computed (the reference code computes it and finds the same order)."""
+        is computed (the reference code computes it and finds the same order).
+
+        A softmax over the other segments' keys is the softmax over all of the keys renormalised
+        over those segments: their shares divided by the sum of the other segments' shares, the
+        normaliser and every key outside a segment cancelling. So one attention call without a mask
+        over the segment block serves every query (a mask per query would rule out the backend's
+        fastest kernel, and cost a [prompt, prompt] tensor). Where a query's other segments all
+        underflow against its own (logits ~87 apart in float32), that row's exact softmax is taken
+        with the mask instead."""
         count = self.lengths.shape[1]
-        eye = torch.eye(count, dtype=torch.bool, device=rows.device)
+        device = self.key.device
+        eye = torch.eye(count, dtype=torch.bool, device=device)
         if count <= 2:
             shape = (self.segment.shape[0], self.query.shape[1], count, count)
-            return torch.zeros(shape, dtype=self.query.dtype, device=rows.device).masked_fill(eye, float("inf"))
-        inside = self.segment > 0
-        mask = self.mask(
-            "segments", lambda: inside[:, None, :] & (self.segment[:, None, :] != segment_q[:, rows, None])
-        )
-        numbers = torch.arange(1, count + 1, device=rows.device)
-        weight = (segment_q[:, rows, None] == numbers) & in_segment[:, rows, None]
-        total = torch.einsum(
-            "bqi,bhqs->bhis", weight.to(self.query.dtype), self.attention(rows, mask).to(self.query.dtype)
-        )
+            return torch.zeros(shape, dtype=self.query.dtype, device=device).masked_fill(eye, float("inf"))
+        numbers = torch.arange(1, count + 1, device=device)
+        own = segment_q[:, rows, None] == numbers  # [batch, rows, K]
+        weight = (own & in_segment[:, rows, None]).to(self.query.dtype)
+        shares = self.attention(
+            rows, None, self.layout.span or slice(None)
+        )  # [batch, heads, rows, K]: each segment's mean share
+        whole = shares * self.lengths[:, None, None, :].to(shares.dtype)
+        others = whole.masked_fill(own[:, None], 0).sum(-1, keepdim=True)
+        per_query = torch.where(others > 0, shares / others.clamp(min=torch.finfo(others.dtype).tiny), 0)
+        if bool(((others[..., 0] == 0) & (weight.sum(-1) > 0)[:, None]).any()):  # underflow: the exact softmax
+            inside = self.segment > 0
+            mask = self.mask(
+                "segments", lambda: inside[:, None, :] & (self.segment[:, None, :] != segment_q[:, rows, None])
+            )
+            per_query = self.attention(rows, mask)
+        total = torch.einsum("bqi,bhqs->bhis", weight, per_query.to(self.query.dtype))
         total = total.to(self.call.unrotated_query().dtype)
         return total.masked_fill(eye, float("inf"))
 
