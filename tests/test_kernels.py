@@ -258,3 +258,23 @@ def test_segment_order_equals_reference(rows, heads, kv_heads, count, splits):
     active = torch.tensor([1, 0 if count == 2 else 1])
     got = kernels.segment_order(query, keys, segments, lengths, base, active, 0.4, splits=splits)
     assert torch.equal(got.long(), order_reference(query, keys, segments, lengths, base, active, 0.4))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_rotate_kernel_equals_the_torch_rotation(dtype):
+    """One pass of RoPE (the positions stage's un-rotated query) equals primitives.rotate, computed in
+    float32 or wider and written in the query's dtype; the query as transformers hands it (heads
+    transposed out of the token axis) and cos/sin of one head broadcast over all."""
+    torch.manual_seed(0)
+    batch, heads, n, dim = 2, 4, 37, 32
+    query = torch.randn(batch, n, heads, dim, dtype=torch.float64).to(dtype).transpose(1, 2)
+    angles = torch.rand(batch, 1, n, dim // 2, dtype=torch.float64) * 6
+    angles = torch.cat([angles, angles], -1)
+    wide = torch.promote_types(dtype, torch.float32)
+    cos, sin = (angles.cos() * 1.2).to(wide), (angles.sin() * 1.2).to(wide)
+    expected = rotate(query.to(wide), cos, sin).to(dtype)
+    got = kernels.rotate(query, cos, sin, dtype)
+    assert got.dtype == dtype and got.shape == expected.shape
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-2
+    assert torch.allclose(got.double(), expected.double(), atol=tolerance, rtol=tolerance)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from attnkit import kernels
 from attnkit.engine.state import CallState
 from attnkit.errors import UserError
 from attnkit.primitives import logits, rotate
@@ -60,16 +61,18 @@ class AttentionCall:
 
     def unrotated_query(self, narrow: bool = False) -> torch.Tensor:
         """The query with the rotation it carries undone [batch, heads, queries, dim], at least float32;
-        ``narrow``: rounded to the query's own dtype (what kernels that rotate it again read: half the
-        bytes of a bf16 model's float32 copy, read once per block of keys)."""
-        if "query" not in self.raw:
+        ``narrow``: in the query's own dtype (what kernels that rotate it again read: half the bytes of
+        a bf16 model's float32 copy, read once per block of keys)."""
+        key = "narrow query" if narrow else "query"
+        if key not in self.raw:
             cos, sin = self._inverse(-self.query.shape[-2])
-            self.raw["query"] = rotate(self.query.to(cos.dtype), cos, sin)
-        if not narrow:
-            return self.raw["query"]
-        if "narrow query" not in self.raw:
-            self.raw["narrow query"] = self.raw["query"].to(self.query.dtype)
-        return self.raw["narrow query"]
+            if not narrow:
+                self.raw[key] = rotate(self.query.to(cos.dtype), cos, sin)
+            elif "query" not in self.raw and fused_rotation(self.query, cos):  # one pass, no float32 copy
+                self.raw[key] = kernels.rotate(self.query, cos, sin, self.query.dtype)
+            else:
+                self.raw[key] = self.unrotated_query().to(self.query.dtype)
+        return self.raw[key]
 
     def unrotated_key(self) -> torch.Tensor:
         """The keys with the rotation they carry undone [batch, kv heads, keys, dim], at least float32."""
@@ -207,3 +210,8 @@ def check_gathers(index: int, layer: LayerPlan, backend_name: str) -> None:
             f"sparse decoding reads per-head masks, which {backend_name} cannot take; "
             "load the model with attn_implementation='sdpa' or 'eager'"
         )
+
+
+def fused_rotation(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    """Whether :func:`attnkit.kernels.rotate` rotates ``x`` by a table like ``cos`` (every dim rotary)."""
+    return kernels.available(x) and cos.shape[-1] == x.shape[-1] and x.shape[-1] in (32, 64, 128, 256)

@@ -358,7 +358,7 @@ def rotation_table(call: AttentionCall, rotary: compat.Rotary, extent: int) -> t
     held = store.get(rotary)
     if held is None or held[0].shape[0] < extent:
         length = max(extent, 2 * held[0].shape[0]) if held is not None else extent
-        like = call.unrotated_query()
+        like = call.query.new_empty(0, dtype=compute_dtype(call.query))  # the table's dtype and device
         cos, sin = rotary(like, torch.arange(length, device=like.device)[None])
         held = store[rotary] = (cos[0].contiguous(), sin[0].contiguous())
     return held

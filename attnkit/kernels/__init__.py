@@ -1,5 +1,5 @@
 """Fused GPU kernels (Triton): sink statistics for ACT, block-rotated attention for the positions
-stage, PINE's segment order, decode attention over a preallocated cache (captured decoding). Each has a torch path beside it, which callers use where
+stage, PINE's segment order, RoPE in one pass, decode attention over a preallocated cache (captured decoding). Each has a torch path beside it, which callers use where
 :func:`available` says no."""
 
 from __future__ import annotations
@@ -9,10 +9,20 @@ import torch
 from attnkit.kernels.backend import triton
 from attnkit.kernels.blocks import block_attention, block_runs
 from attnkit.kernels.decode import decode_attention
+from attnkit.kernels.rotary import rotate
 from attnkit.kernels.segments import segment_order
 from attnkit.kernels.sink_stats import sink_stats
 
-__all__ = ["available", "installed", "block_attention", "block_runs", "decode_attention", "segment_order", "sink_stats"]
+__all__ = [
+    "available",
+    "installed",
+    "block_attention",
+    "block_runs",
+    "decode_attention",
+    "rotate",
+    "segment_order",
+    "sink_stats",
+]
 
 
 def installed() -> bool:

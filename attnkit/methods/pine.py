@@ -38,7 +38,7 @@ from attnkit.engine.positions import QueryBlocks, Repositioning
 from attnkit.engine.state import CallState, shared
 from attnkit.methods.base import Method, register
 from attnkit.methods.markers import find, marker_ids, saved_tokenizer
-from attnkit.primitives import layer_window
+from attnkit.primitives import compute_dtype, layer_window
 from attnkit.recipe.methods import Marker, PineConfig
 
 
@@ -468,7 +468,7 @@ class Importance:
             scale=self.call.scaling,
             enable_gqa=True,
         )
-        return out[..., : self.lengths.shape[1]].to(self.call.unrotated_query().dtype)
+        return out[..., : self.lengths.shape[1]].to(compute_dtype(self.call.query))
 
     def mask(self, name: str, visible: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The additive mask of ``visible()`` (bool [batch, rows, prompt]), made once per call."""
@@ -517,7 +517,7 @@ class Importance:
             )
             per_query = self.attention(rows, mask)
         total = torch.einsum("bqi,bhqs->bhis", weight, per_query.to(self.query.dtype))
-        total = total.to(self.call.unrotated_query().dtype)
+        total = total.to(compute_dtype(self.call.query))
         return total.masked_fill(eye, float("inf"))
 
     def per_query(self, rows: torch.Tensor | slice) -> torch.Tensor:
