@@ -352,6 +352,32 @@ def test_removal_restores_and_stale_cache_refuses():
         model(input_ids=out.sequences[:, -1:], **cache_argument(model, output_cache(out)))
 
 
+@pytest.mark.parametrize("method", ["snapkv", "razor"])
+def test_a_copied_compressed_cache_decodes_as_the_original(method):
+    """A branch of a conversation: a deep copy of a compressed cache decodes the same tokens to the
+    same logits under the handle that compressed it (razor's layers hold several head groups, which
+    a decode step must read as such, not as one layer's keys)."""
+    import copy
+
+    model = tiny_model("llama-gqa", dtype=torch.float64)
+    inputs = tiny_inputs(model, length=30)
+    kv = model.config.num_key_value_heads
+    chosen = {"snapkv": SnapKV(budget=14, window=4, kernel=3), "razor": Razor(heads={0: [0]}, local=4, ratio=None)}
+    with torch.no_grad(), attnkit.apply(model, [chosen[method]]) as handle:
+        out = model(**inputs, use_cache=True)
+        cache = output_cache(out)
+        assert handle.stats(total=True)[method]["layers_compressed"] >= 1
+        assert kv > 1 and (method != "razor" or len(cache.layers[0].groups) > 1)
+        branch = copy.deepcopy(cache)
+        token = out.logits[:, -1:].argmax(-1)
+        logits = []
+        for held in (cache, branch):
+            step = model(input_ids=token, attention_mask=torch.ones(1, 31, dtype=torch.long), use_cache=True,
+                         **cache_argument(model, held))  # fmt: skip
+            logits.append(step.logits)
+    assert torch.equal(logits[0], logits[1])
+
+
 # --- memory accounting ------------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from attnkit import compat
 from attnkit.engine.graphs import GraphError, graph_attention
-from attnkit.engine.kvcache import attend
+from attnkit.engine.kvcache import CompressedLayer, attend
 from attnkit.engine.plan import AttentionCall, LayerPlan, plan_for
 from attnkit.engine.state import shared
 from attnkit.primitives import additive_mask, layer_window, repeat_kv
@@ -88,7 +88,7 @@ def attnkit_attention(
         return captured_attention(module, query, key, value, layer, state, scaling, kwargs.get("softcap")), None
     decoding = layer is not None and bool(layer.decode_steps) and state is not None and state.phase == "decode"
     backend = plan.backend or compat.eager_attention_forward(module)
-    compressed = state.sequence.get("kv", {}).get(module.layer_idx) if state is not None else None
+    compressed = compressed_layer(state, module.layer_idx)
     compressing = layer is not None and layer.compressor is not None and state is not None and state.phase == "prefill"
     touched = layer is not None and (
         layer.needs_eager or decoding or layer.output_edits or compressing or layer.positions is not None
@@ -179,7 +179,17 @@ def compress(call: AttentionCall, compressor: Callable[[AttentionCall, Any], Any
     smaller = compressor(call, cache.layers[index])
     if smaller is not None:
         cache.layers[index] = smaller
-        call.state.sequence.setdefault("kv", {})[index] = smaller
+
+
+def compressed_layer(state: Any, index: int) -> CompressedLayer | None:
+    """The call's cache layer ``index`` where a KV method compressed it: read from the cache itself,
+    so that a copy of a compressed cache (a branch of a conversation) decodes as the original does."""
+    cache = state.cache if state is not None else None
+    layers = getattr(cache, "layers", None)
+    if layers is None or index >= len(layers):
+        return None
+    layer = layers[index]
+    return layer if isinstance(layer, CompressedLayer) else None
 
 
 def per_head_attention(call: AttentionCall) -> torch.Tensor:
