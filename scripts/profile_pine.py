@@ -5,7 +5,10 @@ CUDA time and by CPU time, and the op count, for one prefill and for 5 decode st
 fixed-capacity copy of the cache, run without the graph), with the untouched model's same step
 beside it, and the GPU time per step of each: what the graph replays, kernel by kernel.
 
-    python scripts/profile_pine.py [--tokens 8192 --segments 20] [--captured]
+``--prefill-diff``: every op's GPU time in the untouched model's prefill and in PINE's, the largest
+gaps first (where PINE's extra prefill time goes, kernel by kernel).
+
+    python scripts/profile_pine.py [--tokens 8192 --segments 20] [--captured | --prefill-diff]
 """
 
 from __future__ import annotations
@@ -36,11 +39,38 @@ def report(prof, title: str) -> None:
     print(events.table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60), flush=True)
 
 
+def prefill_times(model, ids: torch.Tensor, methods: list) -> dict[str, tuple[float, int]]:
+    """GPU microseconds and calls of every op (and kernel) of one prefill, after two warm-ups."""
+    with torch.no_grad(), attnkit.apply(model, methods):
+        for _ in range(2):
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            torch.cuda.synchronize()
+    return {e.key: (e.self_device_time_total, e.count) for e in prof.key_averages() if e.self_device_time_total > 0}
+
+
+def show_diff(base: dict, other: dict, name: str) -> None:
+    """Each op's GPU time in both prefills, the largest gaps first, and the totals."""
+    total_base = sum(t for t, _ in base.values()) / 1e3
+    total_other = sum(t for t, _ in other.values()) / 1e3
+    print(f"\n== prefill {name}: GPU time untouched {total_base:.1f} ms, pine {total_other:.1f} ms", flush=True)
+    rows = sorted(set(base) | set(other), key=lambda k: other.get(k, (0, 0))[0] - base.get(k, (0, 0))[0], reverse=True)
+    print(f"{'ms untouched':>13} {'calls':>6} {'ms pine':>9} {'calls':>6} {'gap ms':>8}  op", flush=True)
+    for key in rows[:45]:
+        (b, bn), (o, on) = base.get(key, (0, 0)), other.get(key, (0, 0))
+        print(f"{b / 1e3:13.2f} {bn:6d} {o / 1e3:9.2f} {on:6d} {(o - b) / 1e3:8.2f}  {key[:90]}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--segments", type=int, default=20)
     parser.add_argument("--captured", action="store_true", help="the captured step's computation, PINE and untouched")
+    parser.add_argument(
+        "--prefill-diff", action="store_true", help="GPU time per op of the untouched and the PINE prefill, and the gap"
+    )
     args = parser.parse_args()
     case = make_case(args.tokens, args.segments)
     model = build_model(LLAMA3_8B, "cuda")
@@ -48,6 +78,13 @@ def main() -> None:
     if args.captured:
         for methods in ([], [Pine()]):
             captured_step(model, ids, methods, case)
+        return
+    if args.prefill_diff:
+        untouched = prefill_times(model, ids, [])
+        pine = Pine()
+        with pine.segments(case.segment_ids("cuda")):
+            mine = prefill_times(model, ids, [pine])
+        show_diff(untouched, mine, case.name)
         return
     pine = Pine()
     from transformers import DynamicCache
