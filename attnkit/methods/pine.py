@@ -460,13 +460,11 @@ class Importance:
         """[batch, heads, rows, K] for the query ``rows`` over the prompt's ``keys`` under the additive
         ``mask`` [batch, 1, rows, prompt] (a row that sees no key gets a finite, meaningless value:
         callers weigh it by 0)."""
-        out = torch.nn.functional.scaled_dot_product_attention(
-            self.query[:, :, rows],
-            self.key[:, :, keys],
-            self.values[:, :, keys],
-            attn_mask=mask,
-            scale=self.call.scaling,
-            enable_gqa=True,
+        query, key, values = (
+            t.contiguous() for t in (self.query[:, :, rows], self.key[:, :, keys], self.values[:, :, keys])
+        )
+        out = torch.nn.functional.scaled_dot_product_attention(  # contiguous: what the fused backends take
+            query, key, values, attn_mask=mask, scale=self.call.scaling, enable_gqa=True
         )
         return out[..., : self.lengths.shape[1]].to(compute_dtype(self.call.query))
 
