@@ -338,15 +338,14 @@ def repositioning(call: AttentionCall, layout: Layout) -> Repositioning:
     if state.phase == "prefill":
         in_segment, readers = query_roles(call, layout, queries)
         count = importance.lengths.shape[1]
-        moved = torch.zeros(*call.query.shape[:3], count, dtype=torch.long, device=placed.device)
+        heads = call.query.shape[1]
+        at = placed_q[:, None, :, None].expand(-1, heads, -1, count + 2).to(torch.int32)  # every block unmoved
         rows = layout.prefill_rows
         if 0 in rows:
             index = rows[0]
             order = back_shift(importance.segment_to_segment(in_segment, segment_q, index), importance.lengths)
-            segment = (segment_q[:, None, index, None] - 1).clamp(min=0).expand(-1, order.shape[1], -1, count)
-            moved[:, :, index] += order.gather(2, segment) * in_segment[:, None, index, None]
-        unmoved = torch.zeros_like(moved[..., :1])
-        at = torch.cat([unmoved, moved, unmoved], -1) + placed_q[:, None, :, None]
+            segment = (segment_q[:, None, index, None] - 1).clamp(min=0).expand(-1, heads, -1, count)
+            at[:, :, index, 1:-1] += order.to(torch.int32).gather(2, segment) * in_segment[:, None, index, None]
         if -1 in rows:  # a prompt position is a segment's in one batch row and a reader's in another
             index = rows[-1]
             mine = readers[:, None, index, None]
