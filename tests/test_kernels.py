@@ -185,6 +185,9 @@ def test_block_attention_equals_reference(rows, count, heads, kv_heads, split, p
     args = (query, positions, table, keys, value, blocks, 0.7, valid if pad else None, groups)
     split_up = kernels.block_attention(*args, config={"SPLITS": 4, "SPLIT_KEYS": -(-count // 4), "BM": 16})
     assert torch.allclose(split_up, expected, atol=1e-10), (split_up - expected).abs().max()
+    # every run in tiles of BN, its last keys too (runs of 10 and 37 keys took the half and the whole tail)
+    untailed = kernels.block_attention(*args, config={"TAIL": 0})
+    assert torch.allclose(untailed, expected, atol=1e-10), (untailed - expected).abs().max()
 
 
 @needs_triton

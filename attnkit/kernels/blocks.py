@@ -34,41 +34,74 @@ if triton is not None:
         return (q1 * cos1 - q2 * sin1).to(DTYPE), (q2 * cos2 + q1 * sin2).to(DTYPE)
 
     @triton.jit
-    def _keys(
-        acc1, acc2, top, total, r1, r2, block, whole, group, lo, hi,
+    def _tile(
+        acc1, acc2, top, total, r1, r2, block, whole, group, start, hi,
         K, skn, V, svn, BLK, VALID, GK, gq, m_abs, offset,
         scale, HALF: tl.constexpr, BN: tl.constexpr,
         HAS_VALID: tl.constexpr, HAS_OPEN: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):  # fmt: skip
+        """One tile of BN keys from ``start`` (those before ``hi``) into the online softmax."""
+        d = tl.arange(0, HALF)
+        n = start + tl.arange(0, BN)
+        inside = n < hi
+        lookup = inside & ((n * 0 + whole) == 0)  # per key block and group: only for a run that is not whole
+        k_at = K + (n - offset)[:, None] * skn + d[None, :]
+        k1 = tl.load(k_at, mask=inside[:, None], other=0.0)
+        k2 = tl.load(k_at + HALF, mask=inside[:, None], other=0.0)
+        s = tl.dot(r1, tl.trans(k1), input_precision=PRECISION)
+        s += tl.dot(r2, tl.trans(k2), input_precision=PRECISION)
+        ok = n[None, :] <= m_abs[:, None]
+        if HAS_OPEN:
+            gk = tl.load(GK + n, mask=lookup, other=group)
+            ok = ok | ((gq[:, None] > 0) & (gk[None, :] > 0) & (gq[:, None] != gk[None, :]))
+        mine = tl.load(BLK + n, mask=lookup, other=block) == block
+        ok = ok & (inside & mine)[None, :]
+        if HAS_VALID:
+            ok = ok & (tl.load(VALID + n, mask=inside, other=0) != 0)[None, :]
+        s = tl.where(ok, s.to(ACC) * scale, float("-inf"))
+        p, alpha, top, total = online_softmax(s, top, total)
+        v_at = V + n[:, None] * svn + d[None, :]
+        v1 = tl.load(v_at, mask=inside[:, None], other=0.0)
+        v2 = tl.load(v_at + HALF, mask=inside[:, None], other=0.0)
+        p = p.to(v1.dtype)
+        acc1 = acc1 * alpha[:, None] + tl.dot(p, v1, input_precision=PRECISION).to(ACC)
+        acc2 = acc2 * alpha[:, None] + tl.dot(p, v2, input_precision=PRECISION).to(ACC)
+        return acc1, acc2, top, total
+
+    @triton.jit
+    def _keys(
+        acc1, acc2, top, total, r1, r2, block, whole, group, lo, hi,
+        K, skn, V, svn, BLK, VALID, GK, gq, m_abs, offset,
+        scale, HALF: tl.constexpr, BN: tl.constexpr, TAIL: tl.constexpr,
+        HAS_VALID: tl.constexpr, HAS_OPEN: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    ):  # fmt: skip
         """Online softmax over the keys [lo, hi) of one part (``K`` holds keys from index ``offset``)
         that belong to ``block``, read by the query rotated for it. A ``whole`` run (its keys all of
-        the block and of one key ``group``) skips reading each key's block and group."""
-        d = tl.arange(0, HALF)
-        for start in range(lo, hi, BN):
-            n = start + tl.arange(0, BN)
-            inside = n < hi
-            lookup = inside & ((n * 0 + whole) == 0)  # per key block and group: only for a run that is not whole
-            k_at = K + (n - offset)[:, None] * skn + d[None, :]
-            k1 = tl.load(k_at, mask=inside[:, None], other=0.0)
-            k2 = tl.load(k_at + HALF, mask=inside[:, None], other=0.0)
-            s = tl.dot(r1, tl.trans(k1), input_precision=PRECISION)
-            s += tl.dot(r2, tl.trans(k2), input_precision=PRECISION)
-            ok = n[None, :] <= m_abs[:, None]
-            if HAS_OPEN:
-                gk = tl.load(GK + n, mask=lookup, other=group)
-                ok = ok | ((gq[:, None] > 0) & (gk[None, :] > 0) & (gq[:, None] != gk[None, :]))
-            mine = tl.load(BLK + n, mask=lookup, other=block) == block
-            ok = ok & (inside & mine)[None, :]
-            if HAS_VALID:
-                ok = ok & (tl.load(VALID + n, mask=inside, other=0) != 0)[None, :]
-            s = tl.where(ok, s.to(ACC) * scale, float("-inf"))
-            p, alpha, top, total = online_softmax(s, top, total)
-            v_at = V + n[:, None] * svn + d[None, :]
-            v1 = tl.load(v_at, mask=inside[:, None], other=0.0)
-            v2 = tl.load(v_at + HALF, mask=inside[:, None], other=0.0)
-            p = p.to(v1.dtype)
-            acc1 = acc1 * alpha[:, None] + tl.dot(p, v1, input_precision=PRECISION).to(ACC)
-            acc2 = acc2 * alpha[:, None] + tl.dot(p, v2, input_precision=PRECISION).to(ACC)
+        the block and of one key ``group``) skips reading each key's block and group. ``TAIL``: the
+        run's last keys, where at most BN / 2, take a tile of that width (a run rarely ends on a
+        tile, and its last tile was half empty on average)."""
+        end = hi
+        if TAIL:
+            end = lo + (hi - lo) // BN * BN
+        for start in range(lo, end, BN):
+            acc1, acc2, top, total = _tile(
+                acc1, acc2, top, total, r1, r2, block, whole, group, start, hi,
+                K, skn, V, svn, BLK, VALID, GK, gq, m_abs, offset,
+                scale, HALF, BN, HAS_VALID, HAS_OPEN, PRECISION, ACC,
+            )  # fmt: skip
+        if TAIL:
+            if hi - end > BN // 2:
+                acc1, acc2, top, total = _tile(
+                    acc1, acc2, top, total, r1, r2, block, whole, group, end, hi,
+                    K, skn, V, svn, BLK, VALID, GK, gq, m_abs, offset,
+                    scale, HALF, BN, HAS_VALID, HAS_OPEN, PRECISION, ACC,
+                )  # fmt: skip
+            elif hi > end:
+                acc1, acc2, top, total = _tile(
+                    acc1, acc2, top, total, r1, r2, block, whole, group, end, hi,
+                    K, skn, V, svn, BLK, VALID, GK, gq, m_abs, offset,
+                    scale, HALF, BN // 2, HAS_VALID, HAS_OPEN, PRECISION, ACC,
+                )  # fmt: skip
         return acc1, acc2, top, total
 
     @triton.jit
@@ -85,7 +118,7 @@ if triton is not None:
         OUT, sob, soh, som,
         PART, STATS, SPLIT_KEYS, LENGTH,
         M, N, G, HKV, scale,
-        HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLITS: tl.constexpr,
+        HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLITS: tl.constexpr, TAIL: tl.constexpr,
         HAS_VALID: tl.constexpr, HAS_OPEN: tl.constexpr, HAS_LENGTH: tl.constexpr,
         PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):  # fmt: skip
@@ -124,12 +157,12 @@ if triton is not None:
                 acc1, acc2, top, total = _keys(
                     acc1, acc2, top, total, r1, r2, block, whole, group, lo, tl.minimum(hi, N1),
                     k1, sk1n, v, svn, blk, valid, gk, gq, m_abs, 0,
-                    scale, HALF, BN, HAS_VALID, HAS_OPEN, PRECISION, ACC,
+                    scale, HALF, BN, TAIL, HAS_VALID, HAS_OPEN, PRECISION, ACC,
                 )  # fmt: skip
                 acc1, acc2, top, total = _keys(
                     acc1, acc2, top, total, r1, r2, block, whole, group, tl.maximum(lo, N1), hi,
                     k2, sk2n, v, svn, blk, valid, gk, gq, m_abs, N1,
-                    scale, HALF, BN, HAS_VALID, HAS_OPEN, PRECISION, ACC,
+                    scale, HALF, BN, TAIL, HAS_VALID, HAS_OPEN, PRECISION, ACC,
                 )  # fmt: skip
 
         if SPLITS == 1:
@@ -224,7 +257,7 @@ def block_attention(
         out, *out.stride()[:3],
         part, stats, split_keys, length if length is not None else flag,
         rows, count, group, kv_heads, scale * math.log2(math.e),
-        HALF=dim // 2, BM=tile, BN=chosen["BN"], SPLITS=splits,
+        HALF=dim // 2, BM=tile, BN=chosen["BN"], SPLITS=splits, TAIL=bool(chosen["TAIL"]),
         HAS_VALID=valid is not flag, HAS_OPEN=open_groups is not None, HAS_LENGTH=length is not None,
         PRECISION="ieee" if value.dtype == torch.float32 else "tf32", ACC=tl.float64 if acc == torch.float64 else tl.float32,
         num_warps=chosen["num_warps"], num_stages=chosen["num_stages"],
@@ -251,11 +284,20 @@ def launch_config(rows: int, programs: int, keys: int) -> dict[str, int]:
             "num_stages": 2,
             "SPLITS": 1,
             "SPLIT_KEYS": keys,
+            "TAIL": 1,
         }
     splits = 1
     while splits < 64 and programs * splits < 256 and keys // (2 * splits) >= 256:
         splits *= 2
-    return {"BM": 16, "BN": 64, "num_warps": 4, "num_stages": 2, "SPLITS": splits, "SPLIT_KEYS": -(-keys // splits)}
+    return {
+        "BM": 16,
+        "BN": 64,
+        "num_warps": 4,
+        "num_stages": 2,
+        "SPLITS": splits,
+        "SPLIT_KEYS": -(-keys // splits),
+        "TAIL": 1,
+    }
 
 
 def block_runs(blocks: torch.Tensor, number: int, key_groups: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
