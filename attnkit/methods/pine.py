@@ -489,9 +489,9 @@ class Importance:
         over those segments: their shares divided by the sum of the other segments' shares, the
         normaliser and every key outside a segment cancelling. So one attention call without a mask
         over the segment block serves every query (a mask per query would rule out the backend's
-        fastest kernel, and cost a [prompt, prompt] tensor). Where a query's other segments all
-        underflow against its own (logits ~87 apart in float32), that row's exact softmax is taken
-        with the mask instead."""
+        fastest kernel, and cost a [prompt, prompt] tensor). Where some query's other segments all
+        underflow against its own (logits ~87 apart in float32), the call takes the masked softmax
+        instead."""
         count = self.lengths.shape[1]
         device = self.key.device
         eye = torch.eye(count, dtype=torch.bool, device=device)
@@ -501,9 +501,7 @@ class Importance:
         numbers = torch.arange(1, count + 1, device=device)
         own = segment_q[:, rows, None] == numbers  # [batch, rows, K]
         weight = (own & in_segment[:, rows, None]).to(self.query.dtype)
-        shares = self.attention(
-            rows, None, self.layout.span or slice(None)
-        )  # [batch, heads, rows, K]: each segment's mean share
+        shares = self.attention(rows, None, self.layout.span or slice(None))  # each segment's mean share
         whole = shares * self.lengths[:, None, None, :].to(shares.dtype)
         others = whole.masked_fill(own[:, None], 0).sum(-1, keepdim=True)
         per_query = torch.where(others > 0, shares / others.clamp(min=torch.finfo(others.dtype).tiny), 0)
