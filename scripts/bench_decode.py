@@ -156,32 +156,34 @@ class Case:
             token = token.repeat_interleave(self.batch, dim=0)
         return cache, token
 
-    def steps(self, name: str, count: int):
-        """A callable running ``count`` decode steps of this configuration."""
+    def decoder(self, name: str, most: int):
+        """A callable running ``count`` (at most ``most``) decode steps of this configuration: one per
+        round serves its warm-up and its timed block, so a round copies a prefill and captures a
+        graph once."""
         if name == "hf_compiled":
-            return self.hf_compiled(count)
+            return self.hf_compiled()
         if "captured" in name:
-            return self.captured(name, count)
+            return self.captured(name, most)
         if name.split("_")[0] in PREFILLED:
             cache, token = self.prefilled(name)
             with_cache = cache_argument(self.model, cache)
 
-            def run() -> None:
+            def run(count: int) -> None:
                 for _ in range(count):
                     self.model(input_ids=token, **with_cache, use_cache=True)
 
             return run
-        return decode_block(self.model, self.cache, self.token, count)
+        return lambda count: decode_block(self.model, self.cache, self.token, count)()
 
-    def captured(self, name: str, count: int):
-        """``count`` replays of one captured decode step (attnkit.decode): over the same random cache,
-        adopted in place as the graph's buffers, or for a KV method over its compressed prefill,
-        copied as the decoding loop copies it. The step's token is written before each replay, as
-        the loop does. Rewound after the block."""
+    def captured(self, name: str, most: int):
+        """Replays of one captured decode step (attnkit.decode): over the same random cache, adopted
+        in place as the graph's buffers, or for a KV method over its compressed prefill, copied as the
+        decoding loop copies it (room for ``most`` steps). The step's token is written before each
+        replay, as the loop does. Rewound after each block."""
         handle = attnkit.handle.active_handle(self.model)
         if name.split("_")[0] in PREFILLED:
             cache, _ = self.prefilled(name)
-            graphed = graph_copy(handle, cache, count + 1, None)
+            graphed = graph_copy(handle, cache, most + 1, None)
         else:
             buffers = [(layer.key_buffer, layer.value_buffer) for layer in self.cache.layers]
             inputs = graph_inputs(self.batch, self.context, None, self.device)
@@ -192,16 +194,16 @@ class Case:
         replay = Replay(forward, graphed, handle, compiled)
         tokens = self.token[:, 0]
 
-        def run() -> None:
+        def run(count: int) -> None:
             for _ in range(count):
                 replay(tokens)
             replay.rewind(count)
 
         return run
 
-    def hf_compiled(self, count: int):
-        """``count`` decode steps of the untouched model over a StaticCache holding the random cache,
-        through ``torch.compile(mode="reduce-overhead")`` (made at the first call, kept for the case)."""
+    def hf_compiled(self):
+        """Decode steps of the untouched model over a StaticCache holding the random cache, through
+        ``torch.compile(mode="reduce-overhead")`` (made at the first call, kept for the case)."""
         if not hasattr(self, "static"):
             from transformers import StaticCache
 
@@ -215,7 +217,7 @@ class Case:
             self.compiled = torch.compile(self.model, mode="reduce-overhead")
         with_cache = cache_argument(self.model, self.static)
 
-        def run() -> None:
+        def run(count: int) -> None:
             with compile_limits(len(self.static.layers)):  # the model's frames hold attnkit's compiled entries too
                 for _ in range(count):
                     torch.compiler.cudagraph_mark_step_begin()
@@ -257,9 +259,10 @@ def one_round(case: Case, name: str, methods, args) -> tuple[float, dict]:
     try:
         with torch.no_grad(), context:
             began = time.perf_counter()
-            case.steps(name, args.warmup)()
+            run = case.decoder(name, max(args.warmup, args.steps))
+            run(args.warmup)
             case.warmups.setdefault(name, time.perf_counter() - began)
-            ms = timed_ms(case.steps(name, args.steps), case.device) / args.steps
+            ms = timed_ms(lambda: run(args.steps), case.device) / args.steps
         stats = handle.stats(total=True) if handle else {}
     finally:
         if handle:
@@ -280,12 +283,12 @@ def profile(case: Case, name: str, methods, steps: int) -> dict[str, float]:
     context = backends(name)
     try:
         with torch.no_grad(), context:
-            case.steps(name, 3)()
-            run = case.steps(name, steps)
+            decode = case.decoder(name, max(3, steps))
+            decode(3)
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if case.device == "cuda" else [])
             with torch_profile(activities=activities) as prof:
                 began = time.perf_counter()
-                run()
+                decode(steps)
                 if case.device == "cuda":
                     torch.cuda.synchronize()
                 wall = (time.perf_counter() - began) * 1e3
@@ -337,10 +340,11 @@ def groups(configs: dict) -> dict[str, dict]:
     """The configurations by the cache they decode from: ``full`` and each KV method's own."""
     split: dict[str, dict] = {}
     for name, methods in configs.items():
-        if name == "hf_compiled":
-            continue  # its StaticCache copy doubles the cache: not run at capacity
         kind = name.split("_")[0]
-        split.setdefault(kind if kind in KV_METHODS else "full", {})[name] = methods
+        if kind in KV_METHODS:
+            split.setdefault(kind, {})[name] = methods
+        elif kind in ("untouched", "captured", "tidaldecode"):  # hf_compiled's StaticCache copy doubles the cache
+            split.setdefault("full", {})[name] = methods
     return {kind: members for kind, members in split.items() if kind == "full" or kind in members}
 
 
@@ -374,6 +378,7 @@ def capacity_case(
     model, shape: dict, context: int, kind: str, configs: dict, args, device: str, prefills: dict
 ) -> tuple[int, dict]:
     """The group's configurations at the largest batch its cache fits (85% of it after running out)."""
+    args = argparse.Namespace(**{**vars(args), "steps": args.capacity_steps})
     first = next(iter(configs.values()))
     copies = 2 if kind != "full" and any("captured" in name for name in configs) else 1
     one_row = row_bytes(model, context, kind, first, args, prefills)
@@ -414,6 +419,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 16])
     parser.add_argument("--capacity", action="store_true", help="also each cache at the largest batch it fits")
     parser.add_argument("--reserve-gb", type=float, default=10.0, help="GPU memory --capacity leaves free")
+    parser.add_argument("--capacity-steps", type=int, default=8, help="timed steps per block at capacity")
     parser.add_argument("--configs", nargs="+", help="a subset of the configurations (untouched is always run)")
     parser.add_argument("--budget", type=int, default=2048)
     parser.add_argument("--tidal-budgets", type=int, nargs="*", help="also TidalDecode at these budgets")
@@ -428,7 +434,7 @@ def main() -> None:
     shape, device = (TINY, "cpu") if args.quick else (FULL, "cuda")
     if args.quick:
         args.contexts, args.batches, args.budget = [256], [1, 2], 64
-        args.rounds, args.steps, args.warmup, args.profile_steps = 2, 2, 1, 2
+        args.rounds, args.steps, args.warmup, args.profile_steps, args.capacity_steps = 2, 2, 1, 2, 2
         args.reserve_gb = 0.02 if args.capacity else args.reserve_gb
     configs = configurations(shape, args.budget)
     for budget in args.tidal_budgets or []:  # TidalDecode at other budgets, eager and captured
@@ -483,7 +489,10 @@ def write(args, results: dict, device: str) -> None:
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
-        "settings": {k: getattr(args, k) for k in ("rounds", "steps", "warmup", "budget", "capacity", "reserve_gb")},
+        "settings": {
+            k: getattr(args, k)
+            for k in ("rounds", "steps", "warmup", "budget", "capacity", "capacity_steps", "reserve_gb")
+        },
         "results": results,
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None,
     }
