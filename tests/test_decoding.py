@@ -408,3 +408,16 @@ def test_task_decode_settings_pick_the_loop() -> None:
     assert decoding("captured")["custom_generate"].keywords == {"compile": False}
     assert decoding("compiled")["custom_generate"].keywords == {"compile": True}
     assert GenerateTask(prompts=["hi"], decode="compiled").decode == "compiled"
+
+
+def test_the_recipe_names_the_replayable_methods_the_registry_has() -> None:
+    """The recipe's ``decode`` description lists what captured decoding replays by hand (the recipe
+    layer sits below the methods and cannot read their registry): it must name every replayable
+    method and no other."""
+    from attnkit.methods import METHODS
+    from attnkit.recipe.tasks import decode_field
+
+    listed = decode_field().description.split("the untouched model, ")[1].split("; others")[0]
+    names = {name.split(" ")[0].removesuffix("'s") for name in listed.split(", ")}
+    replayable = {name for name, cls in METHODS.items() if cls.replayable is not False}  # act's: a property
+    assert names == replayable, (names, replayable)
