@@ -83,11 +83,14 @@ def tune(name: str, rows: int, keys: int, blocks: int) -> None:
     default = timed(lambda: kernels.block_attention(**args))
     narrow = timed(lambda: kernels.block_attention(**{**args, "query": q}))
     no_tail = timed(lambda: kernels.block_attention(**{**args, "query": q}, config={"TAIL": 0}))
+    half = tuple(t[:, :64].to(torch.bfloat16).contiguous() for t in args["table"])  # what a bf16 model's PINE reads
+    halved = timed(lambda: kernels.block_attention(**{**args, "query": q, "table": half}))
     whole = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
     print(
         f"\n{name}: sdpa {'causal ' if causal else ''}{sdpa:.3f} ms, not causal {whole:.3f} ms; "
         f"default {default:.3f} ms (float32 query), {narrow:.3f} ms (bf16 query), "
-        f"{no_tail:.3f} ms (bf16 query, a run's last keys in a whole tile)",
+        f"{no_tail:.3f} ms (bf16 query, a run's last keys in a whole tile), "
+        f"{halved:.3f} ms (bf16 query, one half of a bf16 table)",
         flush=True,
     )
     for ms, config in results[:6]:

@@ -188,6 +188,9 @@ def test_block_attention_equals_reference(rows, count, heads, kv_heads, split, p
     # every run in tiles of BN, its last keys too (runs of 10 and 37 keys took the half and the whole tail)
     untailed = kernels.block_attention(*args, config={"TAIL": 0})
     assert torch.allclose(untailed, expected, atol=1e-10), (untailed - expected).abs().max()
+    # the table's equal halves given once
+    halved = kernels.block_attention(query, positions, tuple(t[:, : dim // 2] for t in table), *args[3:])
+    assert torch.allclose(halved, expected, atol=1e-10), (halved - expected).abs().max()
 
 
 @needs_triton

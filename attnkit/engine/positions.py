@@ -352,15 +352,20 @@ def fused_blocks(
 
 
 def rotation_table(call: AttentionCall, rotary: compat.Rotary, extent: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) [positions, dim] of positions 0 to at least ``extent`` - 1 in the call's compute
-    dtype, from the model's rotary; kept for the sequence and doubled when a call needs more."""
+    """(cos, sin) of positions 0 to at least ``extent`` - 1 in the model's dtype (the values its own
+    rotation multiplies by), from the model's rotary; kept for the sequence and doubled when a call
+    needs more. [positions, dim], or [positions, dim / 2] where the two halves are equal (transformers
+    repeats the frequencies), which the fused kernel then reads once."""
     store = call.state.sequence.setdefault("rotation tables", {})
     held = store.get(rotary)
     if held is None or held[0].shape[0] < extent:
         length = max(extent, 2 * held[0].shape[0]) if held is not None else extent
-        like = call.query.new_empty(0, dtype=compute_dtype(call.query))  # the table's dtype and device
-        cos, sin = rotary(like, torch.arange(length, device=like.device)[None])
-        held = store[rotary] = (cos[0].contiguous(), sin[0].contiguous())
+        like = call.query.new_empty(0)  # the table's dtype and device
+        cos, sin = (t[0] for t in rotary(like, torch.arange(length, device=like.device)[None]))
+        half = cos.shape[-1] // 2
+        if torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:]):
+            cos, sin = cos[:, :half], sin[:, :half]
+        held = store[rotary] = (cos.contiguous(), sin.contiguous())
     return held
 
 

@@ -23,14 +23,21 @@ from attnkit.kernels.backend import combine, online_softmax, row_tile, tl, trito
 if triton is not None:
 
     @triton.jit
-    def _rotated(q_at, pos_at, cos_ptr, sin_ptr, stride_t, row_ok, HALF: tl.constexpr, DTYPE: tl.constexpr):
-        """The query tile (halves at ``q_at``) rotated at the positions ``pos_at`` [rows] point to."""
-        q1 = tl.load(q_at, mask=row_ok[:, None], other=0.0).to(cos_ptr.dtype.element_ty)
-        q2 = tl.load(q_at + HALF, mask=row_ok[:, None], other=0.0).to(cos_ptr.dtype.element_ty)
+    def _rotated(
+        q_at, pos_at, cos_ptr, sin_ptr, stride_t, row_ok,
+        HALF: tl.constexpr, SAME_HALVES: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
+    ):  # fmt: skip
+        """The query tile (halves at ``q_at``) rotated at the positions ``pos_at`` [rows] point to,
+        computed in ``ACC``. ``SAME_HALVES``: the table holds one half (both are equal)."""
+        q1 = tl.load(q_at, mask=row_ok[:, None], other=0.0).to(ACC)
+        q2 = tl.load(q_at + HALF, mask=row_ok[:, None], other=0.0).to(ACC)
         pos = tl.load(pos_at, mask=row_ok, other=0)
         at = pos[:, None] * stride_t + tl.arange(0, HALF)[None, :]
-        cos1, cos2 = tl.load(cos_ptr + at), tl.load(cos_ptr + at + HALF)
-        sin1, sin2 = tl.load(sin_ptr + at), tl.load(sin_ptr + at + HALF)
+        cos1, sin1 = tl.load(cos_ptr + at).to(ACC), tl.load(sin_ptr + at).to(ACC)
+        if SAME_HALVES:
+            cos2, sin2 = cos1, sin1
+        else:
+            cos2, sin2 = tl.load(cos_ptr + at + HALF).to(ACC), tl.load(sin_ptr + at + HALF).to(ACC)
         return (q1 * cos1 - q2 * sin1).to(DTYPE), (q2 * cos2 + q1 * sin2).to(DTYPE)
 
     @triton.jit
@@ -119,6 +126,7 @@ if triton is not None:
         PART, STATS, SPLIT_KEYS, LENGTH,
         M, N, G, HKV, scale,
         HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLITS: tl.constexpr, TAIL: tl.constexpr,
+        SAME_HALVES: tl.constexpr,
         HAS_VALID: tl.constexpr, HAS_OPEN: tl.constexpr, HAS_LENGTH: tl.constexpr,
         PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):  # fmt: skip
@@ -153,7 +161,7 @@ if triton is not None:
             hi = tl.minimum(tl.load(ENDS + b * srb + block), last)
             whole, group = tl.load(WHOLE + b * srb + block), tl.load(GROUP + b * srb + block)
             if lo < hi:
-                r1, r2 = _rotated(q_at, pos_at + block * spv, COS, SIN, stride_t, row_ok, HALF, dtype)
+                r1, r2 = _rotated(q_at, pos_at + block * spv, COS, SIN, stride_t, row_ok, HALF, SAME_HALVES, dtype, ACC)
                 acc1, acc2, top, total = _keys(
                     acc1, acc2, top, total, r1, r2, block, whole, group, lo, tl.minimum(hi, N1),
                     k1, sk1n, v, svn, blk, valid, gk, gq, m_abs, 0,
@@ -198,7 +206,8 @@ def block_attention(
 
     ``query`` [batch, heads, queries, dim], un-rotated; ``positions`` long [batch, 1 or heads,
     queries, V]: where each query is rotated to read block v, looked up in ``table`` (cos, sin)
-    [positions, dim] (the model's rotation, full rotary dims); ``keys``: one or two parts [batch,
+    [positions, dim] (the model's rotation, full rotary dims), or [positions, dim / 2] where both
+    halves are equal (the kernel then reads one); ``keys``: one or two parts [batch,
     kv heads, n_i, dim] in key order, already rotated; ``value`` [batch, kv heads, keys, dim];
     ``blocks`` long [batch, keys], 0 to V - 1. Query i sits at key index ``keys - queries + i``
     (causal); ``valid`` bool [batch, keys] drops padding; ``open_groups`` (query groups [batch,
@@ -213,8 +222,11 @@ def block_attention(
     keys = tuple(t if t.stride(-1) == 1 else t.contiguous() for t in keys)
     batch, heads, rows, dim = query.shape
     cos, sin = (t.contiguous() for t in table)
-    if cos.shape[-1] != dim or dim not in (32, 64, 128, 256):
-        raise ValueError(f"block_attention: rotary dims {cos.shape[-1]} and head dim {dim} (32, 64, 128 or 256)")
+    if cos.shape[-1] not in (dim, dim // 2) or dim not in (32, 64, 128, 256):
+        raise ValueError(
+            f"block_attention: a table of {cos.shape[-1]} columns for head dim {dim} (32, 64, 128 or 256; the "
+            "table's columns: every rotary dim, or half of them where both halves are equal)"
+        )
     kv_heads, count, number = value.shape[1], value.shape[2], positions.shape[-1]
     first = keys[0]
     second = keys[1] if len(keys) > 1 and keys[1].shape[2] else first[:, :, :0]
@@ -258,6 +270,7 @@ def block_attention(
         part, stats, split_keys, length if length is not None else flag,
         rows, count, group, kv_heads, scale * math.log2(math.e),
         HALF=dim // 2, BM=tile, BN=chosen["BN"], SPLITS=splits, TAIL=bool(chosen["TAIL"]),
+        SAME_HALVES=cos.shape[-1] == dim // 2,
         HAS_VALID=valid is not flag, HAS_OPEN=open_groups is not None, HAS_LENGTH=length is not None,
         PRECISION="ieee" if value.dtype == torch.float32 else "tf32", ACC=tl.float64 if acc == torch.float64 else tl.float32,
         num_warps=chosen["num_warps"], num_stages=chosen["num_stages"],
