@@ -63,23 +63,26 @@ class AttentionCall:
         """The query with the rotation it carries undone [batch, heads, queries, dim], at least float32;
         ``narrow``: in the query's own dtype (what kernels that rotate it again read: half the bytes of
         a bf16 model's float32 copy, read once per block of keys)."""
-        key = "narrow query" if narrow else "query"
-        if key not in self.raw:
-            cos, sin = self._inverse(-self.query.shape[-2])
-            if not narrow:
-                self.raw[key] = rotate(self.query.to(cos.dtype), cos, sin)
-            elif "query" not in self.raw and fused_rotation(self.query, cos):  # one pass, no float32 copy
-                self.raw[key] = kernels.rotate(self.query, cos, sin, self.query.dtype)
-            else:
-                self.raw[key] = self.unrotated_query().to(self.query.dtype)
-        return self.raw[key]
+        return self._unrotated("query", self.query, -self.query.shape[-2], narrow)
 
-    def unrotated_key(self) -> torch.Tensor:
-        """The keys with the rotation they carry undone [batch, kv heads, keys, dim], at least float32."""
-        if "key" not in self.raw:
-            cos, sin = self._inverse(0)
-            self.raw["key"] = rotate(self.key.to(cos.dtype), cos, sin)
-        return self.raw["key"]
+    def unrotated_key(self, narrow: bool = False) -> torch.Tensor:
+        """The keys with the rotation they carry undone [batch, kv heads, keys, dim], at least float32;
+        ``narrow``: in the keys' own dtype."""
+        return self._unrotated("key", self.key, 0, narrow)
+
+    def _unrotated(self, name: str, x: torch.Tensor, start: int, narrow: bool) -> torch.Tensor:
+        """``x`` (the call's query or keys, from token ``start`` of the carried rotation) un-rotated,
+        made once; narrow on CUDA in one pass without the float32 copy."""
+        key = f"narrow {name}" if narrow else name
+        if key not in self.raw:
+            cos, sin = self._inverse(start)
+            if not narrow:
+                self.raw[key] = rotate(x.to(cos.dtype), cos, sin)
+            elif name not in self.raw and fused_rotation(x, cos):
+                self.raw[key] = kernels.rotate(x, cos, sin, x.dtype)
+            else:
+                self.raw[key] = self._unrotated(name, x, start, False).to(x.dtype)
+        return self.raw[key]
 
     def _inverse(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.inverse is None:

@@ -400,7 +400,7 @@ def placed_keys(call: AttentionCall, layout: Layout, placed: torch.Tensor) -> tu
     prompt = layout.segment.shape[1]
     kept = layout.placed_keys.get(call.layer)
     if kept is None:
-        kept = call.rotate_at(call.unrotated_key()[:, :, :prompt], placed[:, None, :prompt]).to(call.key.dtype)
+        kept = call.rotate_at(call.unrotated_key(narrow=True)[:, :, :prompt], placed[:, None, :prompt])
         layout.placed_keys[call.layer] = kept
     return (kept, call.key[:, :, prompt:])
 
@@ -416,7 +416,7 @@ class Importance:
         prompt = layout.segment.shape[1]
         raw = layout.raw_keys.get(call.layer)
         if raw is None:
-            raw = layout.raw_keys[call.layer] = call.unrotated_key()[:, :, :prompt].to(call.key.dtype)
+            raw = layout.raw_keys[call.layer] = call.unrotated_key(narrow=True)[:, :, :prompt]
         self.call, self.key, self.layout = call, raw, layout
         self.segment, self.lengths = layout.segment, layout.lengths
 
