@@ -344,6 +344,11 @@ def fused_blocks(
         state, ("block runs", id(blocks.blocks), number), lambda: kernels.block_runs(blocks.blocks, number, groups)
     )
     narrow = shared(state, ("int32 blocks", id(blocks.blocks)), lambda: blocks.blocks.to(torch.int32))
+    given = open
+    if given is not None:  # the kernel's int32 groups, made once per call
+        open = shared(
+            state, ("int32 groups", id(given[0])), lambda: tuple(t.to(torch.int32).contiguous() for t in given)
+        )
     query = call.unrotated_query(narrow=True)
     out = kernels.block_attention(
         query, blocks.queries, table, parts, call.value, narrow, call.scaling, valid, open, runs, length=length

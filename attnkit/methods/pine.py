@@ -336,27 +336,48 @@ def repositioning(call: AttentionCall, layout: Layout) -> Repositioning:
     importance = Importance(call, layout)
     open_groups = None
     if state.phase == "prefill":
-        in_segment, readers = query_roles(call, layout, queries)
-        count = importance.lengths.shape[1]
-        heads = call.query.shape[1]
-        at = placed_q[:, None, :, None].expand(-1, heads, -1, count + 2).to(torch.int32)  # every block unmoved
-        rows = layout.prefill_rows
-        if 0 in rows:
-            index = rows[0]
-            order = back_shift(importance.segment_to_segment(in_segment, segment_q, index), importance.lengths)
-            segment = (segment_q[:, None, index, None] - 1).clamp(min=0).expand(-1, heads, -1, count)
-            at[:, :, index, 1:-1] += order.to(torch.int32).gather(2, segment) * in_segment[:, None, index, None]
-        if -1 in rows:  # a prompt position is a segment's in one batch row and a reader's in another
-            index = rows[-1]
-            mine = readers[:, None, index, None]
-            at[:, :, index] = torch.where(mine, importance.reader_positions(index, placed_q[:, index]), at[:, :, index])
+        in_segment, _ = query_roles(call, layout, queries)
+        at = prefill_positions(call, layout, importance, segment_q, placed_q, exact=False)
         open_groups = shared(state, ("pine groups", id(layout)), lambda: (segment_q * in_segment, segment_k))
+        rotated = placed_keys(call, layout, placed)
+        if importance.underflowed():  # read once the plan is queued, so the device is not left idle for it
+            at = prefill_positions(call, layout, importance, segment_q, placed_q, exact=True)
     else:  # decode and extend: every query reads the segments in its own order
         base = shared(state, ("pine base", id(layout), queries), lambda: placed_q.to(torch.int32))
         at = importance.reader_positions(slice(None), base)
+        rotated = placed_keys(call, layout, placed)
     extent = layout.extent + state.total_length - layout.segment.shape[1]
-    blocks = QueryBlocks(blocks_k, at, placed, rotated=placed_keys(call, layout, placed), extent=extent)
+    blocks = QueryBlocks(blocks_k, at, placed, rotated=rotated, extent=extent)
     return Repositioning([], [blocks], open_groups)
+
+
+def prefill_positions(
+    call: AttentionCall,
+    layout: Layout,
+    importance: Importance,
+    segment_q: torch.Tensor,
+    placed_q: torch.Tensor,
+    exact: bool,
+) -> torch.Tensor:
+    """int32 [batch, heads, queries, K + 2]: where each prompt query reads each block. A segment's
+    queries read the other segments in their segment's order (``exact``: importance from the masked
+    softmax, see :meth:`Importance.segment_to_segment`), readers in their own, the rest unmoved."""
+    queries, heads = call.query.shape[-2], call.query.shape[1]
+    in_segment, readers = query_roles(call, layout, queries)
+    count = importance.lengths.shape[1]
+    at = placed_q[:, None, :, None].expand(-1, heads, -1, count + 2).to(torch.int32)  # every block unmoved
+    rows = layout.prefill_rows
+    if 0 in rows:
+        index = rows[0]
+        between = importance.segment_to_segment(in_segment, segment_q, index, exact)
+        order = back_shift(between, importance.lengths)
+        segment = (segment_q[:, None, index, None] - 1).clamp(min=0).expand(-1, heads, -1, count)
+        at[:, :, index, 1:-1] += order.to(torch.int32).gather(2, segment) * in_segment[:, None, index, None]
+    if -1 in rows:  # a prompt position is a segment's in one batch row and a reader's in another
+        index = rows[-1]
+        mine = readers[:, None, index, None]
+        at[:, :, index] = torch.where(mine, importance.reader_positions(index, placed_q[:, index]), at[:, :, index])
+    return at
 
 
 def captured_repositioning(call: AttentionCall, layout: Layout) -> Repositioning:
@@ -411,6 +432,10 @@ class Importance:
     each key's segment (one-hot, over its length), so the backend's fused kernel computes it without
     the full matrix. The prompt's un-rotated keys are kept from the prefill: a decode step un-rotates
     its query alone."""
+
+    underflow: torch.Tensor | None = None
+    """bool [] on the device: whether some segment query's other segments all underflowed in the
+    last unmasked :meth:`segment_to_segment` (None: none was made)."""
 
     def __init__(self, call: AttentionCall, layout: Layout):
         prompt = layout.segment.shape[1]
@@ -478,7 +503,7 @@ class Importance:
         return shared(self.call.state, ("pine importance mask", name, self.key.dtype), make)
 
     def segment_to_segment(
-        self, in_segment: torch.Tensor, segment_q: torch.Tensor, rows: torch.Tensor | slice
+        self, in_segment: torch.Tensor, segment_q: torch.Tensor, rows: torch.Tensor | slice, exact: bool = False
     ) -> torch.Tensor:
         """[batch, heads, K, K]: the importance of segment s to the queries of segment i (the query
         ``rows``), summed over them, each query seeing the segments other than its own; its own
@@ -490,8 +515,8 @@ class Importance:
         normaliser and every key outside a segment cancelling. So one attention call without a mask
         over the segment block serves every query (a mask per query would rule out the backend's
         fastest kernel, and cost a [prompt, prompt] tensor). Where some query's other segments all
-        underflow against its own (logits ~87 apart in float32), the call takes the masked softmax
-        instead."""
+        underflow against its own (logits ~87 apart in float32), :meth:`underflowed` says so, and
+        the caller asks again with ``exact``: the masked softmax."""
         count = self.lengths.shape[1]
         device = self.key.device
         eye = torch.eye(count, dtype=torch.bool, device=device)
@@ -501,19 +526,25 @@ class Importance:
         numbers = torch.arange(1, count + 1, device=device)
         own = segment_q[:, rows, None] == numbers  # [batch, rows, K]
         weight = (own & in_segment[:, rows, None]).to(self.query.dtype)
-        shares = self.attention(rows, None, self.layout.span or slice(None))  # each segment's mean share
-        whole = shares * self.lengths[:, None, None, :].to(shares.dtype)
-        others = whole.masked_fill(own[:, None], 0).sum(-1, keepdim=True)
-        per_query = torch.where(others > 0, shares / others.clamp(min=torch.finfo(others.dtype).tiny), 0)
-        if bool(((others[..., 0] == 0) & (weight.sum(-1) > 0)[:, None]).any()):  # underflow: the exact softmax
+        if exact:
             inside = self.segment > 0
             mask = self.mask(
                 "segments", lambda: inside[:, None, :] & (self.segment[:, None, :] != segment_q[:, rows, None])
             )
             per_query = self.attention(rows, mask)
+        else:
+            shares = self.attention(rows, None, self.layout.span or slice(None))  # each segment's mean share
+            whole = shares * self.lengths[:, None, None, :].to(shares.dtype)
+            others = whole.masked_fill(own[:, None], 0).sum(-1, keepdim=True)
+            per_query = torch.where(others > 0, shares / others.clamp(min=torch.finfo(others.dtype).tiny), 0)
+            self.underflow = ((others[..., 0] == 0) & (weight.sum(-1) > 0)[:, None]).any()
         total = torch.einsum("bqi,bhqs->bhis", weight, per_query.to(self.query.dtype))
         total = total.to(compute_dtype(self.call.query))
         return total.masked_fill(eye, float("inf"))
+
+    def underflowed(self) -> bool:
+        """Whether the last unmasked segment importance lost a query's other segments (a host read)."""
+        return self.underflow is not None and bool(self.underflow)
 
     def per_query(self, rows: torch.Tensor | slice) -> torch.Tensor:
         """[batch, heads, len(rows), K]: the importance of every segment to each of the query ``rows``."""
