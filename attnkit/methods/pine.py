@@ -334,18 +334,17 @@ def repositioning(call: AttentionCall, layout: Layout) -> Repositioning:
     )
     segment_q, placed_q = segment_k[:, -queries:], placed[:, -queries:]
     importance = Importance(call, layout)
+    rotated = placed_keys(call, layout, placed)
     open_groups = None
     if state.phase == "prefill":
         in_segment, _ = query_roles(call, layout, queries)
         at = prefill_positions(call, layout, importance, segment_q, placed_q, exact=False)
         open_groups = shared(state, ("pine groups", id(layout)), lambda: (segment_q * in_segment, segment_k))
-        rotated = placed_keys(call, layout, placed)
         if importance.underflowed():  # read once the plan is queued, so the device is not left idle for it
             at = prefill_positions(call, layout, importance, segment_q, placed_q, exact=True)
     else:  # decode and extend: every query reads the segments in its own order
         base = shared(state, ("pine base", id(layout), queries), lambda: placed_q.to(torch.int32))
         at = importance.reader_positions(slice(None), base)
-        rotated = placed_keys(call, layout, placed)
     extent = layout.extent + state.total_length - layout.segment.shape[1]
     blocks = QueryBlocks(blocks_k, at, placed, rotated=rotated, extent=extent)
     return Repositioning([], [blocks], open_groups)
