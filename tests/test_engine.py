@@ -357,7 +357,7 @@ def test_layer_input_stage_reads_each_layers_input_hidden_state(arch):
     reader = InputReader([0, 2])
     with torch.no_grad(), attnkit.apply(model, [reader]):
         out = model(**inputs)
-        model(input_ids=inputs["input_ids"][:, -1:], past_key_values=out.past_key_values)
+        model(input_ids=inputs["input_ids"][:, -1:], **compat.cache_argument(model, compat.output_cache(out)))
     assert torch.equal(out.logits, expected.logits)
     prefill = [(layer, hidden) for layer, phase, hidden in reader.seen if phase == "prefill"]
     assert [layer for layer, _ in prefill] == [0, 2]

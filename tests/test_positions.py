@@ -388,9 +388,10 @@ def test_a_cropped_cache_rewinds_the_positions_it_holds():
     shift = torch.arange(64) * 2 + 1
     with torch.no_grad(), attnkit.apply(model, [Repositioner(mapped(shift))]):
         out = model(input_ids=ids, use_cache=True)
-        cache = out.past_key_values
-        steps = [model(input_ids=ids[:, i : i + 1], past_key_values=cache).logits for i in range(3)]
+        cache = compat.output_cache(out)
+        given = compat.cache_argument(model, cache)
+        steps = [model(input_ids=ids[:, i : i + 1], **given).logits for i in range(3)]
         cache.crop(-3)
-        again = [model(input_ids=ids[:, i : i + 1], past_key_values=cache).logits for i in range(3)]
+        again = [model(input_ids=ids[:, i : i + 1], **given).logits for i in range(3)]
     for first, second in zip(steps, again, strict=True):
         assert torch.equal(first, second)
