@@ -217,4 +217,4 @@ def check_gathers(index: int, layer: LayerPlan, backend_name: str) -> None:
 
 def fused_rotation(x: torch.Tensor, cos: torch.Tensor) -> bool:
     """Whether :func:`attnkit.kernels.rotate` rotates ``x`` by a table like ``cos`` (every dim rotary)."""
-    return kernels.available(x) and cos.shape[-1] == x.shape[-1] and x.shape[-1] in (32, 64, 128, 256)
+    return kernels.available(x) and cos.shape[-1] == x.shape[-1] and x.shape[-1] in kernels.HEAD_DIMS

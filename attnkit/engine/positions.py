@@ -188,7 +188,7 @@ class PositionStage:
             and plan.blocks[0].extent is not None
             and self.tabled
             and call.carried[0].shape[-1] == call.query.shape[-1]
-            and call.query.shape[-1] in (32, 64, 128, 256)
+            and call.query.shape[-1] in kernels.HEAD_DIMS
         )
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+HEAD_DIMS = (32, 64, 128, 256)
+"""The head dims the block, segment-order and rotary kernels compile for (their tiles split each
+head dim in two halves of a power of two)."""
+
 try:
     import triton
     import triton.language as tl

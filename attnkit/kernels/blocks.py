@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from attnkit.kernels.backend import combine, online_softmax, row_tile, tl, triton
+from attnkit.kernels.backend import HEAD_DIMS, combine, online_softmax, row_tile, tl, triton
 
 if triton is not None:
 
@@ -222,9 +222,9 @@ def block_attention(
     keys = tuple(t if t.stride(-1) == 1 else t.contiguous() for t in keys)
     batch, heads, rows, dim = query.shape
     cos, sin = (t.contiguous() for t in table)
-    if cos.shape[-1] not in (dim, dim // 2) or dim not in (32, 64, 128, 256):
+    if cos.shape[-1] not in (dim, dim // 2) or dim not in HEAD_DIMS:
         raise ValueError(
-            f"block_attention: a table of {cos.shape[-1]} columns for head dim {dim} (32, 64, 128 or 256; the "
+            f"block_attention: a table of {cos.shape[-1]} columns for head dim {dim} (one of {HEAD_DIMS}; the "
             "table's columns: every rotary dim, or half of them where both halves are equal)"
         )
     kv_heads, count, number = value.shape[1], value.shape[2], positions.shape[-1]

@@ -1,12 +1,13 @@
 """RoPE in one pass (Triton): ``x·cos + rotate_half(x)·sin`` read in the input's dtype, computed in
-the table's (float32 for a bf16 model) and written in the output's, where torch takes six kernels and a float32 copy of ``x``.
-The positions stage un-rotates every query of a layer so (a prefill's whole query, each time)."""
+the table's (float32 for a bf16 model) and written in the output's, where torch takes six kernels
+and a float32 copy of ``x``. The positions stage un-rotates every query of a layer so (a prefill's
+whole query, each time)."""
 
 from __future__ import annotations
 
 import torch
 
-from attnkit.kernels.backend import tl, triton
+from attnkit.kernels.backend import HEAD_DIMS, tl, triton
 
 if triton is not None:
 
@@ -35,8 +36,10 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.d
     """``x`` [batch, heads, n, dim] rotated by ``cos`` and ``sin`` [batch, 1 or heads, n, dim]
     (float32 or wider, every dim rotary), in ``dtype``: :func:`attnkit.primitives.rotate` in one kernel."""
     batch, heads, n, dim = x.shape
-    if cos.shape[-1] != dim or dim not in (32, 64, 128, 256):
-        raise ValueError(f"rotate: rotary dims {cos.shape[-1]} and head dim {dim} (32, 64, 128 or 256)")
+    if cos.shape[-1] != dim or dim not in HEAD_DIMS:
+        raise ValueError(
+            f"rotate: rotary dims {cos.shape[-1]} and head dim {dim} (every dim rotary, one of {HEAD_DIMS})"
+        )
     cos, sin = (t.expand(batch, heads, n, dim) for t in (cos, sin))
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()

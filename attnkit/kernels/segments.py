@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from attnkit.kernels.backend import online_softmax, row_tile, tl, triton
+from attnkit.kernels.backend import HEAD_DIMS, online_softmax, row_tile, tl, triton
 
 if triton is not None:
 
@@ -154,8 +154,10 @@ def segment_order(
     """
     batch, heads, rows, dim = query.shape
     kv_heads, prompt, count = keys.shape[1], keys.shape[2], lengths.shape[1]
-    if dim not in (32, 64, 128, 256) or count > 64:
-        raise ValueError(f"segment_order: head dim {dim} (32 to 256) and {count} segments (at most 64)")
+    if dim not in HEAD_DIMS or count > MAX_SEGMENTS:
+        raise ValueError(
+            f"segment_order: head dim {dim} (one of {HEAD_DIMS}) and {count} segments (at most {MAX_SEGMENTS})"
+        )
     group = heads // kv_heads
     out = torch.empty(batch, heads, rows, count + 2, dtype=torch.int32, device=query.device)
     acc = torch.float64 if keys.dtype == torch.float64 else torch.float32
@@ -194,6 +196,9 @@ def segment_order(
         )  # fmt: skip
     return out
 
+
+MAX_SEGMENTS = 64
+"""The most segments one order ranks (a row's segments are compared pairwise in registers)."""
 
 ROWS = 16
 """Reader rows (query heads x queries of one KV head) per program."""

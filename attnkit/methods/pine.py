@@ -467,7 +467,7 @@ class Importance:
         [batch, len(rows)]) reads block 0, each segment in its own order, and block K + 1; rows
         without two segments read everything at ``base``. One kernel on the GPU."""
         query, count = self.call.unrotated_query(narrow=True), self.lengths.shape[1]
-        if kernels.available(query) and query.shape[-1] in (32, 64, 128, 256) and count <= 64:
+        if kernels.available(query) and query.shape[-1] in kernels.HEAD_DIMS and count <= kernels.MAX_SEGMENTS:
             numbers = self.layout.numbers
             return kernels.segment_order(
                 query[:, :, rows], self.key, numbers[0], numbers[1], base, numbers[2], self.call.scaling
