@@ -1,5 +1,6 @@
 """The engine on every tiny architecture: identity, head_mask, removal, batching, caching, stages."""
 
+import contextlib
 import warnings
 
 import pytest
@@ -53,6 +54,50 @@ def test_empty_recipe_is_bit_identical_and_removal_restores(arch, backend):
     assert model.config._attn_implementation == backend
     assert not plan.PLANS
     assert torch.equal(logits(model, **inputs), before)
+
+
+class OperatorCount(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operators dispatched: on a GPU, each is (at least) a kernel launch from the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("arch", ["llama-gqa", "mistral-gqa", "gemma2-gqa"])
+def test_an_empty_recipe_dispatches_no_operator_beyond_the_models_own(arch, padded):
+    """Issue 17: an eager decode step is bound by the host, which launches a kernel per operator; an
+    empty recipe adds none to a prefill or a decode step, and head_mask one multiply per masked layer."""
+    model = model_of(arch)
+    if padded:
+        inputs = left_padded_batch([[5, 9, 17, 33, 8, 2], [12, 40, 7]], pad_id=model.config.pad_token_id)
+    else:
+        inputs = tiny_inputs(model, batch=1, length=8)
+
+    def operators(recipe):
+        with attnkit.apply(model, recipe) if recipe is not None else contextlib.nullcontext(), torch.no_grad():
+            with OperatorCount() as prefill:
+                out = model(**inputs, use_cache=True)
+            step = {"input_ids": out.logits[:, -1:].argmax(-1)}
+            if padded:
+                step["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
+            with OperatorCount() as decode:
+                model(**step, **compat.cache_argument(model, out.past_key_values), use_cache=True)
+        return prefill.names, decode.names
+
+    untouched = operators(None)
+    assert operators({"methods": []}) == untouched
+    masked = operators({"methods": [MASK]})
+    for phase in (0, 1):
+        extra = list(masked[phase])
+        for name in untouched[phase]:
+            extra.remove(name)
+        assert extra == ["aten.mul.Tensor"] * len(MASK["heads"])
 
 
 @pytest.mark.parametrize("arch,backend", arch_attn_pairs())

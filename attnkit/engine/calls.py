@@ -26,8 +26,8 @@ class CallTracker:
         self.verified: set[Phase] = set()
         self.keyword = compat.cache_keyword(at.model)
         self.keeps_positions = any(layer.positions is not None for layer in plan.layers.values())
-        """Whether a positions stage reads the positions of cached keys (kept only then: a decode
-        step of a model without one should not pay for growing them)."""
+        """Whether a positions stage reads the call's positions and those of cached keys (made and
+        kept only then: a decode step of a model without one should not pay for them)."""
 
     def begin(
         self,
@@ -42,7 +42,10 @@ class CallTracker:
         past = cache.get_seq_length() if cache is not None else 0
         phase: Phase = "prefill" if past == 0 else ("decode" if query_length == 1 else "extend")
         ids = inputs if isinstance(inputs, torch.Tensor) and not inputs.is_floating_point() else None
-        positions = call_positions(position_ids, past, query_length, inputs if inputs is not None else attention_mask)
+        positions = None
+        if self.keeps_positions:
+            like = inputs if inputs is not None else attention_mask
+            positions = call_positions(position_ids, past, query_length, like)
         state = CallState(phase, past, query_length, attention_mask, ids, positions, cache=cache)
         if phase == "decode" and isinstance(cache, GraphCache):
             state.graph = cache
@@ -50,7 +53,7 @@ class CallTracker:
             if phase == "prefill" or cache not in self.sequences:
                 self.sequences[cache] = {}
             state.sequence = self.sequences[cache]
-        if positions is not None and self.keeps_positions and state.graph is None:  # a captured step reads none
+        if positions is not None and state.graph is None:  # a captured step reads none
             state.sequence["positions"] = append_tokens(state.key_positions, positions, past)
         self.plan.state = state
         self.plan.calls += 1

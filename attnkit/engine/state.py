@@ -26,7 +26,8 @@ class CallState:
     """The position ids the model rotates the call's tokens at [batch, query]: the forward's
     ``position_ids`` where given (generate passes them, counting only real tokens of a left-padded
     batch), else ``past_length + arange(query_length)`` as the decoder makes them. None where the
-    model takes position ids of another shape (multimodal rope's [3, batch, query])."""
+    model takes position ids of another shape (multimodal rope's [3, batch, query]), and where no
+    positions stage is attached: only one reads them, and a decode step should not pay for them."""
     scratch: dict[str, Any] = field(default_factory=dict)
     """Per-call space for methods, keyed by method label."""
     cache: Any = None
