@@ -156,7 +156,7 @@ def block_reference(query, positions, table, keys, value, blocks, scale, valid, 
 @pytest.mark.parametrize(
     "rows,count,heads,kv_heads,split,pad,opened",
     [(40, 40, 4, 2, 40, False, True), (70, 150, 2, 1, 120, True, True), (1, 90, 8, 2, 60, True, False),
-     (3, 33, 2, 2, 33, False, False)],
+     (3, 33, 2, 2, 33, False, False), (300, 300, 2, 1, 250, False, True), (300, 300, 2, 1, 300, False, False)],
 )  # fmt: skip
 @pytest.mark.parametrize("runs", ["sorted", "scattered"])
 def test_block_attention_equals_reference(rows, count, heads, kv_heads, split, pad, opened, runs):

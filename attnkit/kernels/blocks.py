@@ -44,32 +44,42 @@ if triton is not None:
     def _tile(
         acc1, acc2, top, total, r1, r2, block, whole, group, start, hi,
         K, skn, V, svn, BLK, VALID, GK, gq, m_abs, offset,
-        scale, HALF: tl.constexpr, BN: tl.constexpr,
+        scale, HALF: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr,
         HAS_VALID: tl.constexpr, HAS_OPEN: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):  # fmt: skip
-        """One tile of BN keys from ``start`` (those before ``hi``) into the online softmax."""
+        """One tile of BN keys from ``start`` (those before ``hi``) into the online softmax. Not
+        ``MASKED``: every row sees every key of the tile (the caller knows), so nothing is looked up."""
         d = tl.arange(0, HALF)
         n = start + tl.arange(0, BN)
         inside = n < hi
-        lookup = inside & ((n * 0 + whole) == 0)  # per key block and group: only for a run that is not whole
         k_at = K + (n - offset)[:, None] * skn + d[None, :]
-        k1 = tl.load(k_at, mask=inside[:, None], other=0.0)
-        k2 = tl.load(k_at + HALF, mask=inside[:, None], other=0.0)
+        if MASKED:
+            k1 = tl.load(k_at, mask=inside[:, None], other=0.0)
+            k2 = tl.load(k_at + HALF, mask=inside[:, None], other=0.0)
+        else:
+            k1, k2 = tl.load(k_at), tl.load(k_at + HALF)
         s = tl.dot(r1, tl.trans(k1), input_precision=PRECISION)
         s += tl.dot(r2, tl.trans(k2), input_precision=PRECISION)
-        ok = n[None, :] <= m_abs[:, None]
-        if HAS_OPEN:
-            gk = tl.load(GK + n, mask=lookup, other=group)
-            ok = ok | ((gq[:, None] > 0) & (gk[None, :] > 0) & (gq[:, None] != gk[None, :]))
-        mine = tl.load(BLK + n, mask=lookup, other=block) == block
-        ok = ok & (inside & mine)[None, :]
-        if HAS_VALID:
-            ok = ok & (tl.load(VALID + n, mask=inside, other=0) != 0)[None, :]
-        s = tl.where(ok, s.to(ACC) * scale, float("-inf"))
+        if MASKED:
+            lookup = inside & ((n * 0 + whole) == 0)  # per key block and group: only for a run that is not whole
+            ok = n[None, :] <= m_abs[:, None]
+            if HAS_OPEN:
+                gk = tl.load(GK + n, mask=lookup, other=group)
+                ok = ok | ((gq[:, None] > 0) & (gk[None, :] > 0) & (gq[:, None] != gk[None, :]))
+            mine = tl.load(BLK + n, mask=lookup, other=block) == block
+            ok = ok & (inside & mine)[None, :]
+            if HAS_VALID:
+                ok = ok & (tl.load(VALID + n, mask=inside, other=0) != 0)[None, :]
+            s = tl.where(ok, s.to(ACC) * scale, float("-inf"))
+        else:
+            s = s.to(ACC) * scale
         p, alpha, top, total = online_softmax(s, top, total)
         v_at = V + n[:, None] * svn + d[None, :]
-        v1 = tl.load(v_at, mask=inside[:, None], other=0.0)
-        v2 = tl.load(v_at + HALF, mask=inside[:, None], other=0.0)
+        if MASKED:
+            v1 = tl.load(v_at, mask=inside[:, None], other=0.0)
+            v2 = tl.load(v_at + HALF, mask=inside[:, None], other=0.0)
+        else:
+            v1, v2 = tl.load(v_at), tl.load(v_at + HALF)
         p = p.to(v1.dtype)
         acc1 = acc1 * alpha[:, None] + tl.dot(p, v1, input_precision=PRECISION).to(ACC)
         acc2 = acc2 * alpha[:, None] + tl.dot(p, v2, input_precision=PRECISION).to(ACC)
@@ -77,16 +87,25 @@ if triton is not None:
 
     @triton.jit
     def _keys(
-        acc1, acc2, top, total, r1, r2, block, whole, group, lo, hi,
+        acc1, acc2, top, total, r1, r2, block, whole, group, lo, hi, seen,
         K, skn, V, svn, BLK, VALID, GK, gq, m_abs, offset,
         scale, HALF: tl.constexpr, BN: tl.constexpr, TAIL: tl.constexpr,
         HAS_VALID: tl.constexpr, HAS_OPEN: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):  # fmt: skip
         """Online softmax over the keys [lo, hi) of one part (``K`` holds keys from index ``offset``)
-        that belong to ``block``, read by the query rotated for it. A ``whole`` run (its keys all of
+        that belong to ``block``, read by the query rotated for it. Every row sees every key before
+        ``seen``: the whole tiles there are read without a mask. A ``whole`` run (its keys all of
         the block and of one key ``group``) skips reading each key's block and group. ``TAIL``: the
         run's last keys, where at most BN / 2, take a tile of that width (a run rarely ends on a
         tile, and its last tile was half empty on average)."""
+        lo_masked = lo + tl.maximum(tl.minimum(seen, hi) - lo, 0) // BN * BN
+        for start in range(lo, lo_masked, BN):
+            acc1, acc2, top, total = _tile(
+                acc1, acc2, top, total, r1, r2, block, whole, group, start, hi,
+                K, skn, V, svn, BLK, VALID, GK, gq, m_abs, offset,
+                scale, HALF, BN, False, HAS_VALID, HAS_OPEN, PRECISION, ACC,
+            )  # fmt: skip
+        lo = lo_masked
         end = hi
         if TAIL:
             end = lo + (hi - lo) // BN * BN
@@ -94,20 +113,20 @@ if triton is not None:
             acc1, acc2, top, total = _tile(
                 acc1, acc2, top, total, r1, r2, block, whole, group, start, hi,
                 K, skn, V, svn, BLK, VALID, GK, gq, m_abs, offset,
-                scale, HALF, BN, HAS_VALID, HAS_OPEN, PRECISION, ACC,
+                scale, HALF, BN, True, HAS_VALID, HAS_OPEN, PRECISION, ACC,
             )  # fmt: skip
         if TAIL:
             if hi - end > BN // 2:
                 acc1, acc2, top, total = _tile(
                     acc1, acc2, top, total, r1, r2, block, whole, group, end, hi,
                     K, skn, V, svn, BLK, VALID, GK, gq, m_abs, offset,
-                    scale, HALF, BN, HAS_VALID, HAS_OPEN, PRECISION, ACC,
+                    scale, HALF, BN, True, HAS_VALID, HAS_OPEN, PRECISION, ACC,
                 )  # fmt: skip
             elif hi > end:
                 acc1, acc2, top, total = _tile(
                     acc1, acc2, top, total, r1, r2, block, whole, group, end, hi,
                     K, skn, V, svn, BLK, VALID, GK, gq, m_abs, offset,
-                    scale, HALF, BN // 2, HAS_VALID, HAS_OPEN, PRECISION, ACC,
+                    scale, HALF, BN // 2, True, HAS_VALID, HAS_OPEN, PRECISION, ACC,
                 )  # fmt: skip
         return acc1, acc2, top, total
 
@@ -162,13 +181,19 @@ if triton is not None:
             whole, group = tl.load(WHOLE + b * srb + block), tl.load(GROUP + b * srb + block)
             if lo < hi:
                 r1, r2 = _rotated(q_at, pos_at + block * spv, COS, SIN, stride_t, row_ok, HALF, SAME_HALVES, dtype, ACC)
+                seen = lo  # keys before it every row sees: none, unless the run is whole and no key padding
+                if not HAS_VALID:
+                    row_sees = m_abs + 1  # causal
+                    if HAS_OPEN:
+                        row_sees = tl.where((gq > 0) & (group > 0) & (gq != group), hi, row_sees)
+                    seen = tl.where(whole != 0, tl.min(tl.where(row_ok, row_sees, hi), 0), lo)
                 acc1, acc2, top, total = _keys(
-                    acc1, acc2, top, total, r1, r2, block, whole, group, lo, tl.minimum(hi, N1),
+                    acc1, acc2, top, total, r1, r2, block, whole, group, lo, tl.minimum(hi, N1), seen,
                     k1, sk1n, v, svn, blk, valid, gk, gq, m_abs, 0,
                     scale, HALF, BN, TAIL, HAS_VALID, HAS_OPEN, PRECISION, ACC,
                 )  # fmt: skip
                 acc1, acc2, top, total = _keys(
-                    acc1, acc2, top, total, r1, r2, block, whole, group, tl.maximum(lo, N1), hi,
+                    acc1, acc2, top, total, r1, r2, block, whole, group, tl.maximum(lo, N1), hi, seen,
                     k2, sk2n, v, svn, blk, valid, gk, gq, m_abs, N1,
                     scale, HALF, BN, TAIL, HAS_VALID, HAS_OPEN, PRECISION, ACC,
                 )  # fmt: skip
