@@ -87,7 +87,7 @@ def test_an_empty_recipe_dispatches_no_operator_beyond_the_models_own(arch, padd
             if padded:
                 step["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
             with OperatorCount() as decode:
-                model(**step, **compat.cache_argument(model, out.past_key_values), use_cache=True)
+                model(**step, **compat.cache_argument(model, compat.output_cache(out)), use_cache=True)
         return prefill.names, decode.names
 
     untouched = operators(None)
