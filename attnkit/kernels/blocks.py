@@ -86,6 +86,22 @@ if triton is not None:
         return acc1, acc2, top, total
 
     @triton.jit
+    def _tiles(
+        acc1, acc2, top, total, r1, r2, block, whole, group, lo, end, hi,
+        K, skn, V, svn, BLK, VALID, GK, gq, m_abs, offset,
+        scale, HALF: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr,
+        HAS_VALID: tl.constexpr, HAS_OPEN: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    ):  # fmt: skip
+        """The tiles of BN keys from ``lo`` to ``end`` (those before ``hi``)."""
+        for start in range(lo, end, BN):
+            acc1, acc2, top, total = _tile(
+                acc1, acc2, top, total, r1, r2, block, whole, group, start, hi,
+                K, skn, V, svn, BLK, VALID, GK, gq, m_abs, offset,
+                scale, HALF, BN, MASKED, HAS_VALID, HAS_OPEN, PRECISION, ACC,
+            )  # fmt: skip
+        return acc1, acc2, top, total
+
+    @triton.jit
     def _keys(
         acc1, acc2, top, total, r1, r2, block, whole, group, lo, hi, seen,
         K, skn, V, svn, BLK, VALID, GK, gq, m_abs, offset,
@@ -98,23 +114,20 @@ if triton is not None:
         the block and of one key ``group``) skips reading each key's block and group. ``TAIL``: the
         run's last keys, where at most BN / 2, take a tile of that width (a run rarely ends on a
         tile, and its last tile was half empty on average)."""
-        lo_masked = lo + tl.maximum(tl.minimum(seen, hi) - lo, 0) // BN * BN
-        for start in range(lo, lo_masked, BN):
-            acc1, acc2, top, total = _tile(
-                acc1, acc2, top, total, r1, r2, block, whole, group, start, hi,
-                K, skn, V, svn, BLK, VALID, GK, gq, m_abs, offset,
-                scale, HALF, BN, False, HAS_VALID, HAS_OPEN, PRECISION, ACC,
-            )  # fmt: skip
-        lo = lo_masked
+        free_end = lo + tl.maximum(tl.minimum(seen, hi) - lo, 0) // BN * BN
+        acc1, acc2, top, total = _tiles(
+            acc1, acc2, top, total, r1, r2, block, whole, group, lo, free_end, hi,
+            K, skn, V, svn, BLK, VALID, GK, gq, m_abs, offset,
+            scale, HALF, BN, False, HAS_VALID, HAS_OPEN, PRECISION, ACC,
+        )  # fmt: skip
         end = hi
         if TAIL:
-            end = lo + (hi - lo) // BN * BN
-        for start in range(lo, end, BN):
-            acc1, acc2, top, total = _tile(
-                acc1, acc2, top, total, r1, r2, block, whole, group, start, hi,
-                K, skn, V, svn, BLK, VALID, GK, gq, m_abs, offset,
-                scale, HALF, BN, True, HAS_VALID, HAS_OPEN, PRECISION, ACC,
-            )  # fmt: skip
+            end = free_end + (hi - free_end) // BN * BN
+        acc1, acc2, top, total = _tiles(
+            acc1, acc2, top, total, r1, r2, block, whole, group, free_end, end, hi,
+            K, skn, V, svn, BLK, VALID, GK, gq, m_abs, offset,
+            scale, HALF, BN, True, HAS_VALID, HAS_OPEN, PRECISION, ACC,
+        )  # fmt: skip
         if TAIL:
             if hi - end > BN // 2:
                 acc1, acc2, top, total = _tile(
