@@ -17,7 +17,7 @@ untouched model of the same run. On a GPU two more configurations decode through
 (``attnkit.decode``: the step replayed from a CUDA graph over a fixed-capacity copy of the prefill's
 cache): ``untouched_captured`` (an empty recipe) and ``pine_captured``.
 
-    python scripts/bench_pine.py [--rounds 3] [--reps 3] [--json out.json]
+    python scripts/bench_pine.py [--rounds 3] [--reps 3] [--segments 2 20] [--json out.json]
     python scripts/bench_pine.py --tiny --rounds 1 --reps 1   # 2-layer model, 256/512 tokens, runs on CPU
 """
 
@@ -291,12 +291,15 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, help="a subset (untouched is always run)")
     parser.add_argument("--tiny", action="store_true", help="2-layer small Llama, 256 and 512 tokens (CPU smoke test)")
+    parser.add_argument(
+        "--segments", type=int, nargs="+", choices=[count for _, count in CASES], help="only these cases"
+    )
     args = parser.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = TINY if args.tiny else LLAMA3_8B
     tokens = TINY_TOKENS if args.tiny else [n for n, _ in CASES]
-    cases = [make_case(n, count) for n, (_, count) in zip(tokens, CASES)]
+    cases = [make_case(n, count) for n, (_, count) in zip(tokens, CASES) if count in (args.segments or [count])]
     model = build_model(shape, device)
     result: dict = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
