@@ -19,8 +19,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import attnkit
+from attnkit import kernels
 from attnkit.engine.plan import PLANS
-from attnkit.methods import ACT, HeadMask, SnapKV, TidalDecode
+from attnkit.methods import ACT, HeadMask, SnapKV, TidalDecode, tidal
 from attnkit.methods.base import Method
 from attnkit.methods.tidal import Selection, gather_rows, layer_roles, select_columns
 from attnkit.primitives import layer_window
@@ -28,6 +29,7 @@ from attnkit.recipe import RecipeError, load_recipe
 from attnkit.recipe.methods import MethodConfig, TidalDecodeConfig
 from tests.factory import PAD_ID, left_padded_batch, single_threaded, tiny_inputs, tiny_model
 from tests.test_engine import zero_columns
+from tests.test_kernels import needs_triton
 
 SELECTIONS = ["query_head", "kv_head_union", "kv_head_sum"]
 ARCHS = ["llama-mha", "llama-gqa", "llama-mqa", "qwen3-gqa", "gemma3-gqa", "phi3-mha"]
@@ -221,6 +223,48 @@ def test_left_padded_batch_equals_single_rows(selection):
             torch.testing.assert_close(together[row], alone[0], rtol=1e-9, atol=1e-9)
         expected = reference_logits(model, batch, TidalDecodeConfig(**settings))
         torch.testing.assert_close(together, expected, rtol=1e-9, atol=1e-9)
+
+
+@needs_triton
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_the_kernels_in_place_read_equals_the_reference(selection, monkeypatch):
+    """On CUDA the decode kernel reads the selected cache columns in place, with no gathered copy
+    (Triton's interpreter runs it here): a left-padded batch, at budget 24 its short row picking
+    padding, and a softcapped model."""
+    monkeypatch.setattr(kernels, "available", lambda query: True)
+    monkeypatch.setattr(tidal, "gather", lambda *args: pytest.fail("the sparse layers gathered their keys"))
+    model = model_of("llama-gqa")
+    seqs = [
+        tiny_inputs(model, length=36, seed=1)["input_ids"][0].tolist(),
+        tiny_inputs(model, length=20)["input_ids"][0].tolist(),
+    ]
+    batch = left_padded_batch(seqs, pad_id=PAD_ID)
+    for budget in (8, 24):
+        settings = dict(SETTINGS, budget=budget, selection=selection)
+        got, stats = tidal_logits(model, batch, **settings)
+        assert stats["selections"] > 0
+        torch.testing.assert_close(
+            got, reference_logits(model, batch, TidalDecodeConfig(**settings)), rtol=1e-9, atol=1e-9
+        )
+    capped = model_of("gemma2-gqa", attn_implementation="eager", attn_logit_softcapping=1.0)
+    inputs = tiny_inputs(capped, length=30)
+    settings = dict(SETTINGS, reselection_layer=None, selection=selection)
+    got, _ = tidal_logits(capped, inputs, **settings)
+    expected = reference_logits(capped, inputs, TidalDecodeConfig(**settings))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode kernel on a GPU")
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_on_cuda_the_in_place_read_equals_the_gathered_one(selection, monkeypatch):
+    model = model_of("llama-gqa", dtype=torch.float32).cuda()
+    batch = left_padded_batch([list(range(3, 39)), list(range(40, 60))], pad_id=PAD_ID)
+    batch = {name: tensor.cuda() for name, tensor in batch.items()}
+    settings = dict(SETTINGS, selection=selection)
+    in_place, _ = tidal_logits(model, batch, **settings)
+    monkeypatch.setattr(kernels, "available", lambda query: False)
+    gathered, _ = tidal_logits(model, batch, **settings)
+    torch.testing.assert_close(in_place, gathered, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["llama-gqa", "gemma3-gqa"])

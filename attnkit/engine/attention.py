@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attnkit import compat
+from attnkit import compat, kernels
 from attnkit.engine.graphs import GraphError, graph_attention
 from attnkit.engine.kvcache import CompressedLayer, attend
 from attnkit.engine.plan import AttentionCall, LayerPlan, plan_for
@@ -122,6 +122,8 @@ def attnkit_attention(
         output, weights = edited_attention(call, layer, scores)
     elif layer.needs_eager:
         output, weights = edited_attention(call, layer)
+    elif decoding and call.columns is not None:
+        output, weights = column_attention(call), None
     elif decoding and call.key.shape[1] != key.shape[1]:
         output, weights = per_head_attention(call), None
     else:
@@ -190,6 +192,26 @@ def compressed_layer(state: Any, index: int) -> CompressedLayer | None:
         return None
     layer = layers[index]
     return layer if isinstance(layer, CompressedLayer) else None
+
+
+def reads_columns(call: AttentionCall) -> bool:
+    """Whether this eager decode step attends the cache columns a decode-step read chooses
+    (``call.columns``) in place, through the decode kernel (CUDA with Triton, a head dim it takes).
+    Elsewhere the read gathers the chosen keys and values itself (a copy of them per step)."""
+    return kernels.available(call.query) and call.query.shape[-1] in kernels.DECODE_HEAD_DIMS
+
+
+def column_attention(call: AttentionCall) -> torch.Tensor:
+    """An eager decode step's attention over the cache columns its decode-step read chose
+    (``call.columns``), read in place by the decode kernel; the call's 2-D padding mask drops
+    padded columns. Returns [b, 1, heads, d]."""
+    count = call.key.shape[2]
+    device = call.key.device
+    lengths = shared(call.state, ("lengths", count), lambda: torch.full((1,), count, dtype=torch.int32, device=device))
+    valid = call.state.attention_mask if call.state is not None else None
+    return kernels.decode_attention(
+        call.query, call.key, call.value, lengths, call.scaling, valid=valid, softcap=call.softcap, index=call.columns
+    )
 
 
 def per_head_attention(call: AttentionCall) -> torch.Tensor:

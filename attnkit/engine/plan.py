@@ -51,8 +51,9 @@ class AttentionCall:
     """(x [batch, heads, n, dim], positions [batch, 1 or heads, n]) -> x rotated there with the
     layer's own rotary: set by the positions stage for its hook."""
     columns: torch.Tensor | None = None
-    """On a captured decode step (``state.graph``): the cache columns a decode-step read chose for
-    this layer [batch, KV heads or query heads, n] (-1: none), which the kernel gathers as it reads."""
+    """The cache columns a decode-step read chose for this layer [batch, KV heads or query heads, n]
+    (-1: none), which the decode kernel gathers as it reads: on a captured step (``state.graph``),
+    and on an eager one where :func:`attnkit.engine.attention.reads_columns` says so."""
     lse: torch.Tensor | None = None
     """On a captured decode step with output corrections: the kernel's log-sum-exp of each query
     head's logits [batch, heads] (float32), for corrections that need the softmax's normaliser."""

@@ -8,12 +8,13 @@ import torch
 
 from attnkit.kernels.backend import HEAD_DIMS, triton
 from attnkit.kernels.blocks import block_attention, block_runs
-from attnkit.kernels.decode import decode_attention
+from attnkit.kernels.decode import DECODE_HEAD_DIMS, decode_attention
 from attnkit.kernels.rotary import rotate
 from attnkit.kernels.segments import MAX_SEGMENTS, segment_order
 from attnkit.kernels.sink_stats import sink_stats
 
 __all__ = [
+    "DECODE_HEAD_DIMS",
     "HEAD_DIMS",
     "MAX_SEGMENTS",
     "available",

@@ -19,6 +19,9 @@ import torch
 
 from attnkit.kernels.backend import combine, online_softmax, tl, triton
 
+DECODE_HEAD_DIMS = (16, 32, 64, 128, 256)
+"""The head dims the decode kernel compiles for."""
+
 if triton is not None:
 
     @triton.jit
@@ -145,8 +148,8 @@ def decode_attention(
         raise RuntimeError("decode_attention needs Triton")
     batch, heads, one, dim = query.shape
     _, kv_heads, capacity, _ = keys.shape
-    if dim not in (16, 32, 64, 128, 256):
-        raise ValueError(f"decode_attention: head dim {dim} (a power of two from 16 to 256)")
+    if dim not in DECODE_HEAD_DIMS:
+        raise ValueError(f"decode_attention: head dim {dim} (one of {DECODE_HEAD_DIMS})")
     shapes = f"query {tuple(query.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}"
     if one != 1 or keys.shape != values.shape or keys.shape[0] != batch or keys.shape[3] != dim or heads % kv_heads:
         raise ValueError(f"decode_attention: {shapes}")

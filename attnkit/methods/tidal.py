@@ -7,8 +7,9 @@ tokens plus the new one. Every later layer reads only those positions ("position
 one re-selection layer in the middle attends fully again and selects anew for the layers after it.
 Prefill is untouched.
 
-Here the sparse layers *gather* the selected keys and values and attend to those alone (the
-reference's PyTorch path computes full logits and masks them: an accuracy simulation). The cache
+Here the sparse layers read only the selected keys and values (the reference's PyTorch path
+computes full logits and masks them: an accuracy simulation): on CUDA the decode kernel reads the
+selected cache columns in place; elsewhere they are gathered and attended alone. The cache
 keeps every token, so no memory is saved; what is saved is reading it. Per query head, a KV head's
 query heads read different tokens (the engine attends the gathered keys per query head); the per-KV-
 head variants select once per KV head, so one gather of KV-head keys serves its group:
@@ -31,6 +32,7 @@ from typing import Literal
 import torch
 
 from attnkit.engine.attach import Attachment
+from attnkit.engine.attention import reads_columns
 from attnkit.engine.plan import AttentionCall
 from attnkit.engine.state import CallState
 from attnkit.heads import text_config
@@ -252,6 +254,10 @@ class TidalDecode(Method):
             if selection is None:
                 self._count(call, current, read=None)
                 return call
+            if reads_columns(call):  # the engine reads the selected columns in place
+                columns = selection.index.reshape(call.key.shape[0], selection.heads, -1)
+                self._count(call, current, read=columns.shape[1] * columns.shape[2])
+                return dataclasses.replace(call, columns=columns)
             sparse = gather(call, selection)
             self._count(call, current, read=sparse.key.shape[1] * sparse.key.shape[2])
             return sparse
