@@ -14,10 +14,12 @@ Usage::
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 from transformers import (
@@ -33,6 +35,11 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
+
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="the kernels need Triton (its interpreter on a CPU)"
+)
+"""For tests of attnkit's Triton kernels: on CUDA, or in Triton's interpreter on a CPU."""
 
 # --------------------------------------------------------------------------------------------
 # Shared tiny shapes

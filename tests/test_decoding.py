@@ -19,9 +19,7 @@ from attnkit.decode import captured_decoding
 from attnkit.engine.graphs import GraphError
 from attnkit.methods import ACT, HeadMask, Razor, SnapKV, Streaming, TidalDecode
 from attnkit.stats import Stats
-from tests.factory import ARCHS, left_padded_batch, tiny_model
-
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the kernel needs Triton")
+from tests.factory import ARCHS, left_padded_batch, needs_triton, tiny_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [12, 13, 14, 20]]
 """Two rows, left-padded: longer than the tiny models' sliding windows (6 and 8)."""

@@ -1,6 +1,5 @@
 """The fused sink-statistics kernels and the mask facts they rely on."""
 
-import importlib.util
 import itertools
 import random
 
@@ -14,7 +13,7 @@ from attnkit.methods import ACT
 from attnkit.methods.act import voter_counts
 from attnkit.primitives import layer_window, rotate
 from attnkit.recipe.methods import MethodConfig
-from tests.factory import ARCHS, SUPPORTED_ATTN, left_padded_batch, tiny_model
+from tests.factory import ARCHS, SUPPORTED_ATTN, left_padded_batch, needs_triton, tiny_model
 
 
 def captured_masks(model, **inputs):
@@ -66,11 +65,6 @@ def test_sliding_window_archs_have_windows():
     assert layer_window(tiny_model("mistral-gqa").config, 0) == 8
     assert [layer_window(tiny_model("gemma3-gqa").config, i) for i in range(3)] == [6, 6, None]
     assert layer_window(tiny_model("llama-gqa").config, 0) is None
-
-
-needs_triton = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None, reason="the kernels need Triton (installed on GPU machines)"
-)
 
 
 def reference(q, k, scale, valid, window):

@@ -27,6 +27,7 @@ from tests.factory import (
     SLIDING_ARCHS,
     SUPPORTED_ATTN,
     left_padded_batch,
+    needs_triton,
     position_ids_from_mask,
     tiny_model,
 )
@@ -262,11 +263,6 @@ def test_pine_equals_the_reference_with_the_models_own_rotary(variant):
     assert largest(got[0][: len(PREFIX)], expected[0][: len(PREFIX)]) < 1e-9
     for step, (a, b) in enumerate(zip(got, expected, strict=True)):
         assert largest(a, b) < 1e-5, (step, largest(a, b))
-
-
-needs_triton = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None, reason="the fused kernel needs Triton (its interpreter on CPU)"
-)
 
 
 @pytest.fixture

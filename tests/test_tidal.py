@@ -27,9 +27,8 @@ from attnkit.methods.tidal import Selection, gather_rows, layer_roles, select_co
 from attnkit.primitives import layer_window
 from attnkit.recipe import RecipeError, load_recipe
 from attnkit.recipe.methods import MethodConfig, TidalDecodeConfig
-from tests.factory import PAD_ID, left_padded_batch, single_threaded, tiny_inputs, tiny_model
+from tests.factory import PAD_ID, left_padded_batch, needs_triton, single_threaded, tiny_inputs, tiny_model
 from tests.test_engine import zero_columns
-from tests.test_kernels import needs_triton
 
 SELECTIONS = ["query_head", "kv_head_union", "kv_head_sum"]
 ARCHS = ["llama-mha", "llama-gqa", "llama-mqa", "qwen3-gqa", "gemma3-gqa", "phi3-mha"]
