@@ -4,8 +4,8 @@ The reference (``reference_attention``) is a test-only attention function, indep
 code: float64 eager attention with full logits at every layer; at a decode step the selection layer
 ranks the earlier tokens per query head (or per KV head, for the variants) with plain Python loops,
 and every sparse layer masks the logits outside that selection to ``finfo.min``, as the reference's
-``llama_tidal_attention_forward`` does. attnkit instead gathers the selected keys and attends to those
-alone; the two must agree to 1e-9 in float64.
+``llama_tidal_attention_forward`` does. attnkit instead reads the selected keys alone (gathered, or
+in place by the decode kernel); the two must agree to 1e-9 in float64.
 """
 
 from __future__ import annotations
@@ -165,9 +165,19 @@ def tidal_logits(model, inputs, steps: int = STEPS, **settings) -> tuple[torch.T
 # --- exact against the reference -------------------------------------------------------------------
 
 
+@pytest.fixture(params=["gathered", pytest.param("in place", marks=needs_triton)])
+def read(request, monkeypatch):
+    """How the sparse layers read the selection: gathered (the path off CUDA), or in place by the
+    decode kernel (CUDA's path; Triton's interpreter runs it here), never gathering."""
+    if request.param == "in place":
+        monkeypatch.setattr(kernels, "available", lambda query: True)
+        monkeypatch.setattr(tidal, "gather", lambda *args: pytest.fail("the sparse layers gathered their keys"))
+    return request.param
+
+
 @pytest.mark.parametrize("selection", SELECTIONS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_gather_equals_the_masked_reference(arch, selection):
+def test_sparse_reads_equal_the_masked_reference(arch, selection, read):
     model = model_of(arch)
     inputs = tiny_inputs(model, length=30)
     settings = dict(SETTINGS, selection=selection)
@@ -191,7 +201,7 @@ def test_recent_tokens_and_no_reselection_equal_the_reference(selection):
         )
 
 
-def test_softcapped_model_equals_the_reference():
+def test_softcapped_model_equals_the_reference(read):
     """Gemma 2 (eager only): capped logits, sliding layers left alone. Its own eager kernel takes the
     softmax in float32 even in float64 (the untouched layers), hence 1e-5, as in tests/test_kv.py."""
     model = model_of("gemma2-gqa", attn_implementation="eager", attn_logit_softcapping=1.0)
@@ -205,7 +215,7 @@ def test_softcapped_model_equals_the_reference():
 
 
 @pytest.mark.parametrize("selection", SELECTIONS)
-def test_left_padded_batch_equals_single_rows(selection):
+def test_left_padded_batch_equals_single_rows(selection, read):
     """Rows of 36 and 20 tokens: at budget 8 both select; at budget 24 the short row holds fewer real
     tokens than the budget, so its selection picks padding, which must stay masked."""
     model = model_of("llama-gqa")
@@ -222,35 +232,6 @@ def test_left_padded_batch_equals_single_rows(selection):
             torch.testing.assert_close(together[row], alone[0], rtol=1e-9, atol=1e-9)
         expected = reference_logits(model, batch, TidalDecodeConfig(**settings))
         torch.testing.assert_close(together, expected, rtol=1e-9, atol=1e-9)
-
-
-@needs_triton
-@pytest.mark.parametrize("selection", SELECTIONS)
-def test_the_kernels_in_place_read_equals_the_reference(selection, monkeypatch):
-    """On CUDA the decode kernel reads the selected cache columns in place, with no gathered copy
-    (Triton's interpreter runs it here): a left-padded batch, at budget 24 its short row picking
-    padding, and a softcapped model."""
-    monkeypatch.setattr(kernels, "available", lambda query: True)
-    monkeypatch.setattr(tidal, "gather", lambda *args: pytest.fail("the sparse layers gathered their keys"))
-    model = model_of("llama-gqa")
-    seqs = [
-        tiny_inputs(model, length=36, seed=1)["input_ids"][0].tolist(),
-        tiny_inputs(model, length=20)["input_ids"][0].tolist(),
-    ]
-    batch = left_padded_batch(seqs, pad_id=PAD_ID)
-    for budget in (8, 24):
-        settings = dict(SETTINGS, budget=budget, selection=selection)
-        got, stats = tidal_logits(model, batch, **settings)
-        assert stats["selections"] > 0
-        torch.testing.assert_close(
-            got, reference_logits(model, batch, TidalDecodeConfig(**settings)), rtol=1e-9, atol=1e-9
-        )
-    capped = model_of("gemma2-gqa", attn_implementation="eager", attn_logit_softcapping=1.0)
-    inputs = tiny_inputs(capped, length=30)
-    settings = dict(SETTINGS, reselection_layer=None, selection=selection)
-    got, _ = tidal_logits(capped, inputs, **settings)
-    expected = reference_logits(capped, inputs, TidalDecodeConfig(**settings))
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode kernel on a GPU")
