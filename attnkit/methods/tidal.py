@@ -52,9 +52,10 @@ class Selection:
     KV head's query heads' columns one after another (``budget`` each)."""
     heads: int
     """Heads of the gathered keys: the query heads (per query head) or the KV heads."""
-    mask: torch.Tensor | None
+    mask: torch.Tensor | None = None
     """Additive mask of the gathered columns [batch, heads, 1, budget] in the query's dtype (padding
-    picked by a row shorter than the budget stays masked), or None when the call has no mask."""
+    picked by a row shorter than the budget stays masked), made at the first gather (a read in place
+    takes the call's padding mask instead); None while not made, or when the call has no mask."""
     rows: dict[int, torch.Tensor] = field(default_factory=dict)
     """Cache length -> the selected rows of a contiguous cache viewed as [b * kv heads * length, d]."""
 
@@ -116,7 +117,7 @@ def select(call: AttentionCall, current: int, budget: int, recent: int, selectio
     index = torch.cat([picked, kept], dim=-1)  # [b, kv, group or 1, budget]
     gathered_heads = index.shape[1] * index.shape[2]
     index = index.reshape(b, kv, -1)
-    return Selection(index, gathered_heads, gathered_mask(mask, index, gathered_heads, heads, query.dtype))
+    return Selection(index, gathered_heads)
 
 
 def select_captured(call: AttentionCall, budget: int, recent: int, selection: str) -> torch.Tensor:
@@ -169,6 +170,9 @@ def gather(call: AttentionCall, selection: Selection) -> AttentionCall:
     b, _, _, d = call.key.shape
     keys = gather_rows(call.key, selection).reshape(b, selection.heads, -1, d)
     values = gather_rows(call.value, selection).reshape(b, selection.heads, -1, d)
+    if selection.mask is None:  # the same for every sparse layer of the step: made once
+        heads, dtype = call.query.shape[1], call.query.dtype
+        selection.mask = gathered_mask(call.mask, selection.index, selection.heads, heads, dtype)
     return dataclasses.replace(call, key=keys, value=values, mask=selection.mask)
 
 
