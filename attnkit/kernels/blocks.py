@@ -113,7 +113,8 @@ if triton is not None:
         ``seen``: the whole tiles there are read without a mask. A ``whole`` run (its keys all of
         the block and of one key ``group``) skips reading each key's block and group. ``TAIL``: the
         run's last keys, where at most BN / 2, take a tile of that width (a run rarely ends on a
-        tile, and its last tile was half empty on average)."""
+        tile, and its last tile was half empty on average). An empty part (``hi`` before ``lo``) reads nothing."""
+        hi = tl.maximum(hi, lo)
         free_end = lo + tl.maximum(tl.minimum(seen, hi) - lo, 0) // BN * BN
         acc1, acc2, top, total = _tiles(
             acc1, acc2, top, total, r1, r2, block, whole, group, lo, free_end, hi,
