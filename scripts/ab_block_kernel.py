@@ -22,6 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_overhead import turn  # noqa: E402
 from tune_block_kernel import case, timed  # noqa: E402
 
 from attnkit.kernels import blocks  # noqa: E402
@@ -54,7 +55,7 @@ def main() -> None:
         print(f"{rows} tokens in {count} blocks: largest difference old / new {difference:.2e}")
         times: dict[str, list[float]] = {name: [] for name in runs}
         for r in range(args.rounds):
-            for name in list(runs) if r % 2 == 0 else list(runs)[::-1]:
+            for name in turn(runs, r):
                 times[name].append(timed(runs[name]))
         for name, values in times.items():
             rounds = " ".join(f"{v:.3f}" for v in values)

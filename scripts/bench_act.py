@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_overhead import LLAMA3_8B, build_model, time_fn  # noqa: E402
+from bench_overhead import LLAMA3_8B, build_model, time_fn, turn  # noqa: E402
 
 import attnkit  # noqa: E402
 from attnkit.methods import ACT  # noqa: E402
@@ -132,7 +132,7 @@ def main() -> None:
         ids = torch.randint(0, LLAMA3_8B["vocab_size"], (1, n), device="cuda", generator=gen)
         per: dict = {name: [] for name in configs}
         for r in range(args.rounds):
-            for name in configs if r % 2 == 0 else reversed(configs):
+            for name in turn(configs, r):
                 if per[name] and per[name][-1].get("oom"):
                     continue
                 per[name].append(run_config(model, ids, configs[name], args.reps, fused=name != "act_fast_torch"))

@@ -39,7 +39,7 @@ for a moment); on running out of memory the group starts again at 85% of the bat
 ratios are against its own first eager configuration under torch's defaults (``untouched``,
 ``snapkv``, ...).
 
-Timing: configurations take turns in interleaved rounds (order reversed every other round), each a
+Timing: configurations take turns in interleaved rounds (the order rotated one place each round), each a
 block of ``--steps`` steps after ``--warmup`` untimed ones (CUDA events). A configuration's step is
 the median over rounds of its block's mean; spread = (max - min) / median over rounds. A ratio whose
 distance from 1 is inside the untouched model's spread is "within noise". ``--profile`` adds, per
@@ -69,6 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_kv import batch_cache, retrieval_heads  # noqa: E402
+from bench_overhead import turn  # noqa: E402
 from bench_tidal import FULL, TINY, buffers, build_model, decode_block, make_cache, timed_ms  # noqa: E402
 
 import attnkit  # noqa: E402
@@ -313,7 +314,7 @@ def run_case(case: Case, configs: dict, args, base_name: str = "untouched") -> d
     """Interleaved rounds of ``configs`` on ``case``; ratios against ``base_name``."""
     rounds: dict[str, list[float]] = {name: [] for name in configs}
     for r in range(args.rounds):
-        for name in list(configs) if r % 2 == 0 else list(reversed(configs)):
+        for name in turn(configs, r):
             ms, _ = one_round(case, name, configs[name], args)
             rounds[name].append(ms)
     base = statistics.median(rounds[base_name])

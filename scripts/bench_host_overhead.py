@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_overhead import turn  # noqa: E402
 from bench_tidal import FULL, buffers, build_model, decode_block, make_cache  # noqa: E402
 
 import attnkit  # noqa: E402
@@ -119,13 +120,13 @@ def block_ms(model, methods, cache, token, steps: int) -> float:
 
 
 def rounds_ms(model, cache, token, args) -> dict[str, list[float]]:
-    """Whole decode steps of every configuration, in interleaved rounds (order reversed every other)."""
+    """Whole decode steps of every configuration, in interleaved rounds (the order rotated one place each round)."""
     out: dict[str, list[float]] = {name: [] for name in CONFIGS}
     for methods in CONFIGS.values():  # warm-up
         block_ms(model, methods, cache, token, args.steps // 4)
     for r in range(args.rounds):
-        order = list(CONFIGS.items()) if r % 2 == 0 else list(CONFIGS.items())[::-1]
-        for name, methods in order:
+        for name in turn(CONFIGS, r):
+            methods = CONFIGS[name]
             out[name].append(block_ms(model, methods, cache, token, args.steps))
     return out
 

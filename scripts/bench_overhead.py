@@ -52,6 +52,15 @@ def build_model():
     return model
 
 
+def turn(names, r: int) -> list:
+    """Round ``r``'s order of ``names``: rotated one place each round, so that every configuration
+    takes every place equally often. (Alternating forward and reversed left the middle one always
+    right after another configuration, while the ends ran twice in a row at round boundaries.)"""
+    names = list(names)
+    shift = r % len(names)
+    return names[shift:] + names[:shift]
+
+
 def time_fn(fn, reps: int) -> float:
     """Median milliseconds of ``fn`` over ``reps`` runs, CUDA events."""
     times = []
@@ -127,8 +136,7 @@ def main() -> None:
     ]
     rounds: dict[str, dict[str, list[float]]] = {name: {} for name in CONFIGS}
     for r in range(args.rounds):
-        order = list(CONFIGS) if r % 2 == 0 else list(reversed(CONFIGS))
-        for name in order:
+        for name in turn(CONFIGS, r):
             for label, ms in measure(model, name, CONFIGS[name], workloads, args.reps).items():
                 rounds[name].setdefault(label, []).append(ms)
         print(f"round {r + 1}/{args.rounds} done", flush=True)

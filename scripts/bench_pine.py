@@ -11,7 +11,7 @@ Measured per case and configuration: the prefill (last-position logits only), on
 it (a block of ``DECODE_BLOCK`` steps on the prefill's DynamicCache, reported per step; the cache is
 cropped back to the prompt between repetitions) and the peak GPU memory of the prefill (from a reset;
 also the part above what was allocated before it). The configurations are timed in interleaved
-rounds in one process, the order reversed every other round, so drift hits them alike; each time is
+rounds in one process, the order rotated one place each round, so drift hits them alike; each time is
 the median over rounds of the median over repetitions (CUDA events). Ratios are against the
 untouched model of the same run. On a GPU two more configurations decode through captured decoding
 (``attnkit.decode``: the step replayed from a CUDA graph over a fixed-capacity copy of the prefill's
@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_overhead import LLAMA3_8B  # noqa: E402
+from bench_overhead import LLAMA3_8B, turn  # noqa: E402
 
 import attnkit  # noqa: E402
 from attnkit import compat  # noqa: E402
@@ -224,7 +224,7 @@ def measure(model, name: str, ids: torch.Tensor, segment_ids: torch.Tensor, reps
 
 
 def run_case(model, case: Case, shape: dict, args, device: str) -> dict[str, list[dict]]:
-    """Every configuration's result in every round, interleaved, the order reversed every other round."""
+    """Every configuration's result in every round, interleaved, the order rotated one place each round."""
     gen = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(10, shape["vocab_size"], (1, case.tokens), device=device, generator=gen)
     segment_ids = case.segment_ids(device)
@@ -233,7 +233,7 @@ def run_case(model, case: Case, shape: dict, args, device: str) -> dict[str, lis
     per: dict[str, list[dict]] = {name: [] for name in configs}
     for r in range(args.rounds):
         started = time.perf_counter()
-        for name in configs if r % 2 == 0 else reversed(configs):
+        for name in turn(configs, r):
             if per[name] and per[name][-1].get("oom"):
                 continue
             per[name].append(measure(model, name, ids, segment_ids, args.reps, device))

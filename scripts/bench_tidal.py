@@ -16,7 +16,7 @@ the whole cache at every step, a full copy of every layer's keys and values that
 configurations more than attention itself (serving engines and TidalDecode's reference keep a
 preallocated pool too). After each step the cache is rewound, so every step sees ``context`` tokens.
 
-Timing: the configurations take turns in interleaved rounds (the order reversed every other round),
+Timing: the configurations take turns in interleaved rounds (the order rotated one place each round),
 each round a block of ``--steps`` decode steps after ``--warmup`` untimed ones (CUDA events); a
 configuration's step time is the median over rounds of its block's mean step, and the spread is
 (max - min) / median over rounds. Ratios are against the untouched model of the same run. The
@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_overhead import LLAMA3_8B  # noqa: E402
+from bench_overhead import LLAMA3_8B, turn  # noqa: E402
 
 import attnkit  # noqa: E402
 from attnkit.compat import DynamicLayer, cache_argument  # noqa: E402
@@ -199,7 +199,7 @@ def run_case(model, held, batch: int, context: int, configs: dict, args, device:
     rounds: dict[str, list[float]] = {name: [] for name in configs}
     read: dict[str, float] = {}
     for r in range(args.rounds):
-        for name in list(configs) if r % 2 == 0 else list(reversed(configs)):
+        for name in turn(configs, r):
             ms, stats = measure(model, configs[name], cache, token, args, device)
             rounds[name].append(ms)
             if stats:
