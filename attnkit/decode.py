@@ -238,9 +238,12 @@ def graph_step(
     with_cache = compat.cache_argument(model, graphed)
     call = torch.compile(model) if compile else model
     layers = len(graphed.layers)
+    handle = active_handle(model)
+    if handle is None:
+        raise GraphError("a captured decode step runs under an attnkit handle: attnkit.apply(model, recipe) first")
 
     def forward() -> None:
-        with compile_limits(layers) if compile else contextlib.nullcontext():
+        with handle.routing(), compile_limits(layers) if compile else contextlib.nullcontext():
             out = call(input_ids=inputs.tokens, position_ids=inputs.positions, **with_cache, use_cache=True)
         logits.copy_(out.logits[:, -1])
         inputs.advance()

@@ -1,8 +1,10 @@
 """Attach methods to a loaded model and take them off again.
 
-``apply(model, recipe)`` routes the model's attention through attnkit's function, installs each
-method's hooks in recipe order and returns a :class:`Handle`. ``handle.remove()`` (or leaving the
-``with`` block) restores the attention implementation and removes every hook, leaving no state.
+``apply(model, recipe)`` installs each method's hooks in recipe order, routes the model's attention
+through attnkit's function where a method acts inside attention (an empty recipe, or head outputs
+alone, leave the model its own function), and returns a :class:`Handle`. ``handle.remove()`` (or
+leaving the ``with`` block) restores the attention implementation and removes every hook, leaving
+no state.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from attnkit import compat
 from attnkit.engine import attention
 from attnkit.engine.attach import Attachment, set_text_attention
 from attnkit.engine.calls import CallTracker
-from attnkit.engine.plan import PLANS, ApplyError, ModelPlan, check_plan, touched_layers
+from attnkit.engine.plan import PLANS, ApplyError, ModelPlan, check_plan, routes, touched_layers
 from attnkit.engine.state import CallState
 from attnkit.heads import ModelShape, text_config
 from attnkit.methods import Method, get_method
@@ -70,6 +72,8 @@ class Handle:
         self.methods = methods
         self._attachment = attachment
         self._original = original
+        self.routed = False
+        """Whether the model's attention runs through attnkit's function (see :func:`routes`)."""
         self._labels = unique_labels(methods)
         self.active = True
         self.tracker: CallTracker | None = None
@@ -93,6 +97,19 @@ class Handle:
             yield state
         finally:
             self.tracker.end()
+
+    @contextmanager
+    def routing(self) -> Iterator[None]:
+        """Route the model's attention through attnkit's function for what runs inside, where the
+        methods alone leave it unrouted: a captured decode step reads its fixed-capacity cache there."""
+        if self.routed:
+            yield
+            return
+        set_text_attention(self.model, attention.register(self._original))
+        try:
+            yield
+        finally:
+            set_text_attention(self.model, self._original)
 
     def remove(self) -> None:
         """Restore the model exactly: attention implementation, hooks, plan. Safe to call twice."""
@@ -170,7 +187,9 @@ def apply(model: torch.nn.Module, recipe: Any = None, *, allow_foreign_heads: bo
         check_plan(plan)
         handle.tracker = CallTracker(plan, [m.stats for m in methods], at)
         at.hooks.extend(handle.tracker.hooks(model))
-        set_text_attention(model, attention.register(original))
+        if routes(plan):
+            set_text_attention(model, attention.register(original))
+            handle.routed = True
         HANDLES[id(config)] = handle
     except BaseException:
         handle.remove()

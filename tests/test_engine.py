@@ -8,7 +8,7 @@ import torch
 
 import attnkit
 from attnkit import compat
-from attnkit.engine import plan
+from attnkit.engine import attention, plan
 from attnkit.methods import ACT, HeadMask, Method, Razor, SinkRedistribute, SnapKV, Streaming
 from attnkit.recipe.methods import MethodConfig
 from attnkit.tasks.report import describe_stats
@@ -48,8 +48,12 @@ def test_empty_recipe_is_bit_identical_and_removal_restores(arch, backend):
     inputs = tiny_inputs(model, batch=2, length=14)
     before = logits(model, **inputs)
     with attnkit.apply(model, {"methods": []}) as handle:
-        assert model.config._attn_implementation == "attnkit"
+        assert model.config._attn_implementation == backend  # nothing acts inside attention: the model's own runs
         assert torch.equal(logits(model, **inputs), before)
+        with handle.routing():  # as a captured decode step routes it: attnkit's function, changing nothing
+            assert model.config._attn_implementation.startswith("attnkit")
+            assert torch.equal(logits(model, **inputs), before)
+        assert model.config._attn_implementation == backend
         assert handle.stats() == {}
     assert model.config._attn_implementation == backend
     assert not plan.PLANS
@@ -79,25 +83,45 @@ def test_an_empty_recipe_dispatches_no_operator_beyond_the_models_own(arch, padd
     else:
         inputs = tiny_inputs(model, batch=1, length=8)
 
-    def operators(recipe):
-        with attnkit.apply(model, recipe) if recipe is not None else contextlib.nullcontext(), torch.no_grad():
-            with OperatorCount() as prefill:
+    def operators(recipe, routed=False):
+        handle = attnkit.apply(model, recipe) if recipe is not None else None
+        with handle or contextlib.nullcontext(), handle.routing() if routed else contextlib.nullcontext():
+            with OperatorCount() as prefill, torch.no_grad():
                 out = model(**inputs, use_cache=True)
             step = {"input_ids": out.logits[:, -1:].argmax(-1)}
             if padded:
                 step["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
-            with OperatorCount() as decode:
+            with OperatorCount() as decode, torch.no_grad():
                 model(**step, **compat.cache_argument(model, compat.output_cache(out)), use_cache=True)
         return prefill.names, decode.names
 
     untouched = operators(None)
     assert operators({"methods": []}) == untouched
-    masked = operators({"methods": [MASK]})
-    for phase in (0, 1):
-        extra = list(masked[phase])
-        for name in untouched[phase]:
-            extra.remove(name)
-        assert extra == ["aten.mul.Tensor"] * len(MASK["heads"])
+    assert operators({"methods": []}, routed=True) == untouched  # through attnkit's function too
+    for routed in (False, True):
+        masked = operators({"methods": [MASK]}, routed)
+        for phase in (0, 1):
+            extra = list(masked[phase])
+            for name in untouched[phase]:
+                extra.remove(name)
+            assert extra == ["aten.mul.Tensor"] * len(MASK["heads"])
+
+
+def test_attention_is_routed_only_where_a_method_acts_inside_it():
+    """Head outputs are edited around attention (the output projection's input), so head_mask leaves
+    the model its own attention function; a KV method compresses inside it, so it routes. Code that
+    switches the implementation itself refuses either handle."""
+    model = model_of("llama-gqa")
+    with attnkit.apply(model, {"methods": [MASK]}) as handle:
+        assert not handle.routed and model.config._attn_implementation == "sdpa"
+        with pytest.raises(RuntimeError, match="an attnkit handle is applied"):
+            attention.untouched_implementation(model.config, "profiling")
+    with attnkit.apply(model, [Streaming(budget=6, sink=2)]) as handle:
+        assert handle.routed and model.config._attn_implementation == "attnkit"
+        with handle.routing():
+            assert model.config._attn_implementation == "attnkit"
+        assert model.config._attn_implementation == "attnkit"
+    assert model.config._attn_implementation == "sdpa"
 
 
 @pytest.mark.parametrize("arch,backend", arch_attn_pairs())

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from attnkit import compat, kernels
 from attnkit.engine.graphs import GraphError, graph_attention
 from attnkit.engine.kvcache import CompressedLayer, attend
-from attnkit.engine.plan import AttentionCall, LayerPlan, plan_for
+from attnkit.engine.plan import PLANS, AttentionCall, LayerPlan, plan_for
 from attnkit.engine.state import shared
 from attnkit.primitives import additive_mask, layer_window, repeat_kv
 
@@ -49,9 +49,10 @@ def untouched_implementation(config: Any, doing: str) -> str:
     """The attention implementation of a model that no attnkit handle is applied to, for code that
     switches it itself (profilers, inspection); raises if a handle is applied."""
     original = compat.attn_implementation(config)
-    if original.startswith(NAME):
+    if original.startswith(NAME) or id(config) in PLANS:  # a handle whose methods leave attention routed or not
         raise RuntimeError(
-            f"model attention is {original!r}: an attnkit handle is applied; remove it (handle.remove()) before {doing}"
+            f"an attnkit handle is applied to this model (attention {original!r}); remove it (handle.remove()) before "
+            f"{doing}"
         )
     return original
 

@@ -131,6 +131,13 @@ class ApplyError(UserError, ValueError):
     """Methods that cannot be applied together, or not to this model; the message names the fix."""
 
 
+def routes(plan: ModelPlan) -> bool:
+    """Whether the model's attention must run through attnkit's function: some method acts inside
+    attention on some layer. Methods that only hook modules around it (head outputs, layer inputs)
+    leave the model its own function, call for call."""
+    return bool(plan.layers)
+
+
 def touched_layers(plan: ModelPlan) -> dict[int, int]:
     """How many stage hooks each layer of ``plan`` holds (compare two counts to see what an attach added)."""
     return {
