@@ -101,8 +101,9 @@ class Handle:
     @contextmanager
     def routing(self) -> Iterator[None]:
         """Route the model's attention through attnkit's function for what runs inside, where the
-        methods alone leave it unrouted: a captured decode step reads its fixed-capacity cache there."""
-        if self.routed:
+        methods alone leave it unrouted: a captured decode step reads its fixed-capacity cache there.
+        Inside another ``routing()`` it leaves the routing to that one."""
+        if self.routed or compat.attn_implementation(text_config(self.model.config)).startswith(attention.NAME):
             yield
             return
         set_text_attention(self.model, attention.register(self._original))

@@ -53,6 +53,9 @@ def test_empty_recipe_is_bit_identical_and_removal_restores(arch, backend):
         with handle.routing():  # as a captured decode step routes it: attnkit's function, changing nothing
             assert model.config._attn_implementation.startswith("attnkit")
             assert torch.equal(logits(model, **inputs), before)
+            with handle.routing():  # nested: the outer one keeps the routing
+                pass
+            assert model.config._attn_implementation.startswith("attnkit")
         assert model.config._attn_implementation == backend
         assert handle.stats() == {}
     assert model.config._attn_implementation == backend
