@@ -271,7 +271,8 @@ def compile_limits(layers: int) -> Iterator[None]:
 class Replay:
     """One decode step captured in a CUDA graph (after a warm-up run on a side stream); calling it
     writes the step's tokens, replays the graph, and counts the step in the methods' stats as the
-    captured call counted it (the replay runs no Python). Neither the warm-up nor the capture
+    captured call counted it (the replay runs no Python), its counters of cached keys grown by the
+    tokens since the capture. Neither the warm-up nor the capture
     counts, and the buffers are set back to the first step afterwards."""
 
     def __init__(self, forward: Callable[[], None], graphed: GraphCache, handle: Handle, compiled: bool = False):
@@ -292,7 +293,8 @@ class Replay:
             frozen = torch._dynamo.config.patch(error_on_recompile=True) if compiled else contextlib.nullcontext()
             with frozen, torch.cuda.graph(self.graph):
                 forward()
-            self.recorded = [s.last for s in self.stats]
+            self.recorded = [(s.last, s.growth) for s in self.stats]
+            self.later = 0  # tokens past the captured step (its counters that grow with the cache, grown so)
         finally:
             for s, state in zip(self.stats, saved):
                 s.rollback(state)
@@ -303,13 +305,15 @@ class Replay:
         self.graphed.inputs.tokens.copy_(tokens[:, None])
         self.graph.replay()
         self.graphed.move(1)
-        for s, call in zip(self.stats, self.recorded):
-            s.repeat(call)
+        for s, (call, growth) in zip(self.stats, self.recorded):
+            s.repeat(call, growth=growth, later=self.later)
+        self.later += 1
 
     def rewind(self, steps: int) -> None:
         """Go back ``steps`` tokens (a benchmark repeating steps over the same context)."""
         self.graphed.inputs.advance(-steps)
         self.graphed.move(-steps)
+        self.later -= steps
 
 
 def eager_steps(

@@ -19,17 +19,24 @@ class Stats:
         self.calls = 0
         self.phases: dict[str, int] = {}
         self.ratios: dict[str, tuple[str, str]] = {}
+        self.growth: dict[str, int | float] = {}
+        """The last call's per-token growth of its counters (see :meth:`add`)."""
 
     def begin_call(self, phase: str) -> None:
         """A forward call begins; ``phase`` is prefill, decode or extend, as read from its cache."""
         self.last = {"phase": phase}
+        self.growth = {}
         self.calls += 1
         self.phases[phase] = self.phases.get(phase, 0) + 1
 
-    def add(self, key: str, amount: int | float = 1) -> None:
-        """Add to a counter (tokens, heads touched, bytes saved...)."""
+    def add(self, key: str, amount: int | float = 1, per_token: int | float = 0) -> None:
+        """Add to a counter (tokens, heads touched, bytes saved...). ``per_token``: how much more the
+        same work adds for each token further into the sequence (keys of a cache that grows by one a
+        step), so that a replayed call counts what it does where it runs (:meth:`repeat`)."""
         self.last[key] = self.last.get(key, 0) + amount
         self.total[key] = self.total.get(key, 0) + amount
+        if per_token:
+            self.growth[key] = self.growth.get(key, 0) + per_token
 
     def set(self, key: str, value: Any) -> None:
         """Record a value that describes the call rather than counts (a sink list, a budget)."""
@@ -61,14 +68,22 @@ class Stats:
 
     def checkpoint(self) -> tuple[Any, ...]:
         """Everything counted so far, for :meth:`rollback` (work that ran but should not count)."""
-        return dict(self.total), self.calls, dict(self.phases), dict(self.last)
+        return dict(self.total), self.calls, dict(self.phases), dict(self.last), dict(self.growth)
 
     def rollback(self, saved: tuple[Any, ...]) -> None:
-        self.total, self.calls, self.phases, self.last = (dict(saved[0]), saved[1], dict(saved[2]), dict(saved[3]))
+        self.total, self.calls, self.phases, self.last, self.growth = (
+            dict(saved[0]), saved[1], dict(saved[2]), dict(saved[3]), dict(saved[4])
+        )  # fmt: skip
 
-    def repeat(self, call: dict[str, Any], times: int = 1) -> None:
+    def repeat(
+        self, call: dict[str, Any], times: int = 1, growth: dict[str, int | float] | None = None, later: int = 0
+    ) -> None:
         """Count ``call`` (a :meth:`snapshot` of one call) ``times`` more times: a captured decode
-        step replays the recorded call's work exactly, without running the Python that counts it."""
+        step replays the recorded call's work exactly, without running the Python that counts it.
+        ``growth`` (the recorded call's :attr:`growth`): the first repeat runs ``later`` tokens after
+        the recorded call, each next one a token further, and its growing counters grow so."""
+        growth = growth or {}
+        steps = times * later + times * (times - 1) // 2  # tokens past the recorded call, summed over the repeats
         phase = call.get("phase")
         self.calls += times
         if phase is not None:
@@ -81,10 +96,14 @@ class Stats:
                 and isinstance(value, (int, float))
                 and not isinstance(value, bool)
             ):
-                self.total[key] = self.total.get(key, 0) + value * times
-        for key, (numerator, denominator) in self.ratios.items():
-            _divide(self.total, key, numerator, denominator)
+                self.total[key] = self.total.get(key, 0) + value * times + growth.get(key, 0) * steps
         self.last = dict(call)
+        for key, rate in growth.items():
+            self.last[key] = self.last.get(key, 0) + rate * (later + times - 1)
+        self.growth = dict(growth)
+        for key, (numerator, denominator) in self.ratios.items():
+            for record in (self.total, self.last):
+                _divide(record, key, numerator, denominator)
 
 
 def _divide(record: dict[str, Any], key: str, numerator: str, denominator: str) -> None:

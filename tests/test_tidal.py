@@ -19,7 +19,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import attnkit
-from attnkit import kernels
+from attnkit import compat, kernels
 from attnkit.engine.plan import PLANS
 from attnkit.methods import ACT, HeadMask, SnapKV, TidalDecode, tidal
 from attnkit.methods.base import Method
@@ -304,6 +304,28 @@ def test_stats_count_steps_selections_and_keys(selection):
     assert total["keys_cached"] == 5 * cached
     assert total["keys_read"] == 2 * cached + 3 * gathered
     assert total["read_fraction"] == pytest.approx(total["keys_read"] / total["keys_cached"])
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_the_keys_a_step_counts_grow_as_declared(selection):
+    """What a replayed decode step adds to ``keys_cached`` and ``keys_read`` grows with the cache as
+    the step declares (``Stats.add(per_token=...)``): the declared growth equals the next eager
+    step's change."""
+    model = model_of("llama-gqa")
+    inputs = tiny_inputs(model, batch=2, length=30)
+    method = TidalDecode(**SETTINGS, selection=selection)
+    with torch.no_grad(), attnkit.apply(model, [method]) as handle:
+        out = model(**inputs, use_cache=True)
+        cache, token, steps = compat.output_cache(out), out.logits[:, -1:].argmax(-1), []
+        for _ in range(2):
+            out = model(input_ids=token, **compat.cache_argument(model, cache), use_cache=True)
+            steps.append((handle.stats()["tidaldecode"], dict(method.stats.growth)))
+            token = out.logits[:, -1:].argmax(-1)
+    (first, growth), (second, _) = steps
+    kv = model.config.num_key_value_heads
+    assert growth["keys_cached"] == 5 * 2 * kv  # five managed layers, batch 2, one token more each
+    for key in ("keys_cached", "keys_read"):
+        assert second[key] - first[key] == growth.get(key, 0)
 
 
 class ReadRecorder(Method):

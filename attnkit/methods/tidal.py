@@ -284,6 +284,6 @@ class TidalDecode(Method):
         cache where it attends fully, the gathered ones where it decodes sparsely."""
         b, kv = call.key.shape[:2]
         cached = b * kv * (current + 1)
-        self.stats.add("keys_cached", cached)
-        self.stats.add("keys_read", cached if read is None else b * read)
+        self.stats.add("keys_cached", cached, per_token=b * kv)  # a replayed step holds one token more each
+        self.stats.add("keys_read", cached if read is None else b * read, per_token=b * kv if read is None else 0)
         self.stats.ratio("read_fraction", "keys_read", "keys_cached")
