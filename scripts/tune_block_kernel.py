@@ -54,7 +54,7 @@ def case(rows: int, keys: int, blocks: int) -> dict:
         blocks=block,
         scale=128**-0.5,
         open_groups=groups,
-        runs=kernels.block_runs(block, blocks),
+        runs=kernels.block_runs(block, blocks, groups[1] if groups is not None else None),
     )
 
 

@@ -337,7 +337,9 @@ def fused_blocks(
     if cached is not None:
         valid, length = cached.valid, cached.filled()
     elif state.attention_mask is not None:
-        valid = shared(state, ("valid keys", count), lambda: state.attention_mask[:, -count:].bool())
+        valid = shared(  # as the kernel reads it, once per call
+            state, ("valid keys", count), lambda: state.attention_mask[:, -count:].to(torch.int8).contiguous()
+        )
     number = blocks.queries.shape[-1]
     groups = open[1] if open is not None else None
     runs = shared(

@@ -249,7 +249,7 @@ def block_attention(
     halves are equal (the kernel then reads one); ``keys``: one or two parts [batch,
     kv heads, n_i, dim] in key order, already rotated; ``value`` [batch, kv heads, keys, dim];
     ``blocks`` long [batch, keys], 0 to V - 1. Query i sits at key index ``keys - queries + i``
-    (causal); ``valid`` bool [batch, keys] drops padding; ``open_groups`` (query groups [batch,
+    (causal); ``valid`` bool or int8 [batch, keys] (non-zero: a real key) drops padding; ``open_groups`` (query groups [batch,
     queries], key groups [batch, keys]): a query of group g > 0 also sees every key of another group
     > 0. A row that sees no key gets 0. ``runs``: :func:`block_runs` of ``blocks``, where the caller
     keeps them. A block whose keys are one run costs one query rotation per tile of queries.
@@ -272,7 +272,7 @@ def block_attention(
     if first.shape[2] + second.shape[2] != count:
         raise ValueError(f"block_attention: key parts of {first.shape[2]} + {second.shape[2]} for {count} values")
     key_groups = open_groups[1] if open_groups is not None else None
-    starts, ends, whole, groups = runs if runs is not None else block_runs(blocks, number, key_groups)
+    starts, ends, whole, groups, open_end = runs if runs is not None else block_runs(blocks, number, key_groups)
     group = heads // kv_heads
     positions = positions.to(torch.int32)
     if positions.shape[1] == 1:
@@ -282,8 +282,6 @@ def block_attention(
     valid = valid.to(torch.int8).contiguous() if valid is not None else flag
     if open_groups is not None:
         query_groups, key_groups = (t.to(torch.int32).contiguous() for t in open_groups)
-        index = torch.arange(count, device=value.device)
-        open_end = torch.where(key_groups > 0, index + 1, 0).amax(-1).to(torch.int32)
     else:
         query_groups = key_groups = open_end = flag
     chosen = {**launch_config(group * rows, batch * kv_heads, count), **(config or {})}
@@ -356,7 +354,8 @@ def block_runs(blocks: torch.Tensor, number: int, key_groups: torch.Tensor | Non
     """int32 [batch, V] each: the first key and last key + 1 of every block (the kernel reads block
     v's keys there; an absent block not at all), whether that run holds only the block's keys and,
     given ``key_groups`` [batch, keys], one group (so the kernel reads neither per key), and the
-    group of its first key."""
+    group of its first key; then int32 [batch]: the last key + 1 of any group > 0 (how far an open
+    query reads; 0 without groups). One call serves every layer that reads the same blocks."""
     count = blocks.shape[-1]
     index = torch.arange(count, device=blocks.device)
     mine = blocks[:, None, :] == torch.arange(number, device=blocks.device)[None, :, None]
@@ -364,9 +363,11 @@ def block_runs(blocks: torch.Tensor, number: int, key_groups: torch.Tensor | Non
     ends = torch.where(mine, index + 1, 0).amax(-1)
     whole = mine.sum(-1) == (ends - starts).clamp(min=0)
     group = torch.zeros_like(starts)
+    open_end = torch.zeros_like(starts[:, 0])
     if key_groups is not None:
         first = key_groups.gather(1, starts.clamp(max=count - 1))
         inside = (index >= starts[..., None]) & (index < ends[..., None])
         whole &= ~(inside & (key_groups[:, None, :] != first[..., None])).any(-1)
         group = first
-    return tuple(t.to(torch.int32).contiguous() for t in (starts, ends, whole, group))
+        open_end = torch.where(key_groups > 0, index + 1, 0).amax(-1)
+    return tuple(t.to(torch.int32).contiguous() for t in (starts, ends, whole, group, open_end))
