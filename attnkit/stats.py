@@ -102,7 +102,7 @@ class Stats:
             self.last[key] = self.last.get(key, 0) + rate * (later + times - 1)
         self.growth = dict(growth)
         for key, (numerator, denominator) in self.ratios.items():
-            for record in (self.total, self.last):
+            for record in (self.total, self.last) if key in self.last else (self.total,):
                 _divide(record, key, numerator, denominator)
 
 
