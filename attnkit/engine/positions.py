@@ -334,8 +334,10 @@ def fused_blocks(
     table = rotation_table(call, rotary, blocks.extent)
     parts = blocks.rotated or (call.rotate_at(call.unrotated_key(), blocks.keys[:, None]).to(call.key.dtype),)
     valid = length = None
-    if cached is not None:
-        valid, length = cached.valid, cached.filled()
+    if cached is not None:  # the slots' padding, in the kernel's int8 once per call (a replayed step: once per step)
+        slots = cached.valid
+        valid = None if slots is None else shared(state, ("valid slots", id(slots)), lambda: slots.to(torch.int8))
+        length = cached.filled()
     elif state.attention_mask is not None:
         valid = shared(  # as the kernel reads it, once per call
             state, ("valid keys", count), lambda: state.attention_mask[:, -count:].to(torch.int8).contiguous()
