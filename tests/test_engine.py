@@ -117,10 +117,15 @@ def test_attention_is_routed_only_where_a_method_acts_inside_it():
     model = model_of("llama-gqa")
     with attnkit.apply(model, {"methods": [MASK]}) as handle:
         assert not handle.routed and model.config._attn_implementation == "sdpa"
+        with handle.routing():
+            pass
         with pytest.raises(RuntimeError, match="an attnkit handle is applied"):
             attention.untouched_implementation(model.config, "profiling")
+    registered = compat.ALL_ATTENTION_FUNCTIONS["attnkit"], compat.ALL_MASK_ATTENTION_FUNCTIONS["attnkit"]
     with attnkit.apply(model, [Streaming(budget=6, sink=2)]) as handle:
         assert handle.routed and model.config._attn_implementation == "attnkit"
+        # the same function objects each time it routes: a compiled step's guards on them hold
+        assert (compat.ALL_ATTENTION_FUNCTIONS["attnkit"], compat.ALL_MASK_ATTENTION_FUNCTIONS["attnkit"]) == registered
         with handle.routing():
             assert model.config._attn_implementation == "attnkit"
         assert model.config._attn_implementation == "attnkit"

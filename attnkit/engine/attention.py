@@ -10,6 +10,7 @@ corrections -> KV compression.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -38,11 +39,20 @@ def registered_name(backend: str) -> str:
 def register(backend: str) -> str:
     """Register the attnkit attention and mask functions for a model whose backend is ``backend``."""
     name = registered_name(backend)
-    # where torch.compile compiles the model, attnkit's attention and mask (their Python-side plans, call
-    # state, stats and Triton kernels) run as they are, between the compiled graphs of the model's code
-    compat.AttentionInterface.register(name, torch.compiler.disable(attnkit_attention))
-    compat.AttentionMaskInterface.register(name, torch.compiler.disable(attnkit_mask))
+    attention, mask = registered_functions()
+    compat.AttentionInterface.register(name, attention)
+    compat.AttentionMaskInterface.register(name, mask)
     return name
+
+
+@functools.cache
+def registered_functions() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The attention and mask functions :func:`register` registers: made once, so that registering
+    again (every apply, every captured step's ``Handle.routing()``) leaves transformers the same
+    objects, and a compiled model's guards on them hold. Where torch.compile compiles the model,
+    they (their Python-side plans, call state, stats and Triton kernels) run as they are, between
+    the compiled graphs of the model's code."""
+    return torch.compiler.disable(attnkit_attention), torch.compiler.disable(attnkit_mask)
 
 
 def untouched_implementation(config: Any, doing: str) -> str:
