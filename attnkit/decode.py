@@ -294,7 +294,8 @@ class Replay:
             with frozen, torch.cuda.graph(self.graph):
                 forward()
             self.recorded = [(s.last, s.growth) for s in self.stats]
-            self.later = 0  # tokens past the captured step (its counters that grow with the cache, grown so)
+            # tokens past the captured call: it counted on host lengths the warm-ups had moved on
+            self.later = -warmups
         finally:
             for s, state in zip(self.stats, saved):
                 s.rollback(state)
