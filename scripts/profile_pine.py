@@ -5,17 +5,24 @@ CUDA time and by CPU time, and the op count, for one prefill and for 5 decode st
 fixed-capacity copy of the cache, run without the graph), with the untouched model's same step
 beside it, and the GPU time per step of each: what the graph replays, kernel by kernel.
 
+``--host``: the eager decode step's host side, cProfile over 10 steps of the untouched model and of
+PINE: each step's wall time and the functions that take the host's time (where an eager step
+that waits on its host spends it).
+
 ``--prefill-diff``: every op's GPU time in the untouched model's prefill and in PINE's, the largest
 gaps first (where PINE's extra prefill time goes, kernel by kernel).
 
-    python scripts/profile_pine.py [--tokens 8192 --segments 20] [--captured | --prefill-diff]
+    python scripts/profile_pine.py [--tokens 8192 --segments 20] [--captured | --prefill-diff | --host]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import pstats
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_pine import LLAMA3_8B, build_model, make_case  # noqa: E402
+from bench_pine import DECODE_BLOCK, LLAMA3_8B, build_model, decoder, make_case  # noqa: E402
 
 import attnkit  # noqa: E402
 from attnkit.compat import cache_argument  # noqa: E402
@@ -71,6 +78,7 @@ def main() -> None:
     parser.add_argument(
         "--prefill-diff", action="store_true", help="GPU time per op of the untouched and the PINE prefill, and the gap"
     )
+    parser.add_argument("--host", action="store_true", help="cProfile of eager decode steps, untouched and PINE")
     args = parser.parse_args()
     case = make_case(args.tokens, args.segments)
     model = build_model(LLAMA3_8B, "cuda")
@@ -78,6 +86,10 @@ def main() -> None:
     if args.captured:
         for methods in ([], [Pine()]):
             captured_step(model, ids, methods, case)
+        return
+    if args.host:
+        for methods in ([], [Pine()]):
+            host_profile(model, ids, methods, case)
         return
     if args.prefill_diff:
         untouched = prefill_times(model, ids, [])
@@ -133,6 +145,35 @@ def captured_step(model, ids: torch.Tensor, methods: list, case) -> None:
     busy = sum(e.device_time for e in kernels) / 1e3 / 5
     print(f"\n== captured step's computation, {name}: {len(kernels) / 5:.0f} kernels, {busy:.2f} ms GPU per step")
     report(prof, f"captured step, {name}")
+
+
+def host_profile(model, ids: torch.Tensor, methods: list, case, rounds: int = 3) -> None:
+    """The wall time of ``DECODE_BLOCK`` eager decode steps (after a warm-up over the same lengths,
+    so Triton compiles nothing in them), then cProfile of one more block: the top functions."""
+    name = "pine" if methods else "untouched"
+    with torch.no_grad(), attnkit.apply(model, methods):
+        segments = methods[0].segments(case.segment_ids(ids.device)) if methods else contextlib.nullcontext()
+        with segments:
+            steps, rewind = decoder(model, ids)
+            walls = []
+            for _ in range(rounds + 1):  # the first: warm-up
+                start = time.perf_counter()
+                steps()
+                sync(ids.device)
+                walls.append((time.perf_counter() - start) * 1e3 / DECODE_BLOCK)
+                rewind()
+            profiler = cProfile.Profile()
+            profiler.enable()
+            steps()
+            sync(ids.device)
+            profiler.disable()
+            rewind()
+    print(f"\n== eager decode step, {name}: ms a step by block {' '.join(f'{w:.2f}' for w in walls[1:])}", flush=True)
+    stats = pstats.Stats(profiler)
+    calls, seconds = stats.total_calls / DECODE_BLOCK, stats.total_tt / DECODE_BLOCK
+    print(f"cProfile: {calls:.0f} calls, {seconds * 1e3:.2f} ms a step", flush=True)
+    stats.sort_stats("tottime").print_stats(35)
+    stats.sort_stats("cumulative").print_stats(50)
 
 
 def sync(device: torch.device) -> None:
