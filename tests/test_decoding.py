@@ -306,6 +306,21 @@ def test_stats_repeat_a_call_further_into_the_sequence() -> None:
     assert total["fraction"] == pytest.approx(40 / 424)
 
 
+def test_stats_repeat_a_call_recorded_ahead_of_its_replays() -> None:
+    """A capture after a warm-up counts on lengths the warm-up moved on a token (``Replay`` starts
+    ``later`` at minus its warm-ups): the first replay counts a token less than the capture did."""
+    stats = Stats()
+    saved = stats.checkpoint()
+    stats.begin_call("decode")
+    stats.add("cached", 104, per_token=4)  # recorded one token past the first replayed step
+    call, growth = stats.snapshot(), stats.growth
+    stats.rollback(saved)
+    stats.repeat(call, growth=growth, later=-1)
+    stats.repeat(call, times=2, growth=growth, later=0)
+    assert stats.snapshot(total=True)["cached"] == 100 + 104 + 108
+    assert stats.snapshot()["cached"] == 108
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("arch", ["llama-gqa", "mistral-gqa", "gemma3-gqa"])
 def test_graph_replay_generates_what_generate_does_on_cuda(arch: str) -> None:
