@@ -5,9 +5,9 @@ CUDA time and by CPU time, and the op count, for one prefill and for 5 decode st
 fixed-capacity copy of the cache, run without the graph), with the untouched model's same step
 beside it, and the GPU time per step of each: what the graph replays, kernel by kernel.
 
-``--host``: the eager decode step's host side, cProfile over 10 steps of the untouched model and of
-PINE: each step's wall time and the functions that take the host's time (where an eager step
-that waits on its host spends it).
+``--host``: the eager decode step's host side, for the untouched model and for PINE: the wall time
+of blocks of steps (after a warm-up over the same lengths), then cProfile over one block: the
+functions that take the host's time (where an eager step that waits on its host spends it).
 
 ``--prefill-diff``: every op's GPU time in the untouched model's prefill and in PINE's, the largest
 gaps first (where PINE's extra prefill time goes, kernel by kernel).
