@@ -251,7 +251,8 @@ def block_attention(
     ``blocks`` long [batch, keys], 0 to V - 1. Query i sits at key index ``keys - queries + i``
     (causal); ``valid`` bool or int8 [batch, keys] (non-zero: a real key) drops padding; ``open_groups`` (query groups [batch,
     queries], key groups [batch, keys]): a query of group g > 0 also sees every key of another group
-    > 0. A row that sees no key gets 0. ``runs``: :func:`block_runs` of ``blocks``, where the caller
+    > 0. A row that sees no key gets 0. ``runs``: :func:`block_runs` of ``blocks`` and of
+    ``open_groups``' key groups (without them no query reads past its own keys), where the caller
     keeps them. A block whose keys are one run costs one query rotation per tile of queries.
     ``length`` int [1] on the device: only the first ``length`` keys are filled (a preallocated
     cache; query i then sits at ``length - queries + i``), so a CUDA graph replays the call as the
